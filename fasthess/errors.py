@@ -1,0 +1,22 @@
+"""Exceptions raised by fasthess.
+
+Every error names the problem and the fix. ``FasthessError`` subclasses ``ValueError`` so code
+that already guards against bad arguments keeps working.
+"""
+from __future__ import annotations
+
+
+class FasthessError(ValueError):
+    """Bad input or a state in which fasthess cannot return a correct number."""
+
+
+class NonFiniteError(FasthessError):
+    """A loss, a weight, a data value or a Hessian-vector product is NaN or infinite."""
+
+
+class DataChangedError(FasthessError):
+    """The data iterable yielded different batches on two passes (shuffling or random augmentation)."""
+
+
+class StochasticModelError(FasthessError):
+    """The model is random in its current mode (dropout in train mode), so its Hessian is not a fixed matrix."""

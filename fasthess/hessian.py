@@ -1,0 +1,123 @@
+"""The Hessian of the full-dataset training loss as a symmetric linear operator.
+
+For L(θ) = (1/N) Σᵢ ℓ(f_θ(xᵢ), yᵢ) over the chosen parameters θ ∈ ℝⁿ,
+
+    H V = Σ_c (n_c / N) ∇²_θ L_c(θ) V,      V ∈ ℝ^{n×b},
+
+where L_c is the mean loss of chunk c (n_c examples). A block of b vectors costs one pass over
+the data: per chunk, ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) is vmapped
+over the b tangents, so the forward and backward of the primal are shared by the whole block.
+Models without forward-mode support fall back to double backward, with a warning naming why.
+
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = nn.Linear(3, 1).double()
+>>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+>>> H = HessianOperator(model, nn.MSELoss(), (X, y))
+>>> H.num_params
+4
+>>> # For least squares the Hessian is (2/N) [X 1]ᵀ[X 1]; compare the first column:
+>>> A = torch.cat([X, torch.ones(10, 1, dtype=torch.float64)], 1)
+>>> e0 = torch.zeros(4, dtype=torch.float64); e0[0] = 1
+>>> torch.allclose(H.matvec(e0), (2 / 10) * A.T @ A[:, 0])
+True
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from fasthess.errors import FasthessError, StochasticModelError
+from fasthess.model_operator import ModelOperator
+
+HVP_METHODS = ("auto", "forward-over-reverse", "double-backward")
+
+
+class HessianOperator(ModelOperator):
+    """Exact Hessian of the mean training loss over a whole data set.
+
+    Args:
+        model: the network; evaluated in its current mode (train/eval), which is never changed.
+        loss_fn: a mean-reduced criterion ``loss_fn(output, target) -> scalar``.
+        data: ``(X, y)`` tensors, a ``Dataset`` or an iterable of ``(x, y)`` batches (a DataLoader).
+        batch_size: chunk size for tensors and datasets (default 1024); with train-mode BatchNorm it
+            is the ghost-batch size and must be given.
+        params: the parameters to differentiate (default: all with ``requires_grad``).
+        allow_stochastic: accept train-mode dropout (a random operator).
+        hvp: ``"auto"`` (forward-over-reverse, falling back to double backward), or force one.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, *, batch_size: int | None = None,
+                 params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False,
+                 hvp: str = "auto") -> None:
+        if hvp not in HVP_METHODS:
+            raise FasthessError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        super().__init__(model, loss_fn, data, batch_size=batch_size, params=params,
+                         allow_stochastic=allow_stochastic)
+        self.hvp_method = "forward-over-reverse" if hvp == "auto" else hvp
+        self._may_fall_back = hvp == "auto"
+
+    def _chunk_products(self, x, y, tangents):
+        if self.hvp_method == "forward-over-reverse":
+            try:
+                return self._forward_over_reverse(x, y, tangents)
+            except FasthessError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of forward-mode AD triggers the fallback
+                if "randomness" in str(exc):
+                    raise StochasticModelError(
+                        "the model draws random numbers in its forward pass (e.g. functional dropout), so the Hessian "
+                        "is not a fixed matrix; disable the randomness, or pass allow_stochastic=True") from exc
+                if not self._may_fall_back:
+                    raise
+                warnings.warn(f"forward-mode AD failed for this model ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=4)
+                self.hvp_method = "double-backward"
+        return self._double_backward(x, y, tangents)
+
+    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(functional_call(self.model, params, (x,), strict=False), y)
+
+    def _forward_over_reverse(self, x, y, tangents):
+        primals = {name: p.detach() for name, p in zip(self.names, self._params)}
+        # A floating target travels as a primal with a materialized zero tangent: some PyTorch loss formulas
+        # (mse_loss) fail in forward mode on the implicit ZeroTensor tangent of a constant target.
+        y_tangent = torch.zeros_like(y) if y.is_floating_point() else None
+
+        def loss_and_aux(p, target):
+            loss = self._loss(p, x, target)
+            return loss, loss
+
+        grad_fn = grad(loss_and_aux, argnums=0, has_aux=True)
+
+        def one(t):
+            t = dict(zip(self.names, t))
+            if y_tangent is None:
+                _, hv, loss = jvp(lambda p: grad_fn(p, y), (primals,), (t,), has_aux=True)
+            else:
+                _, hv, loss = jvp(grad_fn, (primals, y), (t, y_tangent), has_aux=True)
+            return [hv[name] for name in self.names], loss
+
+        hv, loss = vmap(one, randomness="same" if self.allow_stochastic else "error")(tangents)
+        return hv, loss[0]
+
+    def _double_backward(self, x, y, tangents):
+        leaves = [p.detach().requires_grad_(True) for p in self._params]
+        with torch.enable_grad():
+            loss = self._loss(dict(zip(self.names, leaves)), x, y)
+            if loss.dim() != 0:
+                return [torch.zeros_like(t) for t in tangents], loss
+            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, leaves)]
+            b = tangents[0].shape[0]
+            cols = [torch.autograd.grad(g, leaves, [t[j] for t in tangents], retain_graph=j + 1 < b,
+                                        allow_unused=True) for j in range(b)]
+        hv = [torch.stack([c[i] if c[i] is not None else torch.zeros_like(leaves[i]) for c in cols])
+              for i in range(len(leaves))]
+        return hv, loss.detach()

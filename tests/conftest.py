@@ -1,0 +1,81 @@
+"""Shared fixtures: small float64 models and a dense-Hessian reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def dense_hessian(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor, batch_size: int,
+                  params: list[nn.Parameter] | None = None) -> torch.Tensor:
+    """The n×n Hessian of (1/N) Σ_c n_c L_c by autograd on a flat parameter vector (the reference)."""
+    named = [(n, p) for n, p in model.named_parameters() if (p.requires_grad if params is None else
+                                                              any(p is q for q in params))]
+    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        parts, off = {}, 0
+        for name, shape in zip(names, shapes):
+            parts[name] = flat[off:off + shape.numel()].reshape(shape)
+            off += shape.numel()
+        total = 0.0
+        for s in range(0, X.shape[0], batch_size):
+            xb, yb = X[s:s + batch_size], y[s:s + batch_size]
+            total = total + yb.shape[0] * loss_fn(functional_call(model, parts, (xb,), strict=False), yb)
+        return total / X.shape[0]
+
+    H = torch.autograd.functional.hessian(loss_of, theta)
+    return (H + H.T) / 2
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def make_model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A tiny float64 model and its input shape (without the batch dimension)."""
+    torch.manual_seed(0)
+    d, c = 6, 3
+    models = {
+        "tanh_mlp": (nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, c)), (d,)),
+        "gelu_mlp": (nn.Sequential(nn.Linear(d, 8), nn.GELU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, c)), (d,)),
+        "relu_mlp": (nn.Sequential(nn.Linear(d, 10), nn.ReLU(), nn.Linear(10, c)), (d,)),
+        "cnn": (nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, c)),
+                (1, 6, 6)),
+        "bn_eval": (nn.Sequential(nn.Linear(d, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, c)), (d,)),
+        "layernorm": (nn.Sequential(nn.Linear(d, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, c)), (d,)),
+        "residual": (nn.Sequential(nn.Linear(d, 5), Residual(5), nn.Linear(5, c)), (d,)),
+    }
+    model, shape = models[kind]
+    model = model.double()
+    if kind == "bn_eval":  # give the running statistics non-trivial values, then freeze them
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(64, d, dtype=torch.float64))
+        model.eval()
+    return model, shape
+
+
+def make_data(shape: tuple[int, ...], n: int = 37, classes: int = 3, loss: str = "ce", seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g) if loss == "ce" else \
+        torch.randn(n, classes, generator=g, dtype=torch.float64)
+    return X, y
+
+
+LOSSES = {"ce": nn.CrossEntropyLoss(), "mse": nn.MSELoss()}
+
+
+@pytest.fixture
+def small_problem():
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape)
+    return model, LOSSES["ce"], X, y
