@@ -19,7 +19,7 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m experiments demo
+	$(PY) -m experiments run finding1-quick --out runs/demo
 
 test: $(STAMP) nvcc-check
 	$(PY) -m pytest -q tests

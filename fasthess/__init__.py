@@ -8,8 +8,10 @@ from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
 from fasthess.linop import MatrixOperator, SymmetricOperator
 from fasthess.results import EigResult
+from fasthess.track import SharpnessTracker, sharpness_mode
 
 __all__ = [
     "DataChangedError", "EigResult", "FasthessError", "HessianOperator", "MatrixOperator", "NonFiniteError",
-    "StochasticModelError", "SymmetricOperator", "backend", "build_info", "eigs", "lambda_max",
+    "SharpnessTracker", "StochasticModelError", "SymmetricOperator", "backend", "build_info", "eigs", "lambda_max",
+    "sharpness_mode",
 ]

@@ -8,20 +8,28 @@ is a sum over data chunks c of size n_c of (n_c/N)·C_c, where C_c is the curvat
 mean loss. :class:`ModelOperator` owns everything that is not specific to C: which parameters θ
 are differentiated and how they are laid out as one flat vector, the data stream, the weighting
 n_c/N, the model-mode rules (train-mode BatchNorm, dropout) and the finiteness checks. A subclass
-supplies ``_chunk_products(x, y, tangents)``, the b products C_c·v_j of one chunk.
+supplies ``_chunk_products(x, y, tangents)``, the b products C_c·v_j of one chunk. With ``distributed=True``
+(or a ``process_group``) each process passes its own shard and N counts the examples of all shards; the
+per-pass sums are all-reduced as described in :mod:`fasthess.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from fasthess import ops
 from fasthess.data import ChunkedData
+from fasthess.distributed import ShardComm, resolve_group
 from fasthess.errors import FasthessError, NonFiniteError, StochasticModelError
 from fasthess.linop import SymmetricOperator
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
@@ -54,8 +62,10 @@ class ModelOperator(SymmetricOperator):
     """Base of the model-curvature operators; see the module docstring for the math."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, *, batch_size: int | None = None,
-                 params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False) -> None:
+                 params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False,
+                 distributed: bool = False, process_group: ProcessGroup | None = None) -> None:
         super().__init__()
+        group = resolve_group(distributed, process_group)
         if not isinstance(model, nn.Module):
             raise FasthessError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -84,8 +94,20 @@ class ModelOperator(SymmetricOperator):
             raise FasthessError(
                 "the model has BatchNorm in train mode, which normalizes each chunk with its own statistics; "
                 "pass batch_size=<the training batch size>, or call model.eval() to use the running statistics")
-        self.data = ChunkedData(data, batch_size, self.device)
-        self._check_finite_weights()
+
+        def build() -> ChunkedData:
+            chunked = ChunkedData(data, batch_size, self.device)
+            self._check_finite_weights()
+            return chunked
+
+        #: the collectives of a sharded operator (None in a single process); see :mod:`fasthess.distributed`
+        self.comm = None if group is None else ShardComm(group, self.device)
+        self.data = build() if self.comm is None else self.comm.setup(build, lambda d: d.num_examples)
+
+    @property
+    def num_examples(self) -> int | None:
+        """N, the number of examples over all shards (None before the first pass over an iterable of batches)."""
+        return self.data.num_examples if self.comm is None else self.comm.num_examples
 
     # ---- layout -----------------------------------------------------------------------------------
     def unflatten(self, Vt: torch.Tensor) -> list[torch.Tensor]:
@@ -131,6 +153,15 @@ class ModelOperator(SymmetricOperator):
                                  "Restore finite weights (e.g. from a checkpoint before divergence)")
 
     # ---- one pass over the data -------------------------------------------------------------------
+    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The chunk's mean loss as a function of the differentiated parameters (others come from the model)."""
+        loss = self.loss_fn(functional_call(self.model, params, (x,), strict=False), y)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise FasthessError(f"loss_fn returned {shape}, not a scalar tensor; use a mean-reduced loss such as "
+                                "nn.CrossEntropyLoss() (reduction='mean')")
+        return loss
+
     def _chunk_products(self, x: torch.Tensor, y: torch.Tensor, tangents: list[torch.Tensor]
                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(C_c v_j for each parameter tensor, batched over j; the chunk's mean loss). Implemented by subclasses."""
@@ -141,6 +172,16 @@ class ModelOperator(SymmetricOperator):
         Vt = V.T.contiguous()
         tangents = self.unflatten(Vt)
         acc = torch.zeros_like(Vt)
+        if self.comm is None:
+            losses = self._accumulate(acc, tangents)
+        else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
+            losses = self.comm.run_pass(acc, lambda: self._accumulate(acc, tangents), lambda: self.data.num_examples)
+        acc /= self.num_examples
+        self._check_finite_pass(losses, acc)
+        return acc.T
+
+    def _accumulate(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
+        """Add Σ_c n_c·C_c v_j over this process's chunks to row j of ``acc`` (b, n); returns the chunk losses."""
         losses = []
         train_bn = self._train_mode_bn()
         with self._frozen_batchnorm():
@@ -151,21 +192,19 @@ class ModelOperator(SymmetricOperator):
                         "statistics are undefined for one example; choose a batch_size that leaves no remainder of 1, "
                         "or call model.eval()")
                 products, loss = self._chunk_products(x, y, tangents)
-                if loss.dim() != 0:
-                    raise FasthessError(
-                        f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar; use a mean-reduced "
-                        "loss such as nn.CrossEntropyLoss() (reduction='mean')")
                 ops.accumulate_dot(acc, products, float(count))
                 losses.append(loss.detach())
-        acc /= self.data.num_examples
-        self._check_finite_pass(torch.stack(losses), acc)
-        return acc.T
+        return torch.stack(losses)
 
     def _check_finite_pass(self, losses: torch.Tensor, acc: torch.Tensor) -> None:
         """One host sync per pass: the chunk losses and the products must be finite."""
         if bool(torch.isfinite(losses).all()) and bool(torch.isfinite(acc).all()):
             return
         bad = int((~torch.isfinite(losses)).nonzero()[0, 0]) if not bool(torch.isfinite(losses).all()) else None
+        if bad is None and self.comm is not None:
+            raise NonFiniteError("the all-reduced Hessian-vector products are Inf/NaN although this rank's chunk "
+                                 "losses are finite: another rank met a non-finite loss, changed data or an error in "
+                                 "this pass (its own exception names the cause), or the products overflowed")
         if bad is None:
             raise NonFiniteError("the Hessian-vector products overflowed to Inf/NaN although every chunk loss is "
                                  "finite; use a float64 model (model.double()) or rescale the loss")

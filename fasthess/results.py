@@ -13,7 +13,8 @@ class EigResult:
     For each returned Ritz pair (θᵢ, xᵢ) with ‖xᵢ‖ = 1, ``residuals[i]`` is ‖H xᵢ − θᵢ xᵢ‖ computed from the
     actual products, and ``error_bounds[i]`` bounds |λᵢ − θᵢ|: the residual itself, or the Kato–Temple bound
     ‖r‖²/gap where the neighbouring Ritz value is well separated. ``converged[i]`` is true exactly when
-    ``error_bounds[i] ≤ tol·|θᵢ|``.
+    ``error_bounds[i] ≤ tol·|θᵢ|`` (or within roundoff, 10³ε·‖T‖, for eigenvalues at zero), after a
+    Kato–Temple claim has survived one confirming pass.
     """
 
     eigenvalues: torch.Tensor

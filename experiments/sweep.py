@@ -1,0 +1,117 @@
+"""Sweeps: expand a preset into runs, give each run a directory named from its hyperparameters,
+skip finished runs, resume interrupted ones from their last checkpoint, then rebuild the report."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.train import Trainer, _jsonable, atomic_write_json, resolve_config
+
+_SHORT = {"optimizer": "opt", "batch_size": "bs", "dropout": "p", "batch_norm": "bn", "init_seed": "seed",
+          "data_seed": "dseed", "momentum": "mom", "model": "model", "dataset": "data"}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    if v is None:
+        return "none"
+    return str(v).replace("/", "-").replace(" ", "")
+
+
+def run_name(cfg: dict[str, Any], keys) -> str:
+    """Directory name from the hyperparameters that vary in the sweep, e.g. ``opt=sgd_lr=0.1_bs=32``."""
+    parts = []
+    for k in keys:
+        v = cfg.get(k)
+        if k == "batch_size" and cfg.get("optimizer") == "gd":
+            v = "full"
+        parts.append(f"{_SHORT.get(k, k)}={_fmt(v)}")
+    return "_".join(parts) or "run"
+
+
+def expand(preset: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The runs of a preset: base config, each grid point, then the command line's ``--set`` overrides."""
+    overrides = overrides or {}
+    runs, names = [], set()
+    keys = preset["vary"]
+    for point in preset["grid"]:
+        cfg = dict(preset["base"])
+        cfg.update(point)
+        cfg.update(overrides)
+        cfg = resolve_config(cfg)
+        name = run_name(cfg, keys)
+        if name in names:  # overrides collapsed two grid points into one
+            continue
+        names.add(name)
+        runs.append((name, cfg))
+    return runs
+
+
+def _data_key(cfg):
+    return json.dumps({k: cfg[k] for k in ("dataset", "data_root", "verify", "train_subset", "train_stride",
+                                            "test_subset", "test_stride", "data_kwargs", "device")}, sort_keys=True)
+
+
+def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bool = False) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one configuration in ``run_dir``; returns its summary."""
+    run_dir = Path(run_dir)
+    cfg = resolve_config(cfg)
+    summ = run_dir / "summary.json"
+    old = run_dir / "config.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if prev != _jsonable(cfg):
+            diff = sorted(k for k in set(prev) | set(cfg) if prev.get(k) != _jsonable(cfg).get(k))
+            raise ValueError(f"{run_dir} holds a run with a different configuration (keys {diff}); "
+                             "choose another --out directory or delete it")
+        if summ.is_file():
+            return json.loads(summ.read_text())
+    return Trainer(cfg, data=data, progress=progress).run(run_dir)
+
+
+def run_sweep(preset_name: str, out: str | Path | None = None, overrides: dict[str, Any] | None = None,
+              progress: bool = True, report: bool = True, log=print) -> Path:
+    from experiments.data import load_dataset
+    from experiments.presets import get_preset
+
+    preset = get_preset(preset_name)
+    out = Path(out or Path("runs") / preset_name)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = expand(preset, overrides)
+    atomic_write_json(out / "sweep.json", {"preset": preset_name, "finding": preset["finding"],
+                                           "overrides": overrides or {}, "runs": [n for n, _ in runs]})
+    cache: dict[str, Any] = {}
+    t0 = time.time()
+    for i, (name, cfg) in enumerate(runs):
+        d = out / name
+        if (d / "summary.json").is_file():
+            s = run_one(cfg, d)
+            log(f"[{i + 1}/{len(runs)}] {name}: done already ({s['status']})")
+            continue
+        key = _data_key(cfg)
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_dataset(cfg["dataset"], root=cfg["data_root"], verify=cfg["verify"],
+                                      train_subset=cfg["train_subset"], train_stride=cfg["train_stride"],
+                                      test_subset=cfg["test_subset"], test_stride=cfg["test_stride"],
+                                      device=cfg["device"], **(cfg["data_kwargs"] or {}))
+        t = time.time()
+        s = run_one(cfg, d, data=cache[key], progress=progress)
+        lam = s.get("lambda_between_iterates") or s.get("lambda_max")
+        log(f"[{i + 1}/{len(runs)}] {name}: {s['status']} after {s['steps']} steps, train_acc={s['train_acc']:.4f} "
+            f"test_acc={s['test_acc']:.4f} lambda_max={'-' if lam is None else f'{lam:.4g}'} ({time.time() - t:.1f}s)")
+    log(f"sweep {preset_name}: {len(runs)} runs in {time.time() - t0:.1f}s")
+    if report:
+        from experiments.report import build_report
+
+        build_report(out)
+        log(f"report: {out / 'report.md'}\nplots:  {', '.join(str(p) for p in sorted(out.glob('*.png')))}\n"
+            f"table:  {out / 'results.csv'}")
+    return out

@@ -1,0 +1,106 @@
+"""SharpnessTracker: correct λ_max, warm starts, history, checkpoint state, mode handling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fasthess.track import SharpnessTracker, sharpness_mode
+
+
+def _setup(dropout=0.0, bn=False, seed=0):
+    torch.manual_seed(seed)
+    X = torch.randn(64, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    layers = [nn.Linear(5, 6)]
+    if bn:
+        layers.append(nn.BatchNorm1d(6))
+    layers += [nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(6, 3))
+    model = nn.Sequential(*layers).double()
+    return model, X, y
+
+
+def _dense_top(model, X, y):
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        parts, off = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[off:off + s.numel()].reshape(s)
+            off += s.numel()
+        return F.cross_entropy(functional_call(model, parts, (X,)), y)
+
+    H = torch.autograd.functional.hessian(f, theta)
+    return torch.linalg.eigvalsh((H + H.T) / 2)[-1].item()
+
+
+def test_lambda_max_matches_dense_hessian_and_logs_record():
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=16, tol=1e-8, lr=0.1)
+    rec = tr.update(model, step=0, epoch=0)
+    assert rec["lambda_max"] == pytest.approx(_dense_top(model, X, y), rel=1e-6)
+    assert rec["two_over_lr"] == pytest.approx(20.0)
+    assert rec["epoch"] == 0 and rec["step"] == 0
+    for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged"):
+        assert key in rec
+    assert rec["num_hvps"] > 0 and rec["warm_started"] is False
+    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 1)
+
+
+def test_warm_start_every_and_state_dict_roundtrip():
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
+    recs = [tr.maybe_update(model, s) for s in range(7)]
+    assert [r is not None for r in recs] == [True, False, False, True, False, False, True]
+    assert [r["warm_started"] for r in tr.history] == [False, True, True]
+    # warm start from an exact eigenvector converges in no more products than the cold start
+    assert tr.history[1]["num_hvps"] <= tr.history[0]["num_hvps"]
+    st = tr.state_dict()
+    tr2 = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
+    tr2.load_state_dict(st)
+    assert torch.equal(tr2.eigenvectors, tr.eigenvectors) and tr2.history == tr.history
+    assert tr2.update(model, 9)["warm_started"]
+    # a different parameter count: falls back to a cold start instead of failing
+    tr2.load_state_dict({"history": [], "vectors": torch.ones(3, 1, dtype=torch.float64)})
+    assert tr2.update(model, 10)["warm_started"] is False
+    tr2.reset()
+    assert tr2.eigenvectors is None and len(tr2.history) == 1
+
+
+def test_dropout_switched_off_and_modes_restored():
+    model, X, y = _setup(dropout=0.5, bn=True)
+    model.train()
+    model[-2].eval()  # an odd mix of flags must survive
+    flags = [m.training for m in model.modules()]
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=32, tol=1e-6)
+    r1 = tr.update(model)["lambda_max"]
+    r2 = tr.update(model)["lambda_max"]
+    assert r1 == pytest.approx(r2, rel=1e-5)  # deterministic: dropout was off
+    assert [m.training for m in model.modules()] == flags
+    bn = model[1]
+    mean = bn.running_mean.clone()
+    tr.update(model)
+    assert torch.equal(bn.running_mean, mean)  # running stats untouched
+    with sharpness_mode(model, "eval"):
+        assert not model.training
+    assert [m.training for m in model.modules()] == flags
+
+
+def test_bad_arguments():
+    model, X, y = _setup()
+    with pytest.raises(ValueError):
+        SharpnessTracker(F.cross_entropy, (X, y), every=0)
+    with pytest.raises(ValueError):
+        SharpnessTracker(F.cross_entropy, (X, y), mode="test")
+    tr = SharpnessTracker(F.cross_entropy, (X, y))
+    assert tr.latest is None and math.isnan(tr.lambda_max)
