@@ -1,0 +1,90 @@
+"""GGNOperator against J^T H_loss J built densely from per-example Jacobians and output Hessians."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, vmap
+
+from fasthess.errors import FasthessError, StochasticModelError
+from fasthess.ggn import GGNOperator
+from fasthess.lanczos import eigs
+from tests.conftest import LOSSES, dense_hessian, make_data, make_model
+
+
+def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σᵢ Jᵢᵀ (∇²_o ℓᵢ) Jᵢ with Jᵢ = ∂f(xᵢ)/∂θ and ℓᵢ(o) = loss_fn(o[None], yᵢ[None]).
+
+    For a mean-reduced loss, chunk c contributes (n_c/N)(1/n_c) Σ_{i∈c} = (1/N) Σ_{i∈c}, so chunks drop out.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def outputs(flat: torch.Tensor) -> torch.Tensor:
+        parts, off = {}, 0
+        for name, p in named:
+            parts[name] = flat[off:off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        return functional_call(model, parts, (X,), strict=False)
+
+    out = outputs(theta).detach()
+    J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True)  # (N, C, n)
+    h = vmap(hessian(lambda o, t: loss_fn(o[None], t[None])))(out, y)  # (N, C, C)
+    G = torch.einsum("icn,icd,idm->nm", J, h, J)
+    return G / X.shape[0]
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("kind", ["tanh_mlp", "cnn", "residual", "bn_eval", "layernorm"])
+def test_matches_dense_ggn(kind, loss):
+    model, shape = make_model(kind)
+    X, y = make_data(shape, n=23, loss=loss)
+    op = GGNOperator(model, LOSSES[loss], (X, y), batch_size=10)  # chunks of 10, 10, 3
+    G = dense_ggn(model, LOSSES[loss], X, y)
+    torch.testing.assert_close(op.matmat(torch.eye(op.num_params, dtype=torch.float64)), G, rtol=1e-10, atol=1e-12)
+    assert op.num_passes == 1
+
+
+def test_equals_hessian_for_linear_least_squares():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    X, y = make_data((4,), n=15, classes=2, loss="mse")
+    op = GGNOperator(model, nn.MSELoss(), (X, y), batch_size=7)
+    H = dense_hessian(model, nn.MSELoss(), X, y, batch_size=7)
+    torch.testing.assert_close(op.matmat(torch.eye(op.num_params, dtype=torch.float64)), H, rtol=1e-12, atol=1e-14)
+
+
+def test_lambda_max_of_ggn_and_positive_semidefinite():
+    model, shape = make_model("gelu_mlp")
+    X, y = make_data(shape)
+    op = GGNOperator(model, LOSSES["ce"], (X, y), batch_size=37)
+    ev = torch.linalg.eigvalsh(dense_ggn(model, LOSSES["ce"], X, y))
+    assert float(ev[0]) > -1e-12
+    res = eigs(op, k=1, which="LA", tol=1e-8)
+    assert float(res.eigenvalues[0]) == pytest.approx(float(ev[-1]), rel=1e-7)
+
+
+def test_train_mode_dropout_is_refused():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    X, y = make_data((6,))
+    with pytest.raises(StochasticModelError):
+        GGNOperator(model, LOSSES["ce"], (X, y))
+
+
+def test_unreduced_loss_is_refused():
+    model, shape = make_model("tanh_mlp")
+    op = GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), make_data(shape))
+    with pytest.raises(FasthessError, match="scalar"):
+        op.matvec(torch.ones(op.num_params, dtype=torch.float64))
+
+
+def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():
+    from fasthess.api import lambda_max
+
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape)
+    via_api = lambda_max(model, LOSSES["ce"], (X, y), curvature="ggn", tol=1e-10)
+    direct = eigs(GGNOperator(model, LOSSES["ce"], (X, y)), k=1, tol=1e-10)
+    torch.testing.assert_close(via_api.eigenvalues, direct.eigenvalues, rtol=1e-10, atol=0)
+    with pytest.raises(FasthessError, match="curvature"):
+        lambda_max(model, LOSSES["ce"], (X, y), curvature="fisher")
