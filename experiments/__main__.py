@@ -1,23 +1,34 @@
-"""Command line: ``python -m experiments list | run PRESET [--out DIR] [--set key=value ...] | report DIR``."""
+"""Command line: ``python -m experiments list | run PRESET [--out DIR] [--set key=value ...] | report DIR``.
+
+Data-parallel: ``torchrun --nproc-per-node N -m experiments run PRESET ...`` trains each run with
+DistributedDataParallel over N processes (see :mod:`experiments.ddp`); only rank 0 writes and prints."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def parse_set(items) -> dict:
-    """``key=value`` pairs; values parsed as JSON when they parse (numbers, true/false, null, lists), else strings."""
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, true/false, null, lists), else strings.
+
+    A malformed item raises ValueError with a message (the CLI prints it and exits with status 2)."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ValueError(f"--set expects key=value with a non-empty key, got {item!r}")
         try:
-            out[k.strip()] = json.loads(v)
+            out[k] = json.loads(v)
         except json.JSONDecodeError:
             low = v.strip().lower()
-            out[k.strip()] = {"true": True, "false": False, "none": None}.get(low, v)
+            out[k] = {"true": True, "false": False, "none": None}.get(low, v)
+        except RecursionError:
+            raise ValueError(f"--set {k}: value nested too deeply") from None
     return out
 
 
@@ -35,6 +46,10 @@ def main(argv=None) -> int:
     rp.add_argument("dir")
     args = ap.parse_args(argv)
 
+    from experiments import ddp
+
+    if args.cmd != "run" and ddp.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        return 0  # list / report under torchrun: rank 0 alone
     if args.cmd == "list":
         from experiments.presets import get_preset, list_presets
 
@@ -45,11 +60,15 @@ def main(argv=None) -> int:
     if args.cmd == "run":
         from experiments.sweep import run_sweep
 
+        ddp.init()  # under torchrun: the process group (a no-op in a plain process)
         try:
             run_sweep(args.preset, args.out, parse_set(args.set), progress=not args.no_progress)
-        except (KeyError, ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except (KeyError, ValueError, OSError) as exc:  # OSError: e.g. StorageError on a full disk
+            if ddp.is_main():
+                print(f"error: {exc}", file=sys.stderr)
             return 2
+        finally:
+            ddp.teardown()
         return 0
     if args.cmd == "report":
         from experiments.report import build_report

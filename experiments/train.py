@@ -5,6 +5,12 @@ Determinism: the model is built right after ``torch.manual_seed(init_seed)``; ep
 examples in ``randperm(N, seed=f(data_seed, e))`` (stateless, so resuming needs only the step);
 dropout draws from the global torch RNG, whose state is checkpointed. Checkpoints hold the model,
 the optimizer, the RNG state, the step, the metrics so far and the tracker's warm-start vectors.
+
+Under torchrun (see :mod:`experiments.ddp`) the model is wrapped in DistributedDataParallel: every rank
+takes its contiguous part of each global batch, λ_max is computed by a sharded operator, evaluation sums
+are all-reduced, and only rank 0 writes files. Dropout draws from a per-rank seed (rank 0's is the
+single-process seed); BatchNorm normalizes by per-rank batch statistics (running statistics are averaged
+over ranks before every evaluation).
 """
 from __future__ import annotations
 
@@ -19,8 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from experiments import curvature
 from experiments.data import DataSplit, load_dataset
 from experiments.models import build_model
+from experiments.storage import (_jsonable, atomic_torch_save, atomic_write_json,  # noqa: F401 (re-exported)
+                                 atomic_write_text, load_checkpoint, save_checkpoint)
 
 OPTIMIZERS = ("sgd", "gd", "sam", "asam")
 
@@ -39,10 +48,68 @@ DEFAULTS: dict[str, Any] = {
     # sharpness
     "track_every_evals": 0, "lambda_subset": None, "lambda_stride": None, "lambda_tol": 1e-4, "lambda_k": 1,
     "lambda_batch_size": None, "lambda_max_iters": None, "between_iterates": 0,
+    "track_extra": [],  # names from experiments.curvature.MEASURES, logged next to λ_max
     # misc
     "device": "cpu", "deterministic": True, "checkpoint_every_evals": 1,
     "threads": 1,  # CPU threads (0 = torch's default); small models run fastest on one
 }
+
+
+# key: (kind, minimum, None allowed); "int" accepts integral floats (1e3 from --set) and stores an int
+_TYPES: dict[str, tuple[str, float | None, bool]] = {
+    **{k: ("int", 1, True) for k in ("batch_size", "train_subset", "test_subset", "lambda_subset",
+                                     "lambda_batch_size")},
+    **{k: ("int", 0, True) for k in ("chunk_size", "train_stride", "test_stride", "lambda_stride",
+                                     "lambda_max_iters")},
+    **{k: ("int", 0, False) for k in ("init_seed", "data_seed", "max_steps", "track_every_evals",
+                                      "between_iterates", "threads")},
+    **{k: ("int", 1, False) for k in ("eval_every_epochs", "eval_chunk_size", "lambda_k", "checkpoint_every_evals")},
+    **{k: ("float", 0, False) for k in ("lr", "momentum", "weight_decay", "rho", "asam_eta", "lambda_tol", "width",
+                                        "dropout")},
+    "target_train_acc": ("float", None, False),
+    **{k: ("bool", None, False) for k in ("verify", "batch_norm", "deterministic")},
+    **{k: ("str", None, False) for k in ("dataset", "model", "optimizer", "device")},
+    "data_root": ("str", None, True),
+    "hidden": ("ints", 1, False), "channels": ("ints", 1, True), "data_kwargs": ("dict", None, True),
+    "track_extra": ("measures", None, False),
+}
+
+
+def _check_types(out: dict[str, Any]) -> None:
+    """Types and ranges of the config values, in place; a ValueError naming the key otherwise."""
+    for k, (kind, lo, none_ok) in _TYPES.items():
+        v = out[k]
+        if v is None:
+            if none_ok:
+                continue
+            raise ValueError(f"{k} must not be null")
+        what = "a list of ints" if kind == "ints" else f"{'an' if kind == 'int' else 'a'} {kind}"
+        bad = ValueError(f"{k} must be {what}{'' if lo is None else f' >= {lo}'}"
+                         f"{' and < 2**31' if kind in ('int', 'ints') else ''}, got {v!r}")
+        if kind in ("int", "float"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad
+            if kind == "int":
+                if v != int(v):
+                    raise bad
+                v = out[k] = int(v)
+            if lo is not None and v < lo or kind == "int" and v >= 2**31:
+                raise bad
+        elif kind == "bool" and not isinstance(v, bool) or kind == "str" and not isinstance(v, str) \
+                or kind == "dict" and not isinstance(v, dict):
+            raise bad
+        elif kind == "measures":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x in curvature.MEASURES for x in v):
+                raise ValueError(f"{k} must be a list of names from {sorted(curvature.MEASURES)}, got {v!r}")
+        elif kind == "ints":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                           and lo <= x < 2**31 for x in v):
+                raise bad
+    if not out["dropout"] < 1:
+        raise ValueError(f"dropout must be < 1, got {out['dropout']!r}")
+    for k in ("lambda_tol", "width"):
+        if not out[k] > 0:
+            raise ValueError(f"{k} must be > 0, got {out[k]!r}")
 
 
 def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +119,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(DEFAULTS)}")
     out = dict(DEFAULTS)
     out.update(cfg)
+    _check_types(out)
     if out["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {out['optimizer']!r}")
     if not (out["lr"] > 0):
@@ -59,40 +127,6 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if out["optimizer"] != "gd" and (out["batch_size"] is None or int(out["batch_size"]) < 1):
         raise ValueError(f"batch_size must be >= 1, got {out['batch_size']}")
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _bn_modules(model):
@@ -106,10 +140,22 @@ def has_batchnorm(model) -> bool:
 class Trainer:
     """Holds data, model, optimizer and tracker for one run; ``run(run_dir)`` trains with checkpoints."""
 
-    def __init__(self, cfg: dict[str, Any], data: DataSplit | None = None, progress: bool = False):
+    def __init__(self, cfg: dict[str, Any], data: DataSplit | None = None, progress: bool = False,
+                 distributed: bool | None = None):
+        """``distributed``: None = data-parallel when torch.distributed is initialized (under torchrun),
+        False = single process even then, True = require an initialized process group."""
+        from experiments import ddp
+
         self.cfg = cfg = resolve_config(cfg)
+        self.dist = ddp.context() if distributed is not False else ddp.DistContext()
+        if distributed and not self.dist.enabled:
+            raise ValueError("distributed=True needs an initialized torch.distributed process group (torchrun)")
+        unsharded = [m for m in cfg["track_extra"] if m not in curvature.SHARDED]
+        if self.dist.enabled and unsharded:
+            raise ValueError(f"track_extra measures {unsharded} need the whole data set in one process; "
+                             f"under torchrun use only {list(curvature.SHARDED)}")
         self.device = torch.device(cfg["device"])
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         if data is None:
             data = load_dataset(cfg["dataset"], root=cfg["data_root"], verify=cfg["verify"],
                                 train_subset=cfg["train_subset"], train_stride=cfg["train_stride"],
@@ -124,12 +170,26 @@ class Trainer:
         self.model = build_model(cfg["model"], data.input_shape, data.num_classes, batch_norm=cfg["batch_norm"],
                                  dropout=cfg["dropout"], width=cfg["width"], hidden=cfg["hidden"],
                                  channels=cfg["channels"]).to(self.device)
-        torch.manual_seed(10_007 * int(cfg["data_seed"]) + 1)  # dropout noise
+        torch.manual_seed(10_007 * int(cfg["data_seed"]) + 1 + 1_000_033 * self.dist.rank)  # dropout noise
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp_model = None  # the DistributedDataParallel wrapper that training steps go through
+        if self.dist.enabled:
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no buffer broadcast in forward: ranks may run different numbers of chunks (buffers are synced
+            # before each evaluation instead, see _eval_record)
+            no_fwd_sync = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+            self.ddp_model = DistributedDataParallel(self.model, process_group=self.dist.group, **no_fwd_sync)
         self.opt = torch.optim.SGD(self.params, lr=cfg["lr"], momentum=cfg["momentum"],
                                    weight_decay=cfg["weight_decay"])
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
+        self.last_loss = float("nan")  # the last batch loss (checkpointed: the summary reports it)
+        self.finished: dict[str, Any] | None = None  # the summary, once loaded from a finished run's checkpoint
         self.tracker = self._make_tracker()
 
     # ------------------------------------------------------------------ pieces
@@ -151,6 +211,11 @@ class Trainer:
         kw = {}
         if cfg["lambda_max_iters"]:
             kw["max_iters"] = cfg["lambda_max_iters"]
+        if self.dist.enabled:  # each rank its contiguous shard of the λ data; one all-reduce per pass
+            from fasthess.distributed import shard
+
+            X, y = shard((X, y), self.dist.rank, self.dist.world_size)
+            kw.update(distributed=True, process_group=self.dist.group)
         return SharpnessTracker(F.cross_entropy, (X, y), batch_size=int(bs), k=int(cfg["lambda_k"]),
                                 tol=cfg["lambda_tol"], mode="train", disable_dropout=True, lr=cfg["lr"], **kw)
 
@@ -166,6 +231,8 @@ class Trainer:
 
     def _accumulate_grad(self, model, params, idx: torch.Tensor) -> float:
         """Mean loss over the batch ``idx``; its gradient accumulated into ``.grad`` in physical chunks."""
+        if self.dist.enabled:
+            return self._accumulate_grad_ddp(model, params, idx)
         for p in params:
             p.grad = None
         X, y = self.data.X_train, self.data.y_train
@@ -177,6 +244,42 @@ class Trainer:
             loss.backward()
             total += float(loss.detach())
         return total
+
+    def _accumulate_grad_ddp(self, model, params, idx: torch.Tensor) -> float:
+        """Data-parallel :meth:`_accumulate_grad`: this rank's part of the global batch ``idx`` in chunks,
+        each chunk's summed loss times W/b, DDP's all-reduce on the last chunk only (``no_sync`` before);
+        a model not wrapped in DDP has its gradients all-reduced here. Returns the global batch's mean loss
+        (all-reduced, so every rank takes the same branch on a non-finite loss)."""
+        import contextlib
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        from experiments import ddp
+
+        for p in params:
+            p.grad = None
+        X, y = self.data.X_train, self.data.y_train
+        b, W = len(idx), self.dist.world_size
+        mine = ddp.local_part(idx, self.dist)
+        starts = list(range(0, len(mine), self.chunk)) or [0]  # an empty part still joins the all-reduce
+        wrapped = isinstance(model, DistributedDataParallel)
+        total = 0.0
+        for i, s in enumerate(starts):
+            j = mine[s:s + self.chunk]
+            sync = i == len(starts) - 1
+            with (model.no_sync() if wrapped and not sync else contextlib.nullcontext()):
+                loss_sum = F.cross_entropy(model(X[j]), y[j], reduction="sum")
+                (loss_sum * (W / b)).backward()
+            total += float(loss_sum.detach()) / b
+        if not wrapped:
+            import torch.distributed as dist
+
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dist.group)
+                p.grad.div_(W)
+        return ddp.all_reduce_sum([total], self.dist, device=self.device)[0]
 
     def _sam_perturbation(self, params) -> list[torch.Tensor]:
         cfg = self.cfg
@@ -191,7 +294,7 @@ class Trainer:
 
     def train_step(self, model=None, opt=None, step: int | None = None) -> float:
         """One optimizer step on the batch of ``step``; returns the batch loss (before the step)."""
-        model = self.model if model is None else model
+        model = (self.ddp_model or self.model) if model is None else model
         opt = self.opt if opt is None else opt
         params = [p for p in model.parameters() if p.requires_grad]
         idx = self.batch_indices(self.step if step is None else step)
@@ -224,12 +327,22 @@ class Trainer:
         self.model.eval()
         tot_loss, correct = 0.0, 0
         cs = int(self.cfg["eval_chunk_size"])
+        n_all = len(X)
+        if self.dist.enabled:  # each rank its contiguous shard; the sums are all-reduced below
+            from fasthess.distributed import shard
+
+            X, y = shard((X, y), self.dist.rank, self.dist.world_size)
         for s in range(0, len(X), cs):
             out = self.model(X[s:s + cs])
             tot_loss += float(F.cross_entropy(out, y[s:s + cs], reduction="sum"))
             correct += int((out.argmax(1) == y[s:s + cs]).sum())
         self.model.train(was)
-        n = max(1, len(X))
+        if self.dist.enabled:
+            from experiments import ddp
+
+            tot_loss, correct = ddp.all_reduce_sum([tot_loss, correct], self.dist, device=self.device)
+            correct = int(round(correct))
+        n = max(1, n_all)
         return tot_loss / n, correct / n
 
     def lambda_between_iterates(self, n: int) -> dict[str, Any]:
@@ -237,7 +350,7 @@ class Trainer:
         model = copy.deepcopy(self.model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
                               momentum=self.cfg["momentum"], weight_decay=self.cfg["weight_decay"])
-        opt.load_state_dict(self.opt.state_dict())
+        opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))  # a copy: the momentum buffers would be shared
         rng = torch.get_rng_state()
         w0 = [p.detach().clone() for p in model.parameters()]
         self.train_step(model, opt, self.step)
@@ -255,17 +368,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                "rng": torch.get_rng_state(), "metrics": self.metrics, "tracker": self.tracker.state_dict(),
-                "cfg": self.cfg}
+        st = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+              "rng": torch.get_rng_state(), "metrics": self.metrics, "tracker": self.tracker.state_dict(),
+              "cfg": self.cfg, "last_loss": self.last_loss}
+        if self.dist.enabled:  # a collective: every rank's dropout RNG, so a resumed run continues bit-exactly
+            import torch.distributed as dist
+
+            states = [None] * self.dist.world_size
+            dist.all_gather_object(states, st["rng"], group=self.dist.group)
+            st["rng_per_rank"] = states
+        return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.step = int(st["step"])
-        torch.set_rng_state(st["rng"])
+        per_rank = st.get("rng_per_rank")
+        if self.dist.enabled and per_rank is not None and len(per_rank) == self.dist.world_size:
+            torch.set_rng_state(per_rank[self.dist.rank])
+        else:
+            torch.set_rng_state(st["rng"])
         self.metrics = list(st["metrics"])
         self.tracker.load_state_dict(st["tracker"])
+        self.last_loss = float(st.get("last_loss", float("nan")))
+        self.finished = st.get("summary")
 
     # ------------------------------------------------------------------ main loop
     def run(self, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -291,15 +417,33 @@ class Trainer:
 
         With ``run_dir``: resumes from ``run_dir/checkpoint.pt`` if present; writes config.json,
         metrics.jsonl (one line per evaluation), checkpoint.pt and, at the end, summary.json.
+        Data-parallel: only rank 0 reads the checkpoint (and broadcasts it) and writes files.
         """
+        from experiments import ddp
+
         cfg = self.cfg
+        main = self.dist.is_main
         run_dir = Path(run_dir) if run_dir is not None else None
         ckpt = run_dir / "checkpoint.pt" if run_dir else None
-        if run_dir:
+        if run_dir and not self.dist.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", cfg)
-            if ckpt.is_file():
-                self.load_state_dict(torch.load(ckpt, weights_only=False, map_location=self.device))
+            st = load_checkpoint(ckpt, map_location=self.device)  # verified; falls back to checkpoint.pt.prev
+            if st is not None:
+                self.load_state_dict(st)
+        elif run_dir:
+            def _read():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(run_dir / "config.json", cfg)
+                return load_checkpoint(ckpt, map_location="cpu")
+
+            st = ddp.main_decides(_read, self.dist)
+            if st is not None:
+                self.load_state_dict(st)
+        if self.finished is not None:  # killed after the final checkpoint: only files derived from it may be missing
+            if run_dir and main:
+                self._write_final(run_dir, self.finished)
+            return _jsonable(self.finished)
         delay = float(os.environ.get("FASTHESS_EXP_STEP_DELAY", "0") or 0)  # tests: make kill -9 land mid-run
         t_start = time.time()
         status, diverged_step = None, None
@@ -309,13 +453,13 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg["max_steps"], initial=self.step, desc=(run_dir.name if run_dir else "train")[:40],
                        leave=False, dynamic_ncols=True, mininterval=0.5)
-        last_loss = float("nan")
+        last_loss = self.last_loss
         while status is None:
             if self.step >= cfg["max_steps"]:
                 status = "max_steps"
                 break
             loss = self.train_step()
-            last_loss = loss
+            last_loss = self.last_loss = loss
             if not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in self.params):
                 status, diverged_step = "diverged", self.step
                 break
@@ -336,8 +480,10 @@ class Trainer:
                 if rec["train_acc"] >= cfg["target_train_acc"]:
                     status = "completed"
                 elif run_dir and evals_done % cfg["checkpoint_every_evals"] == 0:
-                    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
-                    atomic_torch_save(self.state_dict(), ckpt)
+                    state = self.state_dict()  # (a collective when data-parallel)
+                    if main:
+                        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
+                        save_checkpoint(state, ckpt)
         if bar is not None:
             bar.close()
         # final evaluation and λ_max
@@ -365,13 +511,23 @@ class Trainer:
             "last_batch_loss": last_loss, "wall_seconds": time.time() - t_start,
         }
         if run_dir:
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
-            atomic_torch_save(self.state_dict(), ckpt)
-            atomic_torch_save(self.model.state_dict(), run_dir / "final_model.pt")
-            atomic_write_json(run_dir / "summary.json", summary)
+            state = self.state_dict()  # (a collective when data-parallel)
+            state["summary"] = summary  # marks the run finished: a resume from it only rewrites the files below
+        if run_dir and main:
+            save_checkpoint(state, ckpt)
+            self._write_final(run_dir, summary)
         return _jsonable(summary)
 
+    def _write_final(self, run_dir: Path, summary: dict[str, Any]) -> None:
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
+        atomic_torch_save(self.model.state_dict(), run_dir / "final_model.pt")
+        atomic_write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
+
     def _eval_record(self) -> dict[str, Any]:
+        if self.dist.enabled:  # BatchNorm running statistics: the mean over ranks, equal everywhere
+            from experiments import ddp
+
+            ddp.sync_buffers(self.model, self.dist)
         trl, tra = self.evaluate(*self.data.train)
         tel, tea = self.evaluate(*self.data.test)
         return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": trl, "train_acc": tra,
@@ -382,3 +538,6 @@ class Trainer:
         rec.update({"lambda_max": r["lambda_max"], "lambda_residual": r["residual"],
                     "lambda_error_bound": r["error_bound"], "lambda_hvps": r["num_hvps"],
                     "lambda_seconds": r["seconds"], "lambda_converged": r["converged"]})
+        if self.cfg["track_extra"]:
+            rec.update(curvature.measure(self.cfg["track_extra"], self.model, self.tracker, batch_size=self.B,
+                                         seed=self.step))

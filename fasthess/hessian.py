@@ -26,9 +26,7 @@ True
 """
 from __future__ import annotations
 
-import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -43,7 +41,17 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 HVP_METHODS = ("auto", "forward-over-reverse", "double-backward")
-_HVP_CHOICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: method}
+
+
+def default_hvp_method(device: torch.device) -> str:
+    """The HVP method ``hvp="auto"`` uses: double backward on the CPU, forward-over-reverse elsewhere.
+
+    Measured on 2 CPU cores, per chunk against a gradient of the same chunk (benchmarks/PEERS.md): double backward
+    costs 1.92 vs 2.98 gradients (MLP, b = 1), 2.43 vs 2.56 (CNN, b = 1) and 6.6 vs 9.4 (CNN, b = 4); vmapped
+    tangents do not amortize on the CPU. On an accelerator the vmapped block shares one pass. A fixed rule, not a
+    timing, so that the same inputs give the same bits in every process.
+    """
+    return "double-backward" if device.type == "cpu" else "forward-over-reverse"
 
 
 class HessianOperator(ModelOperator):
@@ -57,8 +65,9 @@ class HessianOperator(ModelOperator):
             is the ghost-batch size and must be given.
         params: the parameters to differentiate (default: all with ``requires_grad``).
         allow_stochastic: accept train-mode dropout (a random operator).
-        hvp: ``"auto"`` (on the CPU the faster of the two methods, timed once per model and block size; elsewhere
-            forward-over-reverse; both fall back to double backward if forward mode fails), or force one.
+        hvp: ``"auto"`` (:func:`default_hvp_method` of the device), ``"forward-over-reverse"`` (falls back to
+            double backward, with a warning naming the reason, where the model has no forward-mode rules) or
+            ``"double-backward"``. Both give the same matrix up to rounding; the choice is deterministic.
         distributed: each process of the default ``torch.distributed`` group passes its own shard of the
             data (shards may be uneven); every process gets the products of the Hessian of all shards.
         process_group: like ``distributed=True`` on this group instead of the default one.
@@ -71,46 +80,9 @@ class HessianOperator(ModelOperator):
             raise FasthessError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         super().__init__(model, loss_fn, data, batch_size=batch_size, params=params,
                          allow_stochastic=allow_stochastic, distributed=distributed, process_group=process_group)
-        self.hvp_method = "forward-over-reverse" if hvp == "auto" else hvp
-        self._may_fall_back = hvp == "auto"
-        # On the CPU neither HVP method wins everywhere (see _timed_choice), so "auto" measures both once
-        self._autotune = hvp == "auto" and self.device.type == "cpu"
+        self.hvp_method = default_hvp_method(self.device) if hvp == "auto" else hvp
 
     def _chunk_products(self, x, y, tangents):
-        if self._autotune:
-            return self._timed_choice(x, y, tangents)
-        return self._products(x, y, tangents)
-
-    def _timed_choice(self, x, y, tangents):
-        """``hvp="auto"`` on the CPU: time both methods on this chunk once per (model, parameters, block, chunk
-        shape), keep the faster (the choice is cached on the model, so later operators skip the timing).
-
-        Measured on 2 CPU cores (benchmarks/PEERS.md): for b = 1 double backward took 0.64× the time of
-        forward-over-reverse on an 85k-parameter MLP and 0.95× on a 137k-parameter CNN; for b = 4 it took
-        0.70-0.73×. The two results are the same matrix up to rounding, so either may be returned.
-        """
-        key = (tuple(self.names), tangents[0].shape[0], tuple(x.shape), str(self.dtype))
-        cache = _HVP_CHOICE.setdefault(self.model, {})
-        if key not in cache:
-            self.hvp_method = "forward-over-reverse"
-            out = self._products(x, y, tangents)  # first call: warms torch.func up, may fall back (warns)
-            if self.hvp_method == "forward-over-reverse":
-                self._double_backward(x, y, tangents)  # warm-up
-                times = {}
-                for method, fn in (("forward-over-reverse", self._forward_over_reverse),
-                                   ("double-backward", self._double_backward)):
-                    t0 = time.perf_counter()
-                    out = fn(x, y, tangents)
-                    times[method] = time.perf_counter() - t0
-                cache[key] = min(times, key=times.get)
-            else:
-                cache[key] = self.hvp_method
-            self.hvp_method = cache[key]
-            return out
-        self.hvp_method = cache[key]
-        return self._products(x, y, tangents)
-
-    def _products(self, x, y, tangents):
         if self.hvp_method == "forward-over-reverse":
             try:
                 return self._forward_over_reverse(x, y, tangents)
@@ -121,8 +93,6 @@ class HessianOperator(ModelOperator):
                     raise StochasticModelError(
                         "the model draws random numbers in its forward pass (e.g. functional dropout), so the Hessian "
                         "is not a fixed matrix; disable the randomness, or pass allow_stochastic=True") from exc
-                if not self._may_fall_back:
-                    raise
                 warnings.warn(f"forward-mode AD failed for this model ({type(exc).__name__}: {str(exc)[:200]}); "
                               "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=4)
                 self.hvp_method = "double-backward"

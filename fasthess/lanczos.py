@@ -148,7 +148,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     device = op.device
     gen = torch.Generator().manual_seed(seed)
     V0 = _check_v0(v0, n, device) if v0 is not None else None
-    b = min(n, max(block_size or default_block_size(k, device, _is_model_operator(op)), V0.shape[0] if V0 is not None else 0))
+    b = block_size or default_block_size(k, device, _is_model_operator(op))
+    b = min(n, max(b, V0.shape[0] if V0 is not None else 0))
     cap = max_basis or max(min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n)), 2 * k + 2 * b)
     cap = min(max(cap, k + 2 * b), n + b)
     max_iters = max_iters or 1000

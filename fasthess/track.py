@@ -72,13 +72,16 @@ class SharpnessTracker:
         mode, disable_dropout: see :func:`sharpness_mode`.
         warm_start: start each solve from the previous eigenvectors.
         lr: default learning rate; records carry ``two_over_lr = 2/lr`` (edge-of-stability line).
+        distributed, process_group: passed to :class:`fasthess.HessianOperator`: each process of the group
+            passes its own shard as ``data`` and every process must call ``update``/``compute`` at the same
+            steps (a collective; the results are identical on all processes).
         eigs_kwargs: passed to :func:`fasthess.eigs` (``block_size``, ``max_iters``, ``seed``, ...).
     """
 
     def __init__(self, loss_fn, data, *, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
                  every: int = 1, mode: str = "train", disable_dropout: bool = True, warm_start: bool = True,
                  params=None, lr: float | None = None, allow_stochastic: bool = False, progress: bool = False,
-                 **eigs_kwargs: Any) -> None:
+                 distributed: bool = False, process_group=None, **eigs_kwargs: Any) -> None:
         if every < 1:
             raise FasthessError(f"every must be >= 1, got {every}")
         if k < 1:
@@ -98,6 +101,7 @@ class SharpnessTracker:
         self.lr = lr
         self.allow_stochastic = allow_stochastic
         self.progress = progress
+        self.distributed, self.process_group = distributed, process_group
         self.eigs_kwargs = eigs_kwargs
         self.history: list[dict[str, Any]] = []
         self._vectors: torch.Tensor | None = None  # (n, k) float64 on CPU
@@ -122,7 +126,8 @@ class SharpnessTracker:
             if self.params is not None:
                 kw["params"] = self.params() if callable(self.params) else self.params
             op = fasthess.HessianOperator(model, self.loss_fn, self.data, batch_size=self.batch_size,
-                                          allow_stochastic=self.allow_stochastic, **kw)
+                                          allow_stochastic=self.allow_stochastic, distributed=self.distributed,
+                                          process_group=self.process_group, **kw)
             if v0 is not None and v0.shape[0] != op.num_params:
                 v0 = None
             if v0 is not None:

@@ -145,7 +145,7 @@ def test_fallback_to_double_backward_warns_and_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), _CustomTanh(), nn.Linear(8, 3)).double()
     X, y = make_data((6,))
-    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), hvp="forward-over-reverse")
     v = torch.randn(op.num_params, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="falling back to double-backward"):
         hv = op.matvec(v)
