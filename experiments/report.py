@@ -225,14 +225,7 @@ def make_plots(sweep_dir: Path, runs, vary, title) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("λ_max (final)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    if good:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    p = sweep_dir / "lambda_vs_test_acc.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, ax, title, sweep_dir / "lambda_vs_test_acc.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, r in enumerate(runs):
@@ -245,15 +238,21 @@ def make_plots(sweep_dir: Path, runs, vary, title) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("λ_max   (dashed: 2/η)")
+    paths.append(_save(fig, ax, title, sweep_dir / "lambda_over_training.png"))
+    return paths
+
+
+def _save(fig, ax, title: str, path: Path) -> Path:
+    """Title, legend (when anything is labelled), tight layout; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=9)
-    if ax.lines:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    p = sweep_dir / "lambda_over_training.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return path
 
 
 # ---------------------------------------------------------------------------- report
