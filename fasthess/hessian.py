@@ -5,9 +5,11 @@ For L(θ) = (1/N) Σᵢ ℓ(f_θ(xᵢ), yᵢ) over the chosen parameters θ ∈ 
     H V = Σ_c (n_c / N) ∇²_θ L_c(θ) V,      V ∈ ℝ^{n×b},
 
 where L_c is the mean loss of chunk c (n_c examples). A block of b vectors costs one pass over
-the data: per chunk, ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) is vmapped
-over the b tangents, so the forward and backward of the primal are shared by the whole block.
-Models without forward-mode support fall back to double backward, with a warning naming why.
+the data. Per chunk, either ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) is
+vmapped over the b tangents, so the forward and backward of the primal are shared by the whole
+block, or one graph of the gradient is differentiated b times (double backward). ``hvp="auto"``
+picks by device (:func:`default_hvp_method`); forward mode falls back to double backward, with a
+warning naming why, for models without forward-mode rules.
 
 >>> import torch
 >>> from torch import nn
