@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from experiments.sweep import varied_values
 from experiments.train import atomic_write_text
 
 COLUMNS = ["name", "optimizer", "lr", "batch_size", "rho", "dropout", "batch_norm", "model", "dataset", "status",
@@ -199,15 +200,13 @@ def verdicts(finding: int, runs, thresholds=None):
 
 
 # ---------------------------------------------------------------------------- plots
-def _label(run, vary):
-    c = run["cfg"]
-    parts = []
-    for k in vary:
-        v = c.get(k)
-        if k == "batch_size" and c.get("optimizer") == "gd":
-            v = "GD"
-        parts.append(f"{ {'batch_size': 'B', 'dropout': 'p', 'batch_norm': 'BN', 'lr': 'η', 'rho': 'ρ', 'optimizer': ''}.get(k, k)}{'' if k == 'optimizer' else '='}{v}")
-    return " ".join(parts)
+_SYMBOL = {"batch_size": "B", "dropout": "p", "batch_norm": "BN", "lr": "η", "rho": "ρ"}
+
+
+def _label(run, vary) -> str:
+    """Legend text of a run, e.g. ``sgd B=32 η=0.1``."""
+    return " ".join(str(v) if k == "optimizer" else f"{_SYMBOL.get(k, k)}={v}"
+                    for k, v in varied_values(run["cfg"], vary, "GD"))
 
 
 def make_plots(sweep_dir: Path, runs, vary, title) -> list[Path]:

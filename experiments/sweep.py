@@ -34,15 +34,14 @@ def _fmt(v) -> str:
     return str(v).replace("/", "-").replace(" ", "")
 
 
+def varied_values(cfg: dict[str, Any], keys, full_batch: str) -> list[tuple[str, Any]]:
+    """(key, value) of the hyperparameters that vary in a sweep; a GD run's batch size shows as ``full_batch``."""
+    return [(k, full_batch if k == "batch_size" and cfg.get("optimizer") == "gd" else cfg.get(k)) for k in keys]
+
+
 def run_name(cfg: dict[str, Any], keys) -> str:
     """Directory name from the hyperparameters that vary in the sweep, e.g. ``opt=sgd_lr=0.1_bs=32``."""
-    parts = []
-    for k in keys:
-        v = cfg.get(k)
-        if k == "batch_size" and cfg.get("optimizer") == "gd":
-            v = "full"
-        parts.append(f"{_SHORT.get(k, k)}={_fmt(v)}")
-    return "_".join(parts) or "run"
+    return "_".join(f"{_SHORT.get(k, k)}={_fmt(v)}" for k, v in varied_values(cfg, keys, "full")) or "run"
 
 
 def expand(preset: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
