@@ -30,6 +30,7 @@ from experiments.data import DataSplit, load_dataset
 from experiments.models import build_model
 from experiments.storage import (_jsonable, atomic_torch_save, atomic_write_json,  # noqa: F401 (re-exported)
                                  atomic_write_text, load_checkpoint, save_checkpoint)
+from fasthess.track import sharpness_mode
 
 OPTIMIZERS = ("sgd", "gd", "sam", "asam")
 
@@ -323,8 +324,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, X, y) -> tuple[float, float]:
-        was = self.model.training
-        self.model.eval()
         tot_loss, correct = 0.0, 0
         cs = int(self.cfg["eval_chunk_size"])
         n_all = len(X)
@@ -332,11 +331,11 @@ class Trainer:
             from fasthess.distributed import shard
 
             X, y = shard((X, y), self.dist.rank, self.dist.world_size)
-        for s in range(0, len(X), cs):
-            out = self.model(X[s:s + cs])
-            tot_loss += float(F.cross_entropy(out, y[s:s + cs], reduction="sum"))
-            correct += int((out.argmax(1) == y[s:s + cs]).sum())
-        self.model.train(was)
+        with sharpness_mode(self.model, "eval", disable_dropout=False):  # every module's flag restored after
+            for s in range(0, len(X), cs):
+                out = self.model(X[s:s + cs])
+                tot_loss += float(F.cross_entropy(out, y[s:s + cs], reduction="sum"))
+                correct += int((out.argmax(1) == y[s:s + cs]).sum())
         if self.dist.enabled:
             from experiments import ddp
 

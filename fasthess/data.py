@@ -25,6 +25,16 @@ from fasthess.errors import DataChangedError, FasthessError
 DEFAULT_CHUNK = 1024
 
 
+def is_tensor_pair(data) -> bool:
+    """True for a tuple/list ``(X, y)`` of two tensors."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def is_batched_iterable(data) -> bool:
+    """True for iterables of ready-made batches (a DataLoader), whose batches are the chunks."""
+    return isinstance(data, DataLoader) or not (is_tensor_pair(data) or isinstance(data, Dataset))
+
+
 def _count(y: torch.Tensor) -> int:
     return y.shape[0] if y.dim() > 0 else 1
 
@@ -41,7 +51,7 @@ class ChunkedData:
         self._fingerprints: torch.Tensor | None = None
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise FasthessError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if is_tensor_pair(data):
             X, y = data
             if X.shape[0] != y.shape[0]:
                 raise FasthessError(
@@ -57,7 +67,7 @@ class ChunkedData:
                 raise FasthessError(
                     f"data must be a tuple (X, y) of tensors, a torch Dataset or an iterable of (x, y) batches; "
                     f"got {type(data).__name__}")
-            if iter(data) is data:
+            if not isinstance(data, DataLoader) and iter(data) is data:  # iter() of a loader would start workers
                 raise FasthessError(
                     "data is a one-shot iterator; the Hessian needs one pass per product. Pass a DataLoader, "
                     "a list of batches or a tuple (X, y)")
@@ -86,17 +96,20 @@ class ChunkedData:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
-        """Yield ``(index, x, y, count)`` for one pass, checking the data against the first pass."""
+        """Yield ``(index, x, y, count)`` for one pass, checking the data against the first pass.
+
+        Empty batches are skipped and not numbered: ``index`` counts the chunks yielded.
+        """
         prints = []
         total = 0
-        for i, (x, y) in enumerate(self._raw()):
+        for x, y in self._raw():
             n = _count(y)
             if n == 0:
                 continue
             total += n
             prints.append(torch.stack([x.detach().double().sum(), y.detach().double().sum(), torch.tensor(
                 float(n), dtype=torch.float64, device=x.device)]).to(self.device))
-            yield i, x, y, n
+            yield len(prints) - 1, x, y, n
         if total == 0:
             raise FasthessError("the data yielded no examples; pass a non-empty data set")
         self._check_same(torch.stack(prints), total)

@@ -105,16 +105,19 @@ class ShardComm:
             losses = local_pass()
         except Exception:
             acc.fill_(float("nan"))
-            self._reduce(acc, None)
+            self._reduce(acc, None, failed=True)
             raise
         acc.masked_fill_(~torch.isfinite(losses).all(), float("nan"))
-        self._reduce(acc, local_count())
+        self._reduce(acc, local_count(), failed=False)
         return losses
 
-    def _reduce(self, acc: torch.Tensor, local_count: int | None) -> None:
+    def _reduce(self, acc: torch.Tensor, local_count: int | None, failed: bool) -> None:
         self.pass_bytes = self._all_reduce(acc)
-        if self.num_examples is None:  # first pass over an iterable of batches: agree on N once
-            self._agree_count(local_count, failed=local_count is None)
+        # the first pass over an iterable of batches agrees on N once; a rank that failed voids it for all
+        agreed = self.num_examples is not None or self._agree_count(local_count, failed=failed or local_count is None)
+        if not agreed and not failed:
+            raise FasthessError("another rank failed during the first data pass (its own exception names the "
+                                "cause); fix that rank's data, then build the operator again on every rank")
 
 
 # ---- data-parallel training helpers ----------------------------------------------------------------

@@ -125,13 +125,16 @@ class HessianOperator(ModelOperator):
 
     def _double_backward(self, x, y, tangents):
         leaves = [p.detach().requires_grad_(True) for p in self._params]
+        b = tangents[0].shape[0]
+        hv = [torch.zeros_like(t) for t in tangents]  # parameters whose gradient is constant keep H v = 0
         with torch.enable_grad():
             loss = self._loss(dict(zip(self.names, leaves)), x, y)
             g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, leaves)]
-            b = tangents[0].shape[0]
-            cols = [torch.autograd.grad(g, leaves, [t[j] for t in tangents], retain_graph=j + 1 < b,
-                                        allow_unused=True) for j in range(b)]
-        hv = [torch.stack([c[i] if c[i] is not None else torch.zeros_like(leaves[i]) for c in cols])
-              for i in range(len(leaves))]
+            live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+            for j in range(b):
+                cols = torch.autograd.grad([g[i] for i in live], leaves, [tangents[i][j] for i in live],
+                                           retain_graph=j + 1 < b, allow_unused=True) if live else ()
+                for i, c in enumerate(cols):
+                    if c is not None:
+                        hv[i][j] = c
         return hv, loss.detach()

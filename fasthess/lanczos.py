@@ -70,6 +70,8 @@ def _check_v0(v0, n: int, device: torch.device) -> torch.Tensor:
     if v0.dim() != 2 or v0.shape[0] != n or v0.shape[1] == 0:
         raise FasthessError(f"v0 has shape {tuple(v0.shape)}, but the operator has {n} parameters; pass a tensor of "
                             f"shape ({n},) or ({n}, j), e.g. the eigenvectors of an earlier result on the same model")
+    if v0.shape[1] > n:
+        raise FasthessError(f"v0 has {v0.shape[1]} columns, but only n = {n} can be independent; pass at most {n}")
     if not v0.is_floating_point():
         raise FasthessError(f"v0 has dtype {v0.dtype}; pass a floating-point tensor (float32 or float64)")
     if v0.device != device:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fasthess import ops
-from fasthess.data import ChunkedData
+from fasthess.data import ChunkedData, is_batched_iterable
 from fasthess.distributed import ShardComm, resolve_group
 from fasthess.errors import FasthessError, NonFiniteError, StochasticModelError
 from fasthess.linop import SymmetricOperator
@@ -90,7 +90,7 @@ class ModelOperator(SymmetricOperator):
         self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
         self._check_mode()
-        if batch_size is None and self._train_mode_bn() and not _is_batched_iterable(data):
+        if batch_size is None and self._train_mode_bn() and not is_batched_iterable(data):
             raise FasthessError(
                 "the model has BatchNorm in train mode, which normalizes each chunk with its own statistics; "
                 "pass batch_size=<the training batch size>, or call model.eval() to use the running statistics")
@@ -219,11 +219,3 @@ class ModelOperator(SymmetricOperator):
             if i == index:
                 return x.is_floating_point() and not bool(torch.isfinite(x).all())
         return False
-
-
-def _is_batched_iterable(data) -> bool:
-    """True for iterables of ready-made batches (a DataLoader), whose batches are the chunks."""
-    from torch.utils.data import DataLoader, Dataset
-
-    is_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-    return isinstance(data, DataLoader) or not (is_pair or isinstance(data, Dataset))

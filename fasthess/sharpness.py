@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from fasthess.data import is_tensor_pair
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
@@ -146,7 +147,7 @@ def _minibatches(num_examples: int, batch_size: int, num_batches: int, seed: int
 
 def _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, per_batch) -> MinibatchEstimate:
     """Apply ``per_batch(op, x, y) -> (value, hvps)`` to the HessianOperator of each random minibatch."""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+    if not is_tensor_pair(data):
         raise FasthessError("minibatch sharpness needs the data as a tuple (X, y) of tensors, to draw random minibatches")
     X, y = data
     if X.shape[0] != y.shape[0]:

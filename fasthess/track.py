@@ -25,12 +25,10 @@ from typing import Any
 
 import torch
 
+from fasthess.data import is_batched_iterable
 from fasthess.errors import FasthessError
 
 __all__ = ["SharpnessTracker", "sharpness_mode"]
-
-_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
-            torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
 
 @contextlib.contextmanager
@@ -43,7 +41,7 @@ def sharpness_mode(model: torch.nn.Module, mode: str = "train", disable_dropout:
         model.train(mode == "train")
         if disable_dropout:
             for m in model.modules():
-                if isinstance(m, _DROPOUT):
+                if isinstance(m, torch.nn.modules.dropout._DropoutNd):
                     m.eval()
         yield model
     finally:
@@ -121,6 +119,7 @@ class SharpnessTracker:
         """
         import fasthess
 
+        self._check_batchnorm_chunks(model)
         with sharpness_mode(model, self.mode, self.disable_dropout):
             kw = {}
             if self.params is not None:
@@ -134,6 +133,15 @@ class SharpnessTracker:
                 v0 = v0.to(device=getattr(op, "device", v0.device), dtype=torch.float64)
             return fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress,
                                  **self.eigs_kwargs)
+
+    def _check_batchnorm_chunks(self, model: torch.nn.Module) -> None:
+        """Train mode normalizes each chunk by its own statistics, so the chunk size must be chosen."""
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if has_bn and self.mode == "train" and self.batch_size is None and not is_batched_iterable(self.data):
+            raise FasthessError(
+                "the model has BatchNorm and the tracker takes the Hessian in train mode, where each chunk is "
+                "normalized by its own statistics; pass SharpnessTracker(..., batch_size=<the training batch size>), "
+                "or mode='eval' to use the running statistics")
 
     def update(self, model: torch.nn.Module, step: int | None = None, *, lr: float | None = None,
                **extra: Any) -> dict[str, Any]:

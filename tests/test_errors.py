@@ -195,3 +195,18 @@ def test_failed_calls_leave_the_model_unchanged():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert model.training and all(m.track_running_stats for m in model.modules()
                                   if isinstance(m, nn.BatchNorm1d))
+
+
+def test_nan_chunk_is_named_when_empty_batches_come_first():
+    X, y = make_data((6,), n=20)
+    X[15, 0] = float("nan")
+    batches = [(X[:0], y[:0]), (X[:10], y[:10]), (X[10:], y[10:])]
+    op = _op(data=batches)
+    with pytest.raises(NonFiniteError, match=r"chunk 1 .*inputs contain NaN"):
+        op.matvec(_vec(op))
+
+
+def test_v0_with_more_columns_than_parameters():
+    op = fasthess.MatrixOperator(torch.eye(5, dtype=torch.float64))
+    with pytest.raises(FasthessError, match="at most 5"):
+        fasthess.eigs(op, v0=torch.randn(5, 7, dtype=torch.float64))

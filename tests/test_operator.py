@@ -164,3 +164,27 @@ def test_model_is_left_unchanged(small_problem):
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+class _WithUnused(nn.Module):
+    """A network with a parameter the loss never sees and one the loss is linear in."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.unused = nn.Linear(4, 2)
+        self.shift = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return self.body(x) + self.shift
+
+
+@pytest.mark.parametrize("hvp", ["forward-over-reverse", "double-backward"])
+def test_unused_and_linear_parameters_have_zero_curvature(hvp):
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    X, y = make_data((6,), loss="mse")
+    H = dense_hessian(model, nn.MSELoss(), X, y, batch_size=10)
+    op = fasthess.HessianOperator(model, nn.MSELoss(), (X, y), batch_size=10, hvp=hvp)
+    V = torch.randn(op.num_params, 2, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)

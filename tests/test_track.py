@@ -104,3 +104,17 @@ def test_bad_arguments():
         SharpnessTracker(F.cross_entropy, (X, y), mode="test")
     tr = SharpnessTracker(F.cross_entropy, (X, y))
     assert tr.latest is None and math.isnan(tr.lambda_max)
+
+
+def test_batchnorm_without_batch_size_names_the_tracker_fix():
+    import fasthess
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double().eval()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    tracker = SharpnessTracker(torch.nn.functional.cross_entropy, (X, y))
+    with pytest.raises(fasthess.FasthessError, match=r"SharpnessTracker\(\.\.\., batch_size="):
+        tracker.update(model)
+    assert not model.training
+    eval_tracker = SharpnessTracker(torch.nn.functional.cross_entropy, (X, y), mode="eval")
+    assert eval_tracker.update(model)["converged"]
