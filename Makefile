@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m experiments run finding1-quick --out runs/demo
 
 test: $(STAMP) nvcc-check
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules fasthess tests
 
 # Compile every CUDA source with nvcc for sm_90 (no GPU needed), so CUDA code cannot rot.
 nvcc-check: $(STAMP)
