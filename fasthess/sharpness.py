@@ -80,10 +80,7 @@ def preconditioned_lambda_max(op, precond_diag: torch.Tensor, **eigs_kwargs) -> 
 
 
 def _param_list(params: ModelOperator | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(params, ModelOperator):
-        by_name = dict(params.model.named_parameters())
-        return [by_name[name] for name in params.names]
-    return list(params)
+    return list(params._params) if isinstance(params, ModelOperator) else list(params)
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: ModelOperator | Iterable[torch.Tensor]
