@@ -143,6 +143,18 @@ def train(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor, steps: in
     model.zero_grad(set_to_none=True)
 
 
+def pyhessian_trace_row(name, pyhessian, model, loss_fn, X, y, exact_trace, repeats, **trace_kwargs) -> str:
+    """One table row for PyHessian's trace(**trace_kwargs), seeded 0…repeats−1 (each probe is one HVP and one pass)."""
+    errs, hvps, secs = [], [], []
+    for seed in range(repeats):
+        torch.manual_seed(seed)
+        ph = pyhessian(model, loss_fn, data=(X, y), cuda=False)
+        vals, s = timed(lambda: ph.trace(**trace_kwargs))
+        errs.append(abs(statistics.mean(vals) - exact_trace) / abs(exact_trace))
+        hvps.append(len(vals)), secs.append(s)
+    return row(name, errs, hvps, hvps, secs)
+
+
 def compare(model, loss_fn, X, y, pyhessian, args, state: str) -> None:
     op = HessianOperator(model, loss_fn, (X, y), batch_size=X.shape[0])
     H = reference(op)
@@ -163,23 +175,11 @@ def compare(model, loss_fn, X, y, pyhessian, args, state: str) -> None:
                 hvps.append(res.num_hvps), passes.append(res.num_passes), secs.append(s)
             print(row(f"fasthess {method}, {m} products", errs, hvps, passes, secs))
         if pyhessian is not None:
-            errs, hvps, secs = [], [], []
-            for seed in range(args.repeats):
-                torch.manual_seed(seed)
-                ph = pyhessian(model, loss_fn, data=(X, y), cuda=False)
-                vals, s = timed(lambda: ph.trace(maxIter=m, tol=-math.inf))
-                errs.append(abs(statistics.mean(vals) - exact_trace) / abs(exact_trace))
-                hvps.append(len(vals)), secs.append(s)
-            print(row(f"PyHessian trace(maxIter={m}, tol=-inf)", errs, hvps, hvps, secs))
+            print(pyhessian_trace_row(f"PyHessian trace(maxIter={m}, tol=-inf)", pyhessian, model, loss_fn, X, y,
+                                      exact_trace, args.repeats, maxIter=m, tol=-math.inf))
     if pyhessian is not None:
-        errs, hvps, secs = [], [], []
-        for seed in range(args.repeats):
-            torch.manual_seed(seed)
-            ph = pyhessian(model, loss_fn, data=(X, y), cuda=False)
-            vals, s = timed(lambda: ph.trace())
-            errs.append(abs(statistics.mean(vals) - exact_trace) / abs(exact_trace))
-            hvps.append(len(vals)), secs.append(s)
-        print(row("PyHessian trace() defaults (maxIter=100, tol=1e-3)", errs, hvps, hvps, secs))
+        print(pyhessian_trace_row("PyHessian trace() defaults (maxIter=100, tol=1e-3)", pyhessian, model, loss_fn,
+                                  X, y, exact_trace, args.repeats))
     res, s = timed(lambda: trace(op, num_matvecs=n))
     print(row(f"fasthess exact ({n} products)", [abs(res.estimate - exact_trace) / abs(exact_trace)],
               [res.num_hvps], [res.num_passes], [s]))

@@ -28,6 +28,11 @@ def grid(**axes) -> list[dict[str, Any]]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(axes[k] for k in keys))]
 
 
+def sam_grid(**axes) -> list[dict[str, Any]]:
+    """:func:`grid` over SAM settings; ρ = 0 is plain SGD (the baseline each ρ is compared against)."""
+    return [dict(g, optimizer="sgd" if g["rho"] == 0 else "sam") for g in grid(**axes)]
+
+
 # ---------------------------------------------------------------------------- quick (CPU, embedded data)
 _M1D = {"dataset": "mnist1d", "train_subset": 1000, "model": "mlp", "hidden": [256, 256], "max_steps": 3000,
         "lambda_tol": 1e-3, "track_every_evals": 5}
@@ -56,8 +61,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "finding": 3,
         "description": "MNIST-1D (1000 train), MLP 40-256-256-10, lr 0.1: SAM rho in {0 (plain SGD), 0.05, 0.2} at B=32 and B=1000 (full batch).",
         "base": dict(_M1D, lr=0.1, optimizer="sam"),
-        "grid": [dict(g, optimizer="sgd" if g["rho"] == 0 else "sam", eval_every_epochs=1 if g["batch_size"] < 1000 else 10)
-                 for g in grid(batch_size=[32, 1000], rho=[0.0, 0.05, 0.2])],
+        "grid": [dict(g, eval_every_epochs=1 if g["batch_size"] < 1000 else 10)
+                 for g in sam_grid(batch_size=[32, 1000], rho=[0.0, 0.05, 0.2])],
         "vary": ["batch_size", "rho"],
         "claims": {"acc_tol": 0.01},
     },
@@ -112,7 +117,7 @@ _PRESETS.update({
         "finding": 3,
         "description": "CIFAR-10, VGG-11 without BN, lr 0.01: SAM rho in {0, 0.05, 0.1} at B in {100, 1000, 5000}.",
         "base": dict(_CIFAR, optimizer="sam", lr=0.01),
-        "grid": [dict(g, optimizer="sgd" if g["rho"] == 0 else "sam") for g in grid(batch_size=[100, 1000, 5000], rho=[0.0, 0.05, 0.1])],
+        "grid": sam_grid(batch_size=[100, 1000, 5000], rho=[0.0, 0.05, 0.1]),
         "vary": ["batch_size", "rho"],
         "claims": {"acc_tol": 0.005},
     },
