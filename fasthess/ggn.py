@@ -44,7 +44,7 @@ class GGNOperator(ModelOperator):
     one chunk may see different dropout masks.
     """
 
-    def _chunk_products(self, x, y, tangents):
+    def _chunk_products(self, index, x, y, tangents):
         primals = {name: p.detach() for name, p in zip(self.names, self._params)}
 
         def outputs(p):

@@ -9,7 +9,9 @@ the data. Per chunk, either ``torch.func.jvp`` of ``torch.func.grad`` (forward-o
 vmapped over the b tangents, so the forward and backward of the primal are shared by the whole
 block, or one graph of the gradient is differentiated b times (double backward). ``hvp="auto"``
 picks by device (:func:`default_hvp_method`); forward mode falls back to double backward, with a
-warning naming why, for models without forward-mode rules.
+warning naming why, for models without forward-mode rules. With double backward the graphs of the
+chunk gradients are kept between passes while the weights stay fixed (:mod:`fasthess.graph_cache`,
+within ``graph_memory`` bytes), so every pass after the first runs only the second backward.
 
 >>> import torch
 >>> from torch import nn
@@ -37,6 +39,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from fasthess.errors import FasthessError, StochasticModelError
+from fasthess.graph_cache import ChunkGraph, GraphCache, default_budget, saved_bytes
 from fasthess.model_operator import ModelOperator
 
 if TYPE_CHECKING:
@@ -73,18 +76,48 @@ class HessianOperator(ModelOperator):
         distributed: each process of the default ``torch.distributed`` group passes its own shard of the
             data (shards may be uneven); every process gets the products of the Hessian of all shards.
         process_group: like ``distributed=True`` on this group instead of the default one.
+        graph_memory: bytes of chunk-gradient graphs kept between passes (double backward only; see
+            :mod:`fasthess.graph_cache`). None: ¼ of the available host memory on the CPU, ½ of the free device
+            memory on CUDA, taken at the first pass; 0 keeps none. The graphs are freed when the weights change,
+            by :meth:`clear_graphs`, and with the operator. Never used with ``allow_stochastic=True`` (a kept graph
+            would freeze the dropout masks).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, *, batch_size: int | None = None,
                  params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False,
-                 hvp: str = "auto", distributed: bool = False, process_group: ProcessGroup | None = None) -> None:
+                 hvp: str = "auto", distributed: bool = False, process_group: ProcessGroup | None = None,
+                 graph_memory: int | None = None) -> None:
         if hvp not in HVP_METHODS:
             raise FasthessError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        if graph_memory is not None and (isinstance(graph_memory, bool) or not isinstance(graph_memory, int)
+                                         or graph_memory < 0):
+            raise FasthessError(f"graph_memory={graph_memory!r} must be a number of bytes ≥ 0 (0 keeps no graphs), "
+                                "or None for the default budget")
         super().__init__(model, loss_fn, data, batch_size=batch_size, params=params,
                          allow_stochastic=allow_stochastic, distributed=distributed, process_group=process_group)
         self.hvp_method = default_hvp_method(self.device) if hvp == "auto" else hvp
+        self.graph_memory = graph_memory
+        self._graphs: GraphCache | None = None
 
-    def _chunk_products(self, x, y, tangents):
+    @property
+    def graph_bytes(self) -> int:
+        """Bytes of chunk-gradient graphs currently kept (estimated from the tensors autograd saved)."""
+        return 0 if self._graphs is None else self._graphs.nbytes
+
+    def clear_graphs(self) -> None:
+        """Free the kept chunk-gradient graphs now (they are rebuilt by the next pass if allowed)."""
+        if self._graphs is not None:
+            self._graphs.clear()
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.hvp_method == "double-backward" and not self.allow_stochastic and self.graph_memory != 0:
+            if self._graphs is None:
+                budget = default_budget(self.device) if self.graph_memory is None else self.graph_memory
+                self._graphs = GraphCache(budget)
+            self._graphs.begin_pass(self.model, self.loss_fn)
+        return super()._matmat(V)
+
+    def _chunk_products(self, index, x, y, tangents):
         if self.hvp_method == "forward-over-reverse":
             try:
                 return self._forward_over_reverse(x, y, tangents)
@@ -98,7 +131,7 @@ class HessianOperator(ModelOperator):
                 warnings.warn(f"forward-mode AD failed for this model ({type(exc).__name__}: {str(exc)[:200]}); "
                               "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=4)
                 self.hvp_method = "double-backward"
-        return self._double_backward(x, y, tangents)
+        return self._double_backward(index, x, y, tangents)
 
     def _forward_over_reverse(self, x, y, tangents):
         primals = {name: p.detach() for name, p in zip(self.names, self._params)}
@@ -123,18 +156,35 @@ class HessianOperator(ModelOperator):
         hv, loss = vmap(one, randomness="same" if self.allow_stochastic else "error")(tangents)
         return hv, loss[0]
 
-    def _double_backward(self, x, y, tangents):
+    def _gradient_graph(self, x, y) -> ChunkGraph:
+        """Forward and backward of the chunk's mean loss with ``create_graph``: g = ∇_θ L_c and its graph."""
         leaves = [p.detach().requires_grad_(True) for p in self._params]
+        with torch.enable_grad():
+            loss = self._loss(dict(zip(self.names, leaves)), x, y)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, gi in enumerate(grads) if gi is not None and gi.requires_grad]
+        return ChunkGraph(leaves, list(grads), live, loss.detach())
+
+    def _double_backward(self, index, x, y, tangents):
+        cache = self._graphs if self.hvp_method == "double-backward" and not self.allow_stochastic else None
+        graph = None if cache is None else cache.graphs.get(index)
+        keep = graph is not None
+        if graph is None:
+            if cache is not None and cache.wants(index):
+                with saved_bytes([*self._params, x, y]) as size:
+                    graph = self._gradient_graph(x, y)
+                graph.nbytes = size[0]
+                keep = cache.offer(index, graph)
+            else:
+                graph = self._gradient_graph(x, y)
         b = tangents[0].shape[0]
         hv = [torch.zeros_like(t) for t in tangents]  # parameters whose gradient is constant keep H v = 0
         with torch.enable_grad():
-            loss = self._loss(dict(zip(self.names, leaves)), x, y)
-            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
             for j in range(b):
-                cols = torch.autograd.grad([g[i] for i in live], leaves, [tangents[i][j] for i in live],
-                                           retain_graph=j + 1 < b, allow_unused=True) if live else ()
+                cols = torch.autograd.grad([graph.grads[i] for i in graph.live], graph.leaves,
+                                           [tangents[i][j] for i in graph.live], retain_graph=keep or j + 1 < b,
+                                           allow_unused=True) if graph.live else ()
                 for i, c in enumerate(cols):
                     if c is not None:
                         hv[i][j] = c
-        return hv, loss.detach()
+        return hv, graph.loss

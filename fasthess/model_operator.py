@@ -8,7 +8,7 @@ is a sum over data chunks c of size n_c of (n_c/N)·C_c, where C_c is the curvat
 mean loss. :class:`ModelOperator` owns everything that is not specific to C: which parameters θ
 are differentiated and how they are laid out as one flat vector, the data stream, the weighting
 n_c/N, the model-mode rules (train-mode BatchNorm, dropout) and the finiteness checks. A subclass
-supplies ``_chunk_products(x, y, tangents)``, the b products C_c·v_j of one chunk. With ``distributed=True``
+supplies ``_chunk_products(index, x, y, tangents)``, the b products C_c·v_j of chunk number ``index``. With ``distributed=True``
 (or a ``process_group``) each process passes its own shard and N counts the examples of all shards; the
 per-pass sums are all-reduced as described in :mod:`fasthess.distributed`.
 """
@@ -162,9 +162,12 @@ class ModelOperator(SymmetricOperator):
                                 "nn.CrossEntropyLoss() (reduction='mean')")
         return loss
 
-    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor, tangents: list[torch.Tensor]
+    def _chunk_products(self, index: int, x: torch.Tensor, y: torch.Tensor, tangents: list[torch.Tensor]
                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(C_c v_j for each parameter tensor, batched over j; the chunk's mean loss). Implemented by subclasses."""
+        """(C_c v_j for each parameter tensor, batched over j; the chunk's mean loss) of chunk number ``index``.
+
+        Implemented by subclasses.
+        """
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,7 @@ class ModelOperator(SymmetricOperator):
                         f"chunk {i} has a single example and the model has train-mode BatchNorm, whose batch "
                         "statistics are undefined for one example; choose a batch_size that leaves no remainder of 1, "
                         "or call model.eval()")
-                products, loss = self._chunk_products(x, y, tangents)
+                products, loss = self._chunk_products(i, x, y, tangents)
                 ops.accumulate_dot(acc, products, float(count))
                 losses.append(loss.detach())
         return torch.stack(losses)

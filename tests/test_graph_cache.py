@@ -1,0 +1,135 @@
+"""Kept chunk-gradient graphs (fasthess.graph_cache): same products, rebuilt on any change, bounded memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fasthess
+from conftest import dense_hessian, make_data, make_model
+from fasthess.errors import DataChangedError, FasthessError
+
+
+def _problem(kind: str = "cnn"):
+    model, shape = make_model(kind)
+    X, y = make_data(shape, n=23)
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def _op(model, loss, X, y, **kw):
+    return fasthess.HessianOperator(model, loss, (X, y), batch_size=5, hvp="double-backward", **kw)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "bn_eval", "residual"])
+def test_kept_graphs_give_bitwise_the_same_products(kind):
+    model, loss, X, y = _problem(kind)
+    cached, plain = _op(model, loss, X, y), _op(model, loss, X, y, graph_memory=0)
+    V = torch.randn(cached.num_params, 2, dtype=torch.float64)
+    first = cached.matmat(V)
+    assert cached.graph_bytes > 0 and len(cached._graphs.graphs) == 5  # 23 examples in chunks of 5
+    for _ in range(2):
+        assert torch.equal(cached.matmat(V), first)
+    assert torch.equal(plain.matmat(V), first) and plain.graph_bytes == 0
+    a = fasthess.eigs(cached, k=2, tol=1e-10)
+    b = fasthess.eigs(plain, k=2, tol=1e-10)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_hvps == b.num_hvps
+
+
+def test_graphs_are_rebuilt_after_an_optimizer_step():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    before = op.matvec(v)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss(model(X), y).backward()
+    opt.step()
+    after = op.matvec(v)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, dense_hessian(model, loss, X, y, batch_size=5) @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_graphs_are_rebuilt_after_a_write_through_data():
+    """``p.data`` writes bypass autograd's version counter; the snapshot compares values, so it still sees them."""
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    op.matvec(v)
+    first = next(model.parameters())
+    first.data.mul_(1.5)
+    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_graphs_are_rebuilt_when_buffers_or_modes_change():
+    model, loss, X, y = _problem("bn_eval")
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    op.matvec(v)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    bn.running_var.mul_(3.0)  # an eval-mode Hessian depends on the running statistics
+    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                               rtol=1e-10, atol=1e-12)
+    model.train()  # train mode: per-chunk statistics, a different operator
+    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_small_budget_keeps_a_stable_prefix_of_the_chunks():
+    model, loss, X, y = _problem()
+    probe = _op(model, loss, X, y)
+    v = torch.randn(probe.num_params, dtype=torch.float64)
+    ref = probe.matvec(v)
+    per_chunk = probe.graph_bytes / len(probe._graphs.graphs)
+    op = _op(model, loss, X, y, graph_memory=int(2.5 * per_chunk))
+    for _ in range(3):
+        assert torch.equal(op.matvec(v), ref)
+        assert sorted(op._graphs.graphs) == [0, 1] and op.graph_bytes <= 2.5 * per_chunk
+
+
+def test_clear_graphs_frees_them_and_the_next_pass_rebuilds():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    ref = op.matvec(v)
+    op.clear_graphs()
+    assert op.graph_bytes == 0
+    assert torch.equal(op.matvec(v), ref) and op.graph_bytes > 0
+
+
+def test_no_graphs_kept_for_forward_mode_or_a_stochastic_model():
+    model, loss, X, y = _problem()
+    fwd = fasthess.HessianOperator(model, loss, (X, y), batch_size=5, hvp="forward-over-reverse")
+    fwd.matvec(torch.randn(fwd.num_params, dtype=torch.float64))
+    assert fwd.graph_bytes == 0
+    torch.manual_seed(0)
+    drop = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    Xd, yd = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    op = _op(drop, loss, Xd, yd, allow_stochastic=True)
+    op.matvec(torch.randn(op.num_params, dtype=torch.float64))
+    assert op.graph_bytes == 0
+
+
+def test_changed_data_is_still_detected_with_kept_graphs():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    op.matvec(v)
+    op.data._X[0] += 1.0
+    with pytest.raises(DataChangedError):
+        op.matvec(v)
+
+
+def test_model_is_left_as_it_was():
+    model, loss, X, y = _problem()
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    op = _op(model, loss, X, y)
+    fasthess.eigs(op, k=1, tol=1e-6)
+    assert all(torch.equal(state[k], t) for k, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1GB"])
+def test_bad_graph_memory_is_rejected(bad):
+    model, loss, X, y = _problem()
+    with pytest.raises(FasthessError, match="graph_memory"):
+        _op(model, loss, X, y, graph_memory=bad)
