@@ -1,4 +1,5 @@
-"""Core benchmarks (pytest-benchmark): one full-data HVP pass (b = 1, 4, 8), cold λ_max, warm λ_max.
+"""Core benchmarks (pytest-benchmark): one full-data HVP pass (b = 1, 4, 8; and b = 1 by each HVP method, with
+and without kept graphs), cold λ_max, warm λ_max.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m pytest benchmarks/bench_core.py --benchmark-only``
 (``FASTHESS_BENCH_PROBLEMS=mlp_digits,cnn_cifar`` picks the problems of benchmarks/problems.py, default both;
@@ -91,13 +92,30 @@ def test_gradient_pass(benchmark, problem):
 
 @pytest.mark.parametrize("b", [1, 4, 8])
 def test_hvp_pass(benchmark, problem, b):
-    """One data pass of b forward-over-reverse HVPs (vmapped over the b tangents)."""
+    """One data pass of b HVPs with the default method: double backward on kept graphs on the CPU, vmapped
+    forward-over-reverse tangents on a GPU (fasthess.hessian.default_hvp_method)."""
     op = fasthess.HessianOperator(problem.model, problem.loss_fn, problem.data, batch_size=problem.batch_size)
     V = torch.randn(op.num_params, b, dtype=torch.float64, device=op.device)
-    op.matmat(V[:, :1])  # warm-up (first-call overheads of torch.func)
+    op.matmat(V[:, :1])  # warm-up (first-call overheads of torch.func; builds the kept graphs)
     rounds = ROUNDS if b == 1 or problem.name == "mlp_digits" else max(1, ROUNDS - 1)
     _, clock = _run(benchmark, problem, lambda: op.matmat(V), rounds=rounds)
     _record(benchmark, problem, f"HVP pass b={b}", clock, hvps=b, passes=1)
+
+
+METHODS = {"double-backward, kept graphs": dict(hvp="double-backward"),
+           "double-backward, graphs rebuilt": dict(hvp="double-backward", graph_memory=0),
+           "forward-over-reverse": dict(hvp="forward-over-reverse")}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_hvp_pass_method(benchmark, problem, method):
+    """One data pass of one HVP by each method (kept graphs vs rebuilding them every pass; forward mode)."""
+    op = fasthess.HessianOperator(problem.model, problem.loss_fn, problem.data, batch_size=problem.batch_size,
+                                  **METHODS[method])
+    v = torch.randn(op.num_params, 1, dtype=torch.float64, device=op.device)
+    op.matmat(v)  # warm-up (and the first pass that builds kept graphs)
+    _, clock = _run(benchmark, problem, lambda: op.matmat(v))
+    _record(benchmark, problem, f"HVP pass b=1, {method}", clock, hvps=1, passes=1)
 
 
 def test_lambda_max_cold(benchmark, problem):

@@ -9,8 +9,10 @@ Run (after ``bash benchmarks/install_peers.sh``)::
 For every problem (benchmarks/problems.py) it computes a tightly converged float64 reference λ_max (cached in
 benchmarks/.cache), then runs each tool cold, with the tool's own stopping rule at ``--tol``:
 
-* fasthess: ``eigs`` (default block size) and ``fasthess.warm.eigs_subsampled`` (Lanczos on a random 1/8 of
-  the data, then refined and certified on the full data);
+* fasthess: ``eigs`` (default block size and HVP method, chunk graphs kept between passes), the same with
+  ``graph_memory=0`` (graphs rebuilt every pass, to show what keeping them saves) and
+  ``fasthess.warm.eigs_subsampled`` (Lanczos on a random 1/8 of the data, then refined and certified on the
+  full data);
 * PyHessian: power iteration over a data loader (double-backward HVPs), ``eigenvalues(tol=tol)``;
 * hessian-eigenthings 1.0: ``HessianOperator`` + ``lanczos`` (fixed step count: 10, 20, 40 steps are tried in
   turn and the first run that its own residual estimate calls converged is reported, the others not counted);
@@ -147,21 +149,23 @@ def _start_vector(n: int, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def reference(p: P.Problem, quiet: bool = False) -> dict:
-    """λ_max of the float64 copy of the model and data, certified to ~1e-10 (cached by the weights' hash)."""
+def reference(p: P.Problem, quiet: bool = False, dtype: torch.dtype = torch.float64) -> dict:
+    """λ_max of a ``dtype`` copy of the model and data, certified to ~1e-10 (float64) or ~1e-6 (float32), cached
+    by the weights' hash. float32 is for problems too large for a float64 solve in a short GPU lease."""
     h = hashlib.sha256()
     for q in p.model.parameters():
         h.update(q.detach().cpu().double().numpy().tobytes())
     h.update(p.X.detach().cpu().numpy().tobytes()[:1 << 20])
-    key = f"{p.name}-{h.hexdigest()[:16]}"
+    key = f"{p.name}-{h.hexdigest()[:16]}" + ("" if dtype == torch.float64 else f"-{str(dtype)[6:]}")
     f = CACHE / f"ref-{key}.json"
     if f.exists():
         return json.loads(f.read_text())
-    m64 = copy.deepcopy(p.model).double()
-    op = fasthess.HessianOperator(m64, p.loss_fn, (p.X.double(), p.y), batch_size=p.batch_size)
-    r = fasthess.eigs(op, k=2, tol=1e-10, block_size=1, seed=1, max_iters=300)
+    model = copy.deepcopy(p.model).to(dtype)
+    op = fasthess.HessianOperator(model, p.loss_fn, (p.X.to(dtype), p.y), batch_size=p.batch_size)
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    r = fasthess.eigs(op, k=2, tol=tol, block_size=1, seed=1, max_iters=300)
     out = {"lambda_max": float(r.eigenvalues[0]), "lambda_2": float(r.eigenvalues[1]),
-           "bound": float(r.error_bounds[0]), "hvps": r.num_hvps, "key": key}
+           "bound": float(r.error_bounds[0]), "hvps": r.num_hvps, "key": key, "dtype": str(dtype)}
     CACHE.mkdir(exist_ok=True)
     f.write_text(json.dumps(out))
     if not quiet:
@@ -170,8 +174,8 @@ def reference(p: P.Problem, quiet: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- tools
-def run_fasthess(p, tol, seed=0, **kw):
-    op = fasthess.HessianOperator(p.model, p.loss_fn, p.data, batch_size=p.batch_size)
+def run_fasthess(p, tol, seed=0, graph_memory=None, **kw):
+    op = fasthess.HessianOperator(p.model, p.loss_fn, p.data, batch_size=p.batch_size, graph_memory=graph_memory)
     r, s = _timed(lambda: fasthess.eigs(op, k=1, which="LA", tol=tol, seed=seed, **kw), p.X.device)
     return dict(lam=float(r.eigenvalues[0]), hvps=r.num_hvps, passes=r.num_passes, seconds=s,
                 bound=float(r.error_bounds[0] / r.eigenvalues[0].abs()), vec=r.eigenvectors[:, 0])
@@ -251,7 +255,10 @@ def run_paper(p, tol, seed=0, k=6):
 
 
 COLD_TOOLS = {
-    "fasthess eigs": ("fasthess", "Lanczos (b=1 on CPU), default HVP method, residual-certified", run_fasthess),
+    "fasthess eigs": ("fasthess", "Lanczos (b=1 on CPU), default HVP method and kept graphs, residual-certified",
+                      run_fasthess),
+    "fasthess eigs, graphs rebuilt": ("fasthess", "as above with graph_memory=0 (every pass rebuilds the graphs)",
+                                      lambda p, tol, seed=0: run_fasthess(p, tol, seed, graph_memory=0)),
     "fasthess subsampled": ("fasthess", "Lanczos on 1/8 of data, then certified on full data",
                             run_fasthess_sub),
     "PyHessian": ("peer", "power iteration, double backward", run_pyhessian),
@@ -437,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-updates", type=int, default=3)
     ap.add_argument("--sgd-steps", type=int, default=10)
     ap.add_argument("--no-warm", action="store_true")
+    ap.add_argument("--reference-dtype", choices=("float64", "float32"), default="float64",
+                    help="precision of the reference λ_max (float32: for VGG-11 in a short GPU lease)")
     ap.add_argument("--out", type=Path, default=HERE / "PEERS.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-write", action="store_true")
@@ -454,7 +463,7 @@ def main(argv=None) -> int:
     for name in problems:
         p = P.make(name, device=a.device)
         print(f"== {name}: {p.num_params} parameters, {p.X.shape[0]} examples, chunk {p.batch_size}", flush=True)
-        ref = reference(p)
+        ref = reference(p, dtype=getattr(torch, a.reference_dtype))
         rows = cold(p, a.tol, a.tools, ref, a.repeats)
         for r in rows:
             r["ref"] = ref["lambda_max"]

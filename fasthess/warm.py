@@ -98,7 +98,7 @@ def subsample_operator(op, fraction: float, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(N, generator=gen)[:m].sort().values.to(X.device)
     return HessianOperator(op.model, op.loss_fn, (X[idx], y[idx]), batch_size=data.batch_size, params=op._params,
-                           allow_stochastic=op.allow_stochastic, hvp=op.hvp_method)
+                           allow_stochastic=op.allow_stochastic, hvp=op.hvp_method, graph_memory=op.graph_memory)
 
 
 def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,
