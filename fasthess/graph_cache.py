@@ -78,10 +78,12 @@ class ModelState:
 
 
 @contextlib.contextmanager
-def saved_bytes(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
+def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterator[list[int]]:
     """Count the bytes of the distinct storages autograd saves inside the block (``exclude``: already resident).
 
-    Yields a one-element list that holds the total once the block has run.
+    Yields a one-element list that holds the total once the block has run. On CUDA the total is at least the
+    growth of the caching allocator's live bytes over the block, which also covers tensors saved on the
+    autograd engine's device threads and the gradients themselves.
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     sizes: dict[int, int] = {}
@@ -93,9 +95,12 @@ def saved_bytes(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
         return t
 
     total = [0]
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
-    total[0] = sum(sizes.values())
+    grown = torch.cuda.memory_allocated(device) - before if cuda else 0
+    total[0] = max(sum(sizes.values()), grown)
 
 
 @dataclass

@@ -171,7 +171,7 @@ class HessianOperator(ModelOperator):
         keep = graph is not None
         if graph is None:
             if cache is not None and cache.wants(index):
-                with saved_bytes([*self._params, x, y]) as size:
+                with saved_bytes([*self._params, x, y], self.device) as size:
                     graph = self._gradient_graph(x, y)
                 graph.nbytes = size[0]
                 keep = cache.offer(index, graph)

@@ -133,3 +133,21 @@ def test_bad_graph_memory_is_rejected(bad):
     model, loss, X, y = _problem()
     with pytest.raises(FasthessError, match="graph_memory"):
         _op(model, loss, X, y, graph_memory=bad)
+
+
+def test_saved_bytes_counts_the_graph_of_the_backward_too():
+    from fasthess.graph_cache import default_budget, saved_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 10))
+    x, y = torch.randn(1000, 50), torch.randint(0, 10, (1000,))
+    leaves = [p.detach().requires_grad_(True) for p in model.parameters()]
+    params = dict(zip([n for n, _ in model.named_parameters()], leaves))
+    with saved_bytes([*leaves, x, y], x.device) as fwd:
+        nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+    with saved_bytes([*leaves, x, y], x.device) as both:
+        loss = nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+        torch.autograd.grad(loss, leaves, create_graph=True)
+    hidden = 1000 * 200 * 4  # one (1000, 200) float32 activation
+    assert hidden <= fwd[0] < both[0]
+    assert default_budget(torch.device("cpu")) > 0
