@@ -36,6 +36,7 @@ import torch
 
 from fasthess import ops
 from fasthess.errors import FasthessError
+from fasthess.linop import fixed
 from fasthess.trace import rademacher
 
 BREAKDOWN = 1e-10  # βₖ/‖A vₖ‖ below which a probe's Krylov space counts as exhausted
@@ -168,7 +169,8 @@ def spectral_density(op, num_probes: int = 10, lanczos_steps: int = 80, seed: in
     start_hvps, start_passes = op.num_hvps, op.num_passes
     gen = torch.Generator().manual_seed(seed)
     V = rademacher(n, num_probes, gen, op.device).T / math.sqrt(n)
-    alpha, beta = _lanczos(op, V, steps, gen)
+    with fixed(op):
+        alpha, beta = _lanczos(op, V, steps, gen)
     nodes, first = ops.tridiag_eigh(alpha, beta, vectors="first")
     return Density(nodes=nodes, weights=first * first, num_params=n, num_hvps=op.num_hvps - start_hvps,
                    num_passes=op.num_passes - start_passes)

@@ -1,17 +1,21 @@
-"""Per-chunk gradient graphs kept between data passes while the weights stay fixed.
+"""Per-chunk gradient graphs kept between the data passes of one solve.
 
 A double-backward Hessian-vector product of chunk c builds the graph of gᶜ = ∇_θ L_c(θ) (one forward and one
 backward with ``create_graph``) and then differentiates gᶜ·v. The graph depends on θ, the model's buffers and
 modes, and the chunk, but not on v. An eigensolver applies the same Hessian 5-20 times, so keeping the graphs
-turns every product after the first pass into the second backward alone: measured on 2 CPU cores, 1.94 instead
-of 2.57 gradient-equivalents per product on an MLP and 1.31 instead of 2.10 on a CNN (benchmarks/PEERS.md).
-The products are bitwise the same as without the cache: the same operations run on the same inputs.
+turns every product after the first pass into the second backward alone: measured on 2 CPU cores, 2.1 instead
+of 3.9 gradient-equivalents per pass on an MLP and 1.3 instead of 2.4 on a CNN (benchmarks/PEERS.md).
+The products are bitwise the same as without kept graphs: the same operations run on the same inputs.
 
-The price is memory: every tensor autograd saved for the two backward passes stays alive. :class:`GraphCache`
-keeps graphs for a prefix of the chunks, in pass order, until their saved tensors reach a byte budget; later
-chunks are rebuilt in every pass. A :class:`ModelState` snapshot (parameters, buffers, modules' train/eval modes,
-and the loss module's own state) detects any change of the weights between passes, after which every graph is
-dropped and rebuilt at the new weights.
+Graphs are kept only inside :meth:`fasthess.HessianOperator.fixed_weights`, which every fasthess solver opens
+for its duration and which frees them on exit: a solve assumes a fixed operator anyway, and state that no
+snapshot can see (a Python attribute of the model, a tensor captured by a ``lambda`` loss) cannot go stale
+between solves. Within a block, a :class:`ModelState` snapshot (parameters, buffers, modules' train/eval modes,
+and a loss module's own state) still drops every graph if those change.
+
+The price is memory: every tensor autograd saved for the two backward passes, and the gradients, stay alive.
+:class:`GraphCache` keeps graphs for a prefix of the chunks, in pass order, until they reach a byte budget;
+later chunks are rebuilt in every pass.
 
 >>> import torch
 >>> from torch import nn
@@ -34,14 +38,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ChunkGraph", "GraphCache", "ModelState", "default_budget", "saved_bytes"]
+__all__ = ["ChunkGraph", "GraphCache", "GraphSize", "ModelState", "default_budget", "saved_bytes"]
 
 CPU_SHARE = 0.25  # of the memory available when the first graph is built
 CUDA_SHARE = 0.5  # of the device memory free when the first graph is built
 
 
+def _cgroup_available() -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, or None without a limit."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
+
+
 def default_budget(device: torch.device) -> int:
-    """Bytes of graphs kept by default: ¼ of available host memory on the CPU, ½ of free device memory on CUDA."""
+    """Bytes of graphs kept by default: on CUDA ½ of the free device memory; on the CPU ¼ of the available memory
+    (the less of the host's and the cgroup's), shared among the ``LOCAL_WORLD_SIZE`` processes torchrun starts."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(CUDA_SHARE * free)
@@ -49,7 +66,11 @@ def default_budget(device: torch.device) -> int:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: keep nothing rather than guess
         return 0
-    return int(CPU_SHARE * available)
+    limit = _cgroup_available()
+    if limit is not None:
+        available = min(available, limit)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return int(CPU_SHARE * available / processes)
 
 
 class ModelState:
@@ -73,34 +94,42 @@ class ModelState:
         """Are the parameters, buffers and modes bitwise what they were at the snapshot?"""
         now = self._state(model, loss_fn)
         return (self._training(model, loss_fn) == self._modes and len(now) == len(self._tensors)
-                and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach())
-                        for a, b in zip(self._tensors, now)))
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                        and torch.equal(a, b.detach()) for a, b in zip(self._tensors, now)))
+
+
+class GraphSize:
+    """What a block of autograd work left alive: distinct saved storages (hooks) and, on CUDA, allocator growth."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.saved, self.grown = skip, {}, 0
+
+    def total(self, outputs: Sequence[torch.Tensor | None] = ()) -> int:
+        """Bytes kept alive, counting ``outputs`` (e.g. the gradients) too unless autograd saved them already."""
+        extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in outputs if t is not None}
+        counted = {**extra, **self.saved}
+        return max(sum(n for ptr, n in counted.items() if ptr not in self.skip), self.grown)
 
 
 @contextlib.contextmanager
-def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterator[list[int]]:
-    """Count the bytes of the distinct storages autograd saves inside the block (``exclude``: already resident).
+def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterator[GraphSize]:
+    """Record the storages autograd saves inside the block (``exclude``: already resident, not counted).
 
-    Yields a one-element list that holds the total once the block has run. On CUDA the total is at least the
-    growth of the caching allocator's live bytes over the block, which also covers tensors saved on the
-    autograd engine's device threads and the gradients themselves.
+    On CUDA the allocator's growth over the block is recorded too: it also covers tensors saved on the
+    autograd engine's device threads.
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    sizes: dict[int, int] = {}
+    size = GraphSize({t.untyped_storage().data_ptr() for t in exclude})
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            sizes[storage.data_ptr()] = storage.nbytes()
+        size.saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    total = [0]
     cuda = device.type == "cuda"
     before = torch.cuda.memory_allocated(device) if cuda else 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-    grown = torch.cuda.memory_allocated(device) - before if cuda else 0
-    total[0] = max(sum(sizes.values()), grown)
+        yield size
+    size.grown = torch.cuda.memory_allocated(device) - before if cuda else 0
 
 
 @dataclass
@@ -128,7 +157,7 @@ class GraphCache:
         return sum(g.nbytes for g in self.graphs.values())
 
     def begin_pass(self, model: nn.Module, loss_fn) -> None:
-        """Drop every graph if the weights, buffers or modes changed since they were built."""
+        """Drop every graph if the weights, buffers or modes changed since they were built (within one block)."""
         if self.state is not None and not self.state.matches(model, loss_fn):
             self.clear()
         if self.state is None:

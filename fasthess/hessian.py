@@ -9,9 +9,10 @@ the data. Per chunk, either ``torch.func.jvp`` of ``torch.func.grad`` (forward-o
 vmapped over the b tangents, so the forward and backward of the primal are shared by the whole
 block, or one graph of the gradient is differentiated b times (double backward). ``hvp="auto"``
 picks by device (:func:`default_hvp_method`); forward mode falls back to double backward, with a
-warning naming why, for models without forward-mode rules. With double backward the graphs of the
-chunk gradients are kept between passes while the weights stay fixed (:mod:`fasthess.graph_cache`,
-within ``graph_memory`` bytes), so every pass after the first runs only the second backward.
+warning naming why, for models without forward-mode rules. With double backward, inside a solve
+(:meth:`HessianOperator.fixed_weights`) the graphs of the chunk gradients are kept between passes
+(:mod:`fasthess.graph_cache`, within ``graph_memory`` bytes), so every pass after the first runs only the
+second backward.
 
 >>> import torch
 >>> from torch import nn
@@ -30,8 +31,9 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,10 +78,10 @@ class HessianOperator(ModelOperator):
         distributed: each process of the default ``torch.distributed`` group passes its own shard of the
             data (shards may be uneven); every process gets the products of the Hessian of all shards.
         process_group: like ``distributed=True`` on this group instead of the default one.
-        graph_memory: bytes of chunk-gradient graphs kept between passes (double backward only; see
-            :mod:`fasthess.graph_cache`). None: ¼ of the available host memory on the CPU, ½ of the free device
-            memory on CUDA, taken at the first pass; 0 keeps none. The graphs are freed when the weights change,
-            by :meth:`clear_graphs`, and with the operator. Never used with ``allow_stochastic=True`` (a kept graph
+        graph_memory: bytes of chunk-gradient graphs kept between the passes of one solve (double backward
+            only; see :mod:`fasthess.graph_cache` and :meth:`fixed_weights`). None: ¼ of the available host memory
+            (divided among the processes of a torchrun host) on the CPU, ½ of the free device memory on CUDA,
+            taken when the solve starts; 0 keeps none. Never used with ``allow_stochastic=True`` (a kept graph
             would freeze the dropout masks).
     """
 
@@ -98,24 +100,52 @@ class HessianOperator(ModelOperator):
         self.hvp_method = default_hvp_method(self.device) if hvp == "auto" else hvp
         self.graph_memory = graph_memory
         self._graphs: GraphCache | None = None
+        self._scopes = 0
 
     @property
     def graph_bytes(self) -> int:
-        """Bytes of chunk-gradient graphs currently kept (estimated from the tensors autograd saved)."""
+        """Bytes of chunk-gradient graphs currently kept (what autograd saved, plus the gradients)."""
         return 0 if self._graphs is None else self._graphs.nbytes
 
     def clear_graphs(self) -> None:
-        """Free the kept chunk-gradient graphs now (they are rebuilt by the next pass if allowed)."""
+        """Free the kept chunk-gradient graphs now (a pass inside a :meth:`fixed_weights` block rebuilds them)."""
         if self._graphs is not None:
             self._graphs.clear()
 
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """Keep chunk-gradient graphs between the products of this block (the solvers open one per solve).
+
+        Inside, the caller must not change anything the loss depends on (which every solve assumes anyway); a
+        snapshot of parameters, buffers and modes still drops the graphs if those change. The graphs are freed
+        when the outermost block exits, also on an error.
+        """
+        if self._scopes == 0 and self.graph_memory != 0 and not self.allow_stochastic:
+            budget = default_budget(self.device) if self.graph_memory is None else self.graph_memory
+            self._graphs = GraphCache(budget)
+        self._scopes += 1
+        try:
+            yield
+        finally:
+            self._scopes -= 1
+            if self._scopes == 0:
+                self._graphs = None
+
+    def _kept(self) -> GraphCache | None:
+        """The graph cache when this product may use it: inside a block, double backward, deterministic model."""
+        usable = self.hvp_method == "double-backward" and not self.allow_stochastic and self.graph_memory != 0
+        return self._graphs if usable else None
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self.hvp_method == "double-backward" and not self.allow_stochastic and self.graph_memory != 0:
-            if self._graphs is None:
-                budget = default_budget(self.device) if self.graph_memory is None else self.graph_memory
-                self._graphs = GraphCache(budget)
-            self._graphs.begin_pass(self.model, self.loss_fn)
-        return super()._matmat(V)
+        cache = self._kept()
+        if cache is None:
+            return super()._matmat(V)
+        cache.begin_pass(self.model, self.loss_fn)
+        try:
+            return super()._matmat(V)
+        except BaseException:
+            cache.clear()  # graphs of an interrupted pass may belong to data that is about to change
+            raise
 
     def _chunk_products(self, index, x, y, tangents):
         if self.hvp_method == "forward-over-reverse":
@@ -166,14 +196,14 @@ class HessianOperator(ModelOperator):
         return ChunkGraph(leaves, list(grads), live, loss.detach())
 
     def _double_backward(self, index, x, y, tangents):
-        cache = self._graphs if self.hvp_method == "double-backward" and not self.allow_stochastic else None
+        cache = self._kept()
         graph = None if cache is None else cache.graphs.get(index)
         keep = graph is not None
         if graph is None:
             if cache is not None and cache.wants(index):
                 with saved_bytes([*self._params, x, y], self.device) as size:
                     graph = self._gradient_graph(x, y)
-                graph.nbytes = size[0]
+                graph.nbytes = size.total(graph.grads)
                 keep = cache.offer(index, graph)
             else:
                 graph = self._gradient_graph(x, y)

@@ -28,6 +28,7 @@ import torch
 
 from fasthess import ops
 from fasthess.errors import FasthessError
+from fasthess.linop import fixed
 from fasthess.results import EigResult
 
 WHICH = ("LA", "SA", "LM")
@@ -164,37 +165,38 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         start[: V0.shape[0]] = V0
     P = _orthonormal_rows(start, Q, gen)
     vals = rn = bounds = conv = X = last_claim = None
-    for it in range(max_iters):
-        W = op.matmat(P.T).T
-        C, D = Q @ W.T, P @ W.T
-        D = (D + D.T) / 2
-        T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
-        Q, HQ = torch.cat([Q, P]), torch.cat([HQ, W])
-        theta, Y = torch.linalg.eigh(T)
-        order = _order(theta, which)
-        vals, X, rn, bounds = _certify(theta, Y, order, k, Q, HQ)
-        conv = bounds <= torch.maximum(tol * vals.abs(), ROUNDOFF * theta.abs().max())
-        claim = bool(conv.all())
-        # A Kato–Temple bound leans on the gap estimate, which an unresolved cluster fools; such a claim stands
-        # only once the next pass confirms it (the Ritz values moved by no more than the claimed bounds).
-        leans_on_gap = bool((bounds < rn).any())
-        exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
-        confirmed = claim and (not leans_on_gap or exhausted or (last_claim is not None and bool(
-            ((vals - last_claim[0]).abs() <= last_claim[1] + 1e-13 * vals.abs()).all())))
-        conv = conv & confirmed
-        last_claim = (vals, bounds) if claim else None
-        if progress:
-            print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={vals.tolist()}, "
-                  f"rel. bound={(bounds / vals.abs().clamp_min(1e-300)).max().item():.2e}", file=sys.stderr)
-        if confirmed or exhausted:
-            break
-        P = _orthonormal_rows(W, Q, gen)
-        if P.shape[0] == 0:
-            break
-        if Q.shape[0] + P.shape[0] > cap:
-            keep = order[: max(k + b, (cap - b) // 2)]
-            Yk = Y[:, keep]
-            Q, HQ, T = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep])
+    with fixed(op):
+        for it in range(max_iters):
+            W = op.matmat(P.T).T
+            C, D = Q @ W.T, P @ W.T
+            D = (D + D.T) / 2
+            T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
+            Q, HQ = torch.cat([Q, P]), torch.cat([HQ, W])
+            theta, Y = torch.linalg.eigh(T)
+            order = _order(theta, which)
+            vals, X, rn, bounds = _certify(theta, Y, order, k, Q, HQ)
+            conv = bounds <= torch.maximum(tol * vals.abs(), ROUNDOFF * theta.abs().max())
+            claim = bool(conv.all())
+            # A Kato–Temple bound leans on the gap estimate, which an unresolved cluster fools; such a claim stands
+            # only once the next pass confirms it (the Ritz values moved by no more than the claimed bounds).
+            leans_on_gap = bool((bounds < rn).any())
+            exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
+            confirmed = claim and (not leans_on_gap or exhausted or (last_claim is not None and bool(
+                ((vals - last_claim[0]).abs() <= last_claim[1] + 1e-13 * vals.abs()).all())))
+            conv = conv & confirmed
+            last_claim = (vals, bounds) if claim else None
+            if progress:
+                print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={vals.tolist()}, "
+                      f"rel. bound={(bounds / vals.abs().clamp_min(1e-300)).max().item():.2e}", file=sys.stderr)
+            if confirmed or exhausted:
+                break
+            P = _orthonormal_rows(W, Q, gen)
+            if P.shape[0] == 0:
+                break
+            if Q.shape[0] + P.shape[0] > cap:
+                keep = order[: max(k + b, (cap - b) // 2)]
+                Yk = Y[:, keep]
+                Q, HQ, T = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep])
     return EigResult(eigenvalues=vals, eigenvectors=X.T.contiguous(), residuals=rn, error_bounds=bounds,
                      converged=conv, num_hvps=op.num_hvps - start_hvps, num_passes=op.num_passes - start_passes,
                      seconds=time.perf_counter() - t0, which=which, tol=float(tol))

@@ -11,6 +11,8 @@ tensor([3., 1.], dtype=torch.float64)
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fasthess.errors import FasthessError
@@ -46,6 +48,12 @@ class SymmetricOperator:
         if v.dim() != 1:
             raise FasthessError(f"matvec expects a vector of shape ({self.num_params},), got {tuple(v.shape)}; use matmat for blocks")
         return self.matmat(v[:, None])[:, 0]
+
+    def fixed_weights(self) -> contextlib.AbstractContextManager:
+        """A block in which the caller keeps the operator fixed (the model, its data and whatever the loss reads
+        do not change), so the operator may reuse work between products. Every fasthess solver runs inside one;
+        this base operator has nothing to reuse."""
+        return contextlib.nullcontext()
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out)."""
@@ -89,3 +97,9 @@ class MatrixOperator(SymmetricOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.A @ V
+
+
+def fixed(op) -> contextlib.AbstractContextManager:
+    """``op.fixed_weights()`` for fasthess operators, a no-op context for other duck-typed operators."""
+    scope = getattr(op, "fixed_weights", None)
+    return scope() if callable(scope) else contextlib.nullcontext()

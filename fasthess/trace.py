@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fasthess.errors import FasthessError
+from fasthess.linop import fixed
 
 METHODS = ("hutch++", "hutchinson")
 DEFAULT_BLOCK = 32
@@ -123,11 +124,12 @@ def trace(op, num_matvecs: int = 99, method: str = "hutch++", seed: int = 0,
     start_hvps, start_passes = op.num_hvps, op.num_passes
     block_size = block_size or DEFAULT_BLOCK
     gen = torch.Generator().manual_seed(seed)
-    if num_matvecs >= op.num_params:
-        (est, err), used = _exact(op, block_size), "exact"
-    elif method == "hutchinson":
-        (est, err), used = _hutchinson(op, num_matvecs, gen, block_size), method
-    else:
-        (est, err), used = _hutch_plus_plus(op, num_matvecs, gen, block_size), method
+    with fixed(op):
+        if num_matvecs >= op.num_params:
+            (est, err), used = _exact(op, block_size), "exact"
+        elif method == "hutchinson":
+            (est, err), used = _hutchinson(op, num_matvecs, gen, block_size), method
+        else:
+            (est, err), used = _hutch_plus_plus(op, num_matvecs, gen, block_size), method
     return TraceResult(estimate=est, std_error=err, num_hvps=op.num_hvps - start_hvps,
                        num_passes=op.num_passes - start_passes, method=used)

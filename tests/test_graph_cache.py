@@ -25,25 +25,28 @@ def test_kept_graphs_give_bitwise_the_same_products(kind):
     model, loss, X, y = _problem(kind)
     cached, plain = _op(model, loss, X, y), _op(model, loss, X, y, graph_memory=0)
     V = torch.randn(cached.num_params, 2, dtype=torch.float64)
-    first = cached.matmat(V)
-    assert cached.graph_bytes > 0 and len(cached._graphs.graphs) == 5  # 23 examples in chunks of 5
-    for _ in range(2):
-        assert torch.equal(cached.matmat(V), first)
-    assert torch.equal(plain.matmat(V), first) and plain.graph_bytes == 0
+    with cached.fixed_weights(), plain.fixed_weights():
+        first = cached.matmat(V)
+        assert cached.graph_bytes > 0 and len(cached._graphs.graphs) == 5  # 23 examples in chunks of 5
+        for _ in range(2):
+            assert torch.equal(cached.matmat(V), first)
+        assert torch.equal(plain.matmat(V), first) and plain.graph_bytes == 0
+    assert cached.graph_bytes == 0  # freed when the block ends
     a = fasthess.eigs(cached, k=2, tol=1e-10)
     b = fasthess.eigs(plain, k=2, tol=1e-10)
     assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_hvps == b.num_hvps
 
 
-def test_graphs_are_rebuilt_after_an_optimizer_step():
+def test_graphs_are_rebuilt_after_an_optimizer_step_inside_a_block():
     model, loss, X, y = _problem()
     op = _op(model, loss, X, y)
     v = torch.randn(op.num_params, dtype=torch.float64)
-    before = op.matvec(v)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss(model(X), y).backward()
-    opt.step()
-    after = op.matvec(v)
+    with op.fixed_weights():
+        before = op.matvec(v)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss(model(X), y).backward()
+        opt.step()
+        after = op.matvec(v)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, dense_hessian(model, loss, X, y, batch_size=5) @ v, rtol=1e-10, atol=1e-12)
 
@@ -53,70 +56,78 @@ def test_graphs_are_rebuilt_after_a_write_through_data():
     model, loss, X, y = _problem()
     op = _op(model, loss, X, y)
     v = torch.randn(op.num_params, dtype=torch.float64)
-    op.matvec(v)
-    first = next(model.parameters())
-    first.data.mul_(1.5)
-    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                               rtol=1e-10, atol=1e-12)
+    with op.fixed_weights():
+        op.matvec(v)
+        first = next(model.parameters())
+        first.data.mul_(1.5)
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_graphs_are_rebuilt_when_buffers_or_modes_change():
     model, loss, X, y = _problem("bn_eval")
     op = _op(model, loss, X, y)
     v = torch.randn(op.num_params, dtype=torch.float64)
-    op.matvec(v)
-    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
-    bn.running_var.mul_(3.0)  # an eval-mode Hessian depends on the running statistics
-    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                               rtol=1e-10, atol=1e-12)
-    model.train()  # train mode: per-chunk statistics, a different operator
-    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                               rtol=1e-10, atol=1e-12)
+    with op.fixed_weights():
+        op.matvec(v)
+        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+        bn.running_var.mul_(3.0)  # an eval-mode Hessian depends on the running statistics
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                                   rtol=1e-10, atol=1e-12)
+        model.train()  # train mode: per-chunk statistics, a different operator
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_a_small_budget_keeps_a_stable_prefix_of_the_chunks():
     model, loss, X, y = _problem()
     probe = _op(model, loss, X, y)
     v = torch.randn(probe.num_params, dtype=torch.float64)
-    ref = probe.matvec(v)
-    per_chunk = probe.graph_bytes / len(probe._graphs.graphs)
+    with probe.fixed_weights():
+        ref = probe.matvec(v)
+        per_chunk = probe.graph_bytes / len(probe._graphs.graphs)
     op = _op(model, loss, X, y, graph_memory=int(2.5 * per_chunk))
-    for _ in range(3):
-        assert torch.equal(op.matvec(v), ref)
-        assert sorted(op._graphs.graphs) == [0, 1] and op.graph_bytes <= 2.5 * per_chunk
+    with op.fixed_weights():
+        for _ in range(3):
+            assert torch.equal(op.matvec(v), ref)
+            assert sorted(op._graphs.graphs) == [0, 1] and op.graph_bytes <= 2.5 * per_chunk
 
 
 def test_clear_graphs_frees_them_and_the_next_pass_rebuilds():
     model, loss, X, y = _problem()
     op = _op(model, loss, X, y)
     v = torch.randn(op.num_params, dtype=torch.float64)
-    ref = op.matvec(v)
-    op.clear_graphs()
-    assert op.graph_bytes == 0
-    assert torch.equal(op.matvec(v), ref) and op.graph_bytes > 0
+    with op.fixed_weights():
+        ref = op.matvec(v)
+        op.clear_graphs()
+        assert op.graph_bytes == 0
+        assert torch.equal(op.matvec(v), ref) and op.graph_bytes > 0
 
 
 def test_no_graphs_kept_for_forward_mode_or_a_stochastic_model():
     model, loss, X, y = _problem()
     fwd = fasthess.HessianOperator(model, loss, (X, y), batch_size=5, hvp="forward-over-reverse")
-    fwd.matvec(torch.randn(fwd.num_params, dtype=torch.float64))
-    assert fwd.graph_bytes == 0
+    with fwd.fixed_weights():
+        fwd.matvec(torch.randn(fwd.num_params, dtype=torch.float64))
+        assert fwd.graph_bytes == 0
     torch.manual_seed(0)
     drop = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     Xd, yd = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
     op = _op(drop, loss, Xd, yd, allow_stochastic=True)
-    op.matvec(torch.randn(op.num_params, dtype=torch.float64))
-    assert op.graph_bytes == 0
+    with op.fixed_weights():
+        op.matvec(torch.randn(op.num_params, dtype=torch.float64))
+        assert op.graph_bytes == 0
 
 
 def test_changed_data_is_still_detected_with_kept_graphs():
     model, loss, X, y = _problem()
     op = _op(model, loss, X, y)
     v = torch.randn(op.num_params, dtype=torch.float64)
-    op.matvec(v)
-    op.data._X[0] += 1.0
-    with pytest.raises(DataChangedError):
+    with op.fixed_weights():
         op.matvec(v)
+        op.data._X[0] += 1.0
+        with pytest.raises(DataChangedError):
+            op.matvec(v)
 
 
 def test_model_is_left_as_it_was():
@@ -147,7 +158,76 @@ def test_saved_bytes_counts_the_graph_of_the_backward_too():
         nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
     with saved_bytes([*leaves, x, y], x.device) as both:
         loss = nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-        torch.autograd.grad(loss, leaves, create_graph=True)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
     hidden = 1000 * 200 * 4  # one (1000, 200) float32 activation
-    assert hidden <= fwd[0] < both[0]
+    assert hidden <= fwd.total() < both.total()
+    param_bytes = sum(p.numel() * 4 for p in leaves)
+    assert both.total(grads) >= both.total() + param_bytes - 4 * 10  # the gradients count (one may be saved)
     assert default_budget(torch.device("cpu")) > 0
+
+
+def test_nothing_is_kept_outside_a_block():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    op.matvec(torch.randn(op.num_params, dtype=torch.float64))
+    assert op.graph_bytes == 0 and op._graphs is None
+
+
+def test_state_no_snapshot_sees_cannot_go_stale_between_solves():
+    """A Python attribute read by forward is invisible to the snapshot; graphs never outlive a solve."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.temp = nn.Linear(4, 3), 1.0
+
+        def forward(self, x):
+            return self.lin(x) / self.temp
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    op = _op(model, nn.CrossEntropyLoss(), X, y)
+    fasthess.eigs(op, k=1, tol=1e-8)
+    model.temp = 0.25
+    again = fasthess.eigs(op, k=1, tol=1e-8)
+    fresh = fasthess.eigs(_op(model, nn.CrossEntropyLoss(), X, y, graph_memory=0), k=1, tol=1e-8)
+    torch.testing.assert_close(again.eigenvalues, fresh.eigenvalues, rtol=1e-10, atol=0)
+
+
+def test_an_interrupted_pass_drops_its_graphs():
+    model, loss = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(25, 4, dtype=torch.float64), torch.randint(0, 3, (25,))
+    batches = [(X[i:i + 5], y[i:i + 5]) for i in range(0, 25, 5)]
+    batches[3] = (X[15:20, :3], y[15:20])  # wrong feature count: the pass fails at chunk 3
+    op = fasthess.HessianOperator(model, loss, batches, hvp="double-backward")
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with op.fixed_weights():
+        with pytest.raises(RuntimeError):
+            op.matvec(v)
+        assert op.graph_bytes == 0
+        batches[:] = [(2 * X[i:i + 5], y[i:i + 5]) for i in range(0, 25, 5)]  # the data is fixed and rebuilt
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, 2 * X, y, batch_size=5) @ v,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_graph_memory_set_to_zero_inside_a_block_stops_their_use():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with op.fixed_weights():
+        op.matvec(v)
+        op.graph_memory = 0
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2.0)
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_kept_bytes_include_the_gradients():
+    model, loss, X, y = _problem()
+    op = _op(model, loss, X, y)
+    with op.fixed_weights():
+        op.matvec(torch.randn(op.num_params, dtype=torch.float64))
+        per_chunk = op.graph_bytes / len(op._graphs.graphs)
+    assert per_chunk >= op.num_params * 8  # float64 gradients of every parameter, plus the saved activations
