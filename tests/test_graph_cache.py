@@ -1,6 +1,9 @@
 """Kept chunk-gradient graphs (fasthess.graph_cache): same products, rebuilt on any change, bounded memory."""
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +19,24 @@ def _problem(kind: str = "cnn"):
     return model, nn.CrossEntropyLoss(), X, y
 
 
+def _assert_exact(op, model, loss, X, y, v) -> None:
+    """op's product with v equals the dense float64 Hessian's (chunks of 5)."""
+    torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v, rtol=1e-10, atol=1e-12)
+
+
 def _op(model, loss, X, y, **kw):
     return fasthess.HessianOperator(model, loss, (X, y), batch_size=5, hvp="double-backward", **kw)
+
+
+@contextlib.contextmanager
+def _primed(kind: str = "cnn"):
+    """Inside a fixed_weights block after its first product (which builds the graphs): model, loss, X, y, op, v,
+    and that product as ``first``."""
+    model, loss, X, y = _problem(kind)
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with op.fixed_weights():
+        yield SimpleNamespace(model=model, loss=loss, X=X, y=y, op=op, v=v, first=op.matvec(v))
 
 
 @pytest.mark.parametrize("kind", ["cnn", "bn_eval", "residual"])
@@ -38,11 +57,8 @@ def test_kept_graphs_give_bitwise_the_same_products(kind):
 
 
 def test_graphs_are_rebuilt_after_an_optimizer_step_inside_a_block():
-    model, loss, X, y = _problem()
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        before = op.matvec(v)
+    with _primed() as p:
+        model, loss, X, y, op, v, before = p.model, p.loss, p.X, p.y, p.op, p.v, p.first
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         loss(model(X), y).backward()
         opt.step()
@@ -53,39 +69,25 @@ def test_graphs_are_rebuilt_after_an_optimizer_step_inside_a_block():
 
 def test_graphs_are_rebuilt_after_a_write_through_data():
     """``p.data`` writes bypass autograd's version counter; the snapshot compares values, so it still sees them."""
-    model, loss, X, y = _problem()
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        op.matvec(v)
-        first = next(model.parameters())
-        first.data.mul_(1.5)
-        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                                   rtol=1e-10, atol=1e-12)
+    with _primed() as p:
+        next(p.model.parameters()).data.mul_(1.5)
+        _assert_exact(p.op, p.model, p.loss, p.X, p.y, p.v)
 
 
 def test_graphs_are_rebuilt_when_buffers_or_modes_change():
-    model, loss, X, y = _problem("bn_eval")
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        op.matvec(v)
+    with _primed("bn_eval") as p:
+        model, loss, X, y, op, v = p.model, p.loss, p.X, p.y, p.op, p.v
         bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
         bn.running_var.mul_(3.0)  # an eval-mode Hessian depends on the running statistics
-        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                                   rtol=1e-10, atol=1e-12)
+        _assert_exact(op, model, loss, X, y, v)
         model.train()  # train mode: per-chunk statistics, a different operator
-        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                                   rtol=1e-10, atol=1e-12)
+        _assert_exact(op, model, loss, X, y, v)
 
 
 def test_a_small_budget_keeps_a_stable_prefix_of_the_chunks():
-    model, loss, X, y = _problem()
-    probe = _op(model, loss, X, y)
-    v = torch.randn(probe.num_params, dtype=torch.float64)
-    with probe.fixed_weights():
-        ref = probe.matvec(v)
-        per_chunk = probe.graph_bytes / len(probe._graphs.graphs)
+    with _primed() as p:
+        model, loss, X, y, v, ref = p.model, p.loss, p.X, p.y, p.v, p.first
+        per_chunk = p.op.graph_bytes / len(p.op._graphs.graphs)
     op = _op(model, loss, X, y, graph_memory=int(2.5 * per_chunk))
     with op.fixed_weights():
         for _ in range(3):
@@ -94,14 +96,10 @@ def test_a_small_budget_keeps_a_stable_prefix_of_the_chunks():
 
 
 def test_clear_graphs_frees_them_and_the_next_pass_rebuilds():
-    model, loss, X, y = _problem()
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        ref = op.matvec(v)
-        op.clear_graphs()
-        assert op.graph_bytes == 0
-        assert torch.equal(op.matvec(v), ref) and op.graph_bytes > 0
+    with _primed() as p:
+        p.op.clear_graphs()
+        assert p.op.graph_bytes == 0
+        assert torch.equal(p.op.matvec(p.v), p.first) and p.op.graph_bytes > 0
 
 
 def test_no_graphs_kept_for_forward_mode_or_a_stochastic_model():
@@ -120,14 +118,10 @@ def test_no_graphs_kept_for_forward_mode_or_a_stochastic_model():
 
 
 def test_changed_data_is_still_detected_with_kept_graphs():
-    model, loss, X, y = _problem()
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        op.matvec(v)
-        op.data._X[0] += 1.0
+    with _primed() as p:
+        p.op.data._X[0] += 1.0
         with pytest.raises(DataChangedError):
-            op.matvec(v)
+            p.op.matvec(p.v)
 
 
 def test_model_is_left_as_it_was():
@@ -206,22 +200,17 @@ def test_an_interrupted_pass_drops_its_graphs():
             op.matvec(v)
         assert op.graph_bytes == 0
         batches[:] = [(2 * X[i:i + 5], y[i:i + 5]) for i in range(0, 25, 5)]  # the data is fixed and rebuilt
-        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, 2 * X, y, batch_size=5) @ v,
-                                   rtol=1e-10, atol=1e-12)
+        _assert_exact(op, model, loss, 2 * X, y, v)
 
 
 def test_graph_memory_set_to_zero_inside_a_block_stops_their_use():
-    model, loss, X, y = _problem()
-    op = _op(model, loss, X, y)
-    v = torch.randn(op.num_params, dtype=torch.float64)
-    with op.fixed_weights():
-        op.matvec(v)
+    with _primed() as p:
+        model, loss, X, y, op, v = p.model, p.loss, p.X, p.y, p.op, p.v
         op.graph_memory = 0
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(2.0)
-        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=5) @ v,
-                                   rtol=1e-10, atol=1e-12)
+        _assert_exact(op, model, loss, X, y, v)
 
 
 def test_kept_bytes_include_the_gradients():
