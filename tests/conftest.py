@@ -1,6 +1,8 @@
 """Shared fixtures: small float64 models and a dense-Hessian reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -79,3 +81,28 @@ def small_problem():
     model, shape = make_model("tanh_mlp")
     X, y = make_data(shape)
     return model, LOSSES["ce"], X, y
+
+
+def spawn_ranks(worker, world: int, tmp) -> Path:
+    """``mp.spawn(worker, (world, store_file, out_dir))`` in a fresh folder under ``tmp``; returns that folder.
+
+    A worker killed by a signal (gloo's threads have aborted a process at teardown on this 2-core box, once in
+    many runs: "terminate called without an active exception") gets one more try in a new folder, with a
+    warning. A Python exception in a worker, i.e. a failed check, is never retried.
+    """
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    for attempt in (1, 2):
+        out = tmp / f"attempt{attempt}"
+        out.mkdir()
+        try:
+            mp.spawn(worker, args=(world, str(out / "store"), str(out)), nprocs=world, join=True)
+            return out
+        except mp.ProcessExitedException as exc:
+            if attempt == 2 or exc.signal_name is None:
+                raise
+            warnings.warn(f"a worker died by {exc.signal_name}; spawning the {world} processes once more",
+                          RuntimeWarning)
+    raise AssertionError("unreachable")

@@ -12,13 +12,12 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import fasthess
-from conftest import LOSSES, make_data, make_model
+from conftest import LOSSES, make_data, make_model, spawn_ranks
 from fasthess.distributed import ddp_loss_scale, is_main_process, shard, shard_range
 
 N, CHUNK, BLOCK = 37, 8, 4
@@ -137,8 +136,7 @@ def _checks(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def ranks(request, tmp_path_factory) -> list[dict]:
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=True)
+    tmp = spawn_ranks(_worker, world, tmp_path_factory.mktemp(f"world{world}"))
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -15,7 +15,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from conftest import spawn_ranks
 
 N_TRAIN, N_TEST = 37, 11
 BASE = dict(dataset="synthetic", model="mlp", hidden=[8], lr=0.1, batch_size=16, chunk_size=5, max_steps=100,
@@ -114,8 +115,7 @@ def _run(rank: int, out_dir: str, data) -> dict:
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def ranks(request, tmp_path_factory):
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"ddp{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=True)
+    tmp = spawn_ranks(_worker, world, tmp_path_factory.mktemp(f"ddp{world}"))
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
