@@ -195,18 +195,30 @@ class HessianOperator(ModelOperator):
         live = [i for i, gi in enumerate(grads) if gi is not None and gi.requires_grad]
         return ChunkGraph(leaves, list(grads), live, loss.detach())
 
+    def _measured_graph(self, x, y) -> ChunkGraph | None:
+        """The chunk's gradient graph with its size, or None when the model refuses saved-tensor hooks (its forward
+        runs a torch.func transform such as ``grad``), which the size measurement needs."""
+        try:
+            with saved_bytes([*self._params, x, y], self.device) as size:
+                graph = self._gradient_graph(x, y)
+        except RuntimeError as exc:
+            if "saved tensor hooks" not in str(exc):
+                raise
+            return None
+        graph.nbytes = size.total(graph.grads)
+        return graph
+
     def _double_backward(self, index, x, y, tangents):
         cache = self._kept()
         graph = None if cache is None else cache.graphs.get(index)
         keep = graph is not None
+        if graph is None and cache is not None and cache.wants(index):
+            graph = self._measured_graph(x, y)
+            keep = graph is not None and cache.offer(index, graph)
+            if graph is None:  # its size cannot be measured: keep no graphs in this solve
+                cache.full = True
         if graph is None:
-            if cache is not None and cache.wants(index):
-                with saved_bytes([*self._params, x, y], self.device) as size:
-                    graph = self._gradient_graph(x, y)
-                graph.nbytes = size.total(graph.grads)
-                keep = cache.offer(index, graph)
-            else:
-                graph = self._gradient_graph(x, y)
+            graph = self._gradient_graph(x, y)
         b = tangents[0].shape[0]
         hv = [torch.zeros_like(t) for t in tangents]  # parameters whose gradient is constant keep H v = 0
         with torch.enable_grad():

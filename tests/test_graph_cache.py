@@ -220,3 +220,25 @@ def test_kept_bytes_include_the_gradients():
         op.matvec(torch.randn(op.num_params, dtype=torch.float64))
         per_chunk = op.graph_bytes / len(op._graphs.graphs)
     assert per_chunk >= op.num_params * 8  # float64 gradients of every parameter, plus the saved activations
+
+
+def test_a_forward_that_runs_torch_func_keeps_no_graphs_but_works():
+    """torch.func.grad refuses the saved-tensor hooks that measure a graph; such a model is solved without kept graphs."""
+    class Energy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x * torch.func.grad(lambda z: torch.tanh(z).pow(3).sum())(x))
+
+    torch.manual_seed(0)
+    model, loss = Energy().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    op = _op(model, loss, X, y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with op.fixed_weights():
+        _assert_exact(op, model, loss, X, y, v)
+        assert op.graph_bytes == 0 and op._graphs.full
+    dense = torch.linalg.eigvalsh(dense_hessian(model, loss, X, y, batch_size=5))
+    torch.testing.assert_close(fasthess.eigs(op, k=1, tol=1e-10).eigenvalues, dense[-1:], rtol=1e-8, atol=0)
