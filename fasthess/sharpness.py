@@ -40,7 +40,7 @@ from fasthess.data import is_tensor_pair
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
-from fasthess.linop import SymmetricOperator
+from fasthess.linop import SymmetricOperator, fixed
 from fasthess.model_operator import ModelOperator
 from fasthess.results import EigResult
 
@@ -65,6 +65,10 @@ class PreconditionedOperator(SymmetricOperator):
                                 "preconditioner); for Adam, use adam_preconditioner, which adds ε")
         self.op, self.num_params, self.device = op, op.num_params, op.device
         self.inv_sqrt = P.rsqrt()[:, None]
+
+    def fixed_weights(self):
+        """The wrapped operator's block (its kept work, e.g. graphs, serves every product of S)."""
+        return fixed(self.op)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.inv_sqrt * self.op.matmat(self.inv_sqrt * V)

@@ -242,3 +242,15 @@ def test_a_forward_that_runs_torch_func_keeps_no_graphs_but_works():
         assert op.graph_bytes == 0 and op._graphs.full
     dense = torch.linalg.eigvalsh(dense_hessian(model, loss, X, y, batch_size=5))
     torch.testing.assert_close(fasthess.eigs(op, k=1, tol=1e-10).eigenvalues, dense[-1:], rtol=1e-8, atol=0)
+
+
+def test_a_preconditioned_solve_keeps_the_inner_operators_graphs():
+    from fasthess.sharpness import PreconditionedOperator
+
+    model, loss, X, y = _problem()
+    inner = _op(model, loss, X, y)
+    S = PreconditionedOperator(inner, torch.rand(inner.num_params, dtype=torch.float64) + 0.5)
+    with S.fixed_weights():
+        S.matvec(torch.randn(inner.num_params, dtype=torch.float64))
+        assert inner.graph_bytes > 0
+    assert inner.graph_bytes == 0
