@@ -120,9 +120,8 @@ class HessianOperator(ModelOperator):
         snapshot of parameters, buffers and modes still drops the graphs if those change. The graphs are freed
         when the outermost block exits, also on an error.
         """
-        if self._scopes == 0 and self.graph_memory != 0 and not self.allow_stochastic:
-            budget = default_budget(self.device) if self.graph_memory is None else self.graph_memory
-            self._graphs = GraphCache(budget)
+        if self._scopes == 0:  # whether a product may use it is decided per pass, by _kept
+            self._graphs = GraphCache(default_budget(self.device) if self.graph_memory is None else self.graph_memory)
         self._scopes += 1
         try:
             yield
@@ -208,17 +207,21 @@ class HessianOperator(ModelOperator):
         graph.nbytes = size.total(graph.grads)
         return graph
 
-    def _double_backward(self, index, x, y, tangents):
+    def _chunk_graph(self, index, x, y) -> tuple[ChunkGraph, bool]:
+        """Chunk ``index``'s gradient graph and whether it is kept: this solve's, or built now (kept if it fits)."""
         cache = self._kept()
-        graph = None if cache is None else cache.graphs.get(index)
-        keep = graph is not None
-        if graph is None and cache is not None and cache.wants(index):
-            graph = self._measured_graph(x, y)
-            keep = graph is not None and cache.offer(index, graph)
-            if graph is None:  # its size cannot be measured: keep no graphs in this solve
-                cache.full = True
-        if graph is None:
-            graph = self._gradient_graph(x, y)
+        if cache is not None and index in cache.graphs:
+            return cache.graphs[index], True
+        if cache is None or not cache.wants(index):
+            return self._gradient_graph(x, y), False
+        graph = self._measured_graph(x, y)
+        if graph is None:  # its size cannot be measured: keep no graphs in this solve
+            cache.full = True
+            return self._gradient_graph(x, y), False
+        return graph, cache.offer(index, graph)
+
+    def _double_backward(self, index, x, y, tangents):
+        graph, keep = self._chunk_graph(index, x, y)
         b = tangents[0].shape[0]
         hv = [torch.zeros_like(t) for t in tangents]  # parameters whose gradient is constant keep H v = 0
         with torch.enable_grad():
