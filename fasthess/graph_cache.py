@@ -40,8 +40,8 @@ from torch import nn
 
 __all__ = ["ChunkGraph", "GraphCache", "GraphSize", "ModelState", "default_budget", "saved_bytes"]
 
-CPU_SHARE = 0.25  # of the memory available when the first graph is built
-CUDA_SHARE = 0.5  # of the device memory free when the first graph is built
+CPU_SHARE = 0.25  # of the memory available when a solve starts
+CUDA_SHARE = 0.5  # of the device memory free when a solve starts
 
 
 def _cgroup_available() -> int | None:
@@ -74,21 +74,27 @@ def default_budget(device: torch.device) -> int:
 
 
 class ModelState:
-    """A snapshot of everything a chunk's gradient graph depends on besides the chunk itself."""
+    """A snapshot of the parameters, buffers and train/eval flags of a model and of a loss module.
+
+    That is what a chunk's gradient graph depends on besides the chunk, except state no snapshot sees (a Python
+    attribute read by ``forward``, a tensor captured by a ``lambda`` loss); hence graphs live within one solve.
+    """
 
     def __init__(self, model: nn.Module, loss_fn=None) -> None:
         self._tensors = [t.detach().clone() for t in self._state(model, loss_fn)]
         self._modes = self._training(model, loss_fn)
 
     @staticmethod
-    def _state(model: nn.Module, loss_fn) -> list[torch.Tensor]:
-        modules = [model] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
-        return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    def _roots(model: nn.Module, loss_fn) -> list[nn.Module]:
+        return [model] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
 
-    @staticmethod
-    def _training(model: nn.Module, loss_fn) -> tuple[bool, ...]:
-        modules = [model] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
-        return tuple(m.training for root in modules for m in root.modules())
+    @classmethod
+    def _state(cls, model: nn.Module, loss_fn) -> list[torch.Tensor]:
+        return [t for m in cls._roots(model, loss_fn) for t in (*m.parameters(), *m.buffers())]
+
+    @classmethod
+    def _training(cls, model: nn.Module, loss_fn) -> tuple[bool, ...]:
+        return tuple(m.training for root in cls._roots(model, loss_fn) for m in root.modules())
 
     def matches(self, model: nn.Module, loss_fn=None) -> bool:
         """Are the parameters, buffers and modes bitwise what they were at the snapshot?"""
