@@ -87,9 +87,9 @@ def spawn_ranks(worker, world: int, tmp, attempts: int = 3) -> Path:
     """``mp.spawn(worker, (world, store_file, out_dir))`` in a fresh folder under ``tmp``; returns that folder.
 
     A worker killed by a signal gets another try (at most ``attempts`` in all), in a new folder, after a pause and
-    with a warning: on this 2-core box a gloo worker has aborted a few seconds after start ("terminate called
-    without an active exception", SIGABRT) in about 1 of 15 runs of these fixtures, before any Hessian code ran,
-    twice in a row once. A Python exception in a worker, i.e. a failed check, is never retried.
+    with a warning: on this 2-core box a spawned worker has aborted in start-up ("terminate called without an
+    active exception", SIGABRT, no Python frame, only numpy and torch loaded) in about 1 of 15 runs of these
+    fixtures, twice in a row once. A Python exception in a worker, i.e. a failed check, is never retried.
     """
     import time
     import warnings
