@@ -56,15 +56,30 @@ def _cgroup_available() -> int | None:
     return None if limit == "max" else max(0, int(limit) - used)
 
 
+def _host_available() -> int | None:
+    """MemAvailable of /proc/meminfo (free plus reclaimable page cache), else free pages by sysconf, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_budget(device: torch.device) -> int:
     """Bytes of graphs kept by default: on CUDA ½ of the free device memory; on the CPU ¼ of the available memory
-    (the less of the host's and the cgroup's), shared among the ``LOCAL_WORLD_SIZE`` processes torchrun starts."""
+    (the less of the host's MemAvailable and the cgroup's), shared among the ``LOCAL_WORLD_SIZE`` processes torchrun
+    starts."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(CUDA_SHARE * free)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: keep nothing rather than guess
+    available = _host_available()
+    if available is None:  # neither /proc/meminfo nor sysconf: keep nothing rather than guess
         return 0
     limit = _cgroup_available()
     if limit is not None:
@@ -119,7 +134,8 @@ class GraphSize:
 
 @contextlib.contextmanager
 def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterator[GraphSize]:
-    """Record the storages autograd saves inside the block (``exclude``: already resident, not counted).
+    """Record the storages autograd saves inside the block (``exclude``: resident anyway, e.g. the parameters and
+    an in-memory data set, so not counted; a batch from a loader is counted, since the graph keeps it alive).
 
     On CUDA the allocator's growth over the block is recorded too: it also covers tensors saved on the
     autograd engine's device threads.
@@ -129,7 +145,10 @@ def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterat
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         size.saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Detached, not t itself: a node that saves its own output (tanh, log_softmax) would otherwise hold that
+        # output, whose grad_fn is the node, and the graph could never be freed. Autograd restores the grad_fn
+        # when it unpacks, so double backward is unchanged (bitwise, tested).
+        return t.detach()
 
     cuda = device.type == "cuda"
     before = torch.cuda.memory_allocated(device) if cuda else 0

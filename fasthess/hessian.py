@@ -100,6 +100,7 @@ class HessianOperator(ModelOperator):
         self.hvp_method = default_hvp_method(self.device) if hvp == "auto" else hvp
         self.graph_memory = graph_memory
         self._graphs: GraphCache | None = None
+        self._pass_graphs: GraphCache | None = None  # the cache a pass may use: set when the pass starts with it
         self._scopes = 0
 
     @property
@@ -137,14 +138,17 @@ class HessianOperator(ModelOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         cache = self._kept()
-        if cache is None:
+        if cache is None:  # also when forward mode falls back to double backward during this pass
             return super()._matmat(V)
         cache.begin_pass(self.model, self.loss_fn)
+        self._pass_graphs = cache
         try:
             return super()._matmat(V)
         except BaseException:
             cache.clear()  # graphs of an interrupted pass may belong to data that is about to change
             raise
+        finally:
+            self._pass_graphs = None
 
     def _chunk_products(self, index, x, y, tangents):
         if self.hvp_method == "forward-over-reverse":
@@ -198,7 +202,8 @@ class HessianOperator(ModelOperator):
         """The chunk's gradient graph with its size, or None when the model refuses saved-tensor hooks (its forward
         runs a torch.func transform such as ``grad``), which the size measurement needs."""
         try:
-            with saved_bytes([*self._params, x, y], self.device) as size:
+            resident = [t for t in (getattr(self.data, "_X", None), getattr(self.data, "_y", None)) if t is not None]
+            with saved_bytes([*self._params, *resident], self.device) as size:
                 graph = self._gradient_graph(x, y)
         except RuntimeError as exc:
             if "saved tensor hooks" not in str(exc):
@@ -209,7 +214,7 @@ class HessianOperator(ModelOperator):
 
     def _chunk_graph(self, index, x, y) -> tuple[ChunkGraph, bool]:
         """Chunk ``index``'s gradient graph and whether it is kept: this solve's, or built now (kept if it fits)."""
-        cache = self._kept()
+        cache = self._pass_graphs
         if cache is not None and index in cache.graphs:
             return cache.graphs[index], True
         if cache is None or not cache.wants(index):

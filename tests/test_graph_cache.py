@@ -254,3 +254,56 @@ def test_a_preconditioned_solve_keeps_the_inner_operators_graphs():
         S.matvec(torch.randn(inner.num_params, dtype=torch.float64))
         assert inner.graph_bytes > 0
     assert inner.graph_bytes == 0
+
+
+def test_kept_graphs_are_freed_after_a_solve():
+    """Nodes that save their own output (tanh, log_softmax) must not pin kept graphs in a reference cycle."""
+    import gc
+    import weakref
+
+    model, loss = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    batches = [(X[i:i + 5].clone(), y[i:i + 5]) for i in range(0, 20, 5)]  # fresh tensors, as a loader yields
+    alive = [weakref.ref(x) for x, _ in batches]
+    op = fasthess.HessianOperator(model, loss, batches, hvp="double-backward")
+    with op.fixed_weights():
+        op.matvec(torch.randn(op.num_params, dtype=torch.float64))
+        assert len(op._graphs.graphs) == 4
+        assert op.graph_bytes >= sum(x.numel() * 8 for x, _ in batches)  # the graphs keep the batches alive
+    del batches, op
+    gc.collect()
+    assert not any(r() is not None for r in alive)
+
+
+def test_a_forward_mode_fallback_inside_a_block_still_checks_the_weights():
+    class Square(torch.autograd.Function):  # no forward-mode formula: forward-over-reverse falls back
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return Square.apply(self.lin(x)).squeeze(-1)
+
+    torch.manual_seed(0)
+    model, loss = Model().double(), nn.MSELoss()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    op = fasthess.HessianOperator(model, loss, (X, y), batch_size=4, hvp="forward-over-reverse")
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    with op.fixed_weights(), pytest.warns(RuntimeWarning, match="falling back"):
+        op.matvec(v)
+        assert op.hvp_method == "double-backward"
+        with torch.no_grad():
+            model.lin.weight.mul_(3.0)
+        torch.testing.assert_close(op.matvec(v), dense_hessian(model, loss, X, y, batch_size=4) @ v,
+                                   rtol=1e-10, atol=1e-12)
