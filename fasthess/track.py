@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -73,13 +74,16 @@ class SharpnessTracker:
         distributed, process_group: passed to :class:`fasthess.HessianOperator`: each process of the group
             passes its own shard as ``data`` and every process must call ``update``/``compute`` at the same
             steps (a collective; the results are identical on all processes).
+        loggers: callables, each called with every new record dict after it is appended to the history (e.g.
+            :class:`fasthess.integrations.tensorboard.TensorBoardSink`).
         eigs_kwargs: passed to :func:`fasthess.eigs` (``block_size``, ``max_iters``, ``seed``, ...).
     """
 
     def __init__(self, loss_fn, data, *, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
                  every: int = 1, mode: str = "train", disable_dropout: bool = True, warm_start: bool = True,
                  params=None, lr: float | None = None, allow_stochastic: bool = False, progress: bool = False,
-                 distributed: bool = False, process_group=None, **eigs_kwargs: Any) -> None:
+                 distributed: bool = False, process_group=None, loggers: Sequence[Callable[[dict], None]] = (),
+                 **eigs_kwargs: Any) -> None:
         if every < 1:
             raise FasthessError(f"every must be >= 1, got {every}")
         if k < 1:
@@ -101,6 +105,7 @@ class SharpnessTracker:
         self.progress = progress
         self.distributed, self.process_group = distributed, process_group
         self.eigs_kwargs = eigs_kwargs
+        self.loggers = list(loggers)
         self.history: list[dict[str, Any]] = []
         self._vectors: torch.Tensor | None = None  # (n, k) float64 on CPU
 
@@ -171,6 +176,8 @@ class SharpnessTracker:
         }
         rec.update(extra)
         self.history.append(rec)
+        for log in self.loggers:
+            log(rec)
         return rec
 
     # ------------------------------------------------------------------ access
