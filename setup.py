@@ -8,7 +8,7 @@ Switches (environment variables):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -33,7 +33,7 @@ def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     args = {"cxx": cxx}
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    macros = [("Py_LIMITED_API", "0x030A0000")]  # the Python floor of pyproject.toml: 3.10
     ext = CppExtension
     if cuda:
         sources += _sources("csrc/cuda/*.cu")
@@ -45,7 +45,12 @@ def extensions():
 
 
 setup(
+    # The checkout keeps the runner in experiments/ (`python -m experiments`); it installs as fasthess_experiments
+    # (console script fasthess-experiments), so it neither collides with PyPI's `experiments` nor is shadowed by
+    # a user's own experiments/ folder.
+    packages=find_packages(include=["fasthess", "fasthess.*"]) + ["fasthess_experiments"],
+    package_dir={"fasthess_experiments": "experiments"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,18 +1,43 @@
 """Loading of the native extension ``fasthess._C`` and a report of what is loaded."""
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import platform
 import sys
 import sysconfig
+import warnings
+from pathlib import Path
 
 import torch
 
-try:  # the extension registers its ops with torch.ops.fasthess on import
-    from fasthess import _C  # noqa: F401
 
-    _LOAD_ERROR: str | None = None
-except ImportError as exc:  # pure-PyTorch fallback
-    _LOAD_ERROR = str(exc)
+def _built_files() -> list[Path]:
+    """The compiled ``_C`` libraries next to this file (none in a pure-Python install)."""
+    here = Path(__file__).parent
+    return sorted(p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_C{suffix}"))
+
+
+def _load() -> str | None:
+    """Import ``fasthess._C`` (it registers its ops with ``torch.ops.fasthess``); the error text if that fails.
+
+    Without a compiled library fasthess runs on its pure-PyTorch path silently; a library that exists but
+    does not load (corrupt, or built against another torch) warns, once, at import.
+    """
+    try:
+        importlib.import_module("fasthess._C")
+        return None
+    except (ImportError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    if _built_files():
+        warnings.warn(f"fasthess: the native extension exists but failed to load ({error}); running on the slower "
+                      "pure-PyTorch path. `python -m fasthess` shows the build information; rebuilding with "
+                      "`pip install --no-build-isolation .` against the installed torch usually fixes it.",
+                      RuntimeWarning, stacklevel=2)
+    return error
+
+
+_LOAD_ERROR: str | None = _load()
 
 
 def native_ops() -> list[str]:

@@ -1,6 +1,8 @@
 """Test parametrization shared by fasthess's test files: devices, dtypes and tolerances."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -20,8 +22,20 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return _TOLERANCES[dtype]
 
 
+def native_required(device: str) -> bool:
+    """True when the build was asked for native kernels on ``device``: ``FASTHESS_REQUIRE_NATIVE=1`` (set by
+    ``make test`` and CI) asks for the CPU kernels, together with ``FASTHESS_CUDA=1`` for the CUDA ones."""
+    if os.environ.get("FASTHESS_REQUIRE_NATIVE", "0") != "1":
+        return False
+    return device != "cuda" or os.environ.get("FASTHESS_CUDA", "0") == "1"
+
+
 def require_native(op: str, device: str) -> None:
-    """Skips the calling test when ``fasthess::op`` has no native kernel for ``device``."""
+    """Skips the calling test when ``fasthess::op`` has no native kernel for ``device``; fails it instead when
+    that kernel was asked for (:func:`native_required`)."""
     key = "CUDA" if device == "cuda" else "CPU"
     if not _ext.has_kernel(op, key):
-        pytest.skip(f"no native {key} kernel for fasthess::{op} (extension not built with it)")
+        reason = f"no native {key} kernel for fasthess::{op} (extension not built with it; {_ext._LOAD_ERROR})"
+        if native_required(device):
+            pytest.fail(reason + " although FASTHESS_REQUIRE_NATIVE=1")
+        pytest.skip(reason)

@@ -8,7 +8,7 @@ from fasthess.density import spectral_density
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.linop import MatrixOperator
-from tests.conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_hessian, make_data, make_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian, vmap
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess.ggn import GGNOperator
 from fasthess.lanczos import eigs
-from tests.conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_hessian, make_data, make_model
 
 
 def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

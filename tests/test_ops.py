@@ -1,14 +1,13 @@
 """Native kernels of fasthess.ops against their pure-PyTorch references."""
 from __future__ import annotations
 
-import glob
 import os
 
 import pytest
 import torch
 
 from fasthess import _ext, ops
-from fasthess.testing import devices, dtypes, require_native, tolerance
+from fasthess.testing import devices, dtypes, native_required, require_native, tolerance
 
 # per-row shapes of a parameter list: tiny, odd, multi-dimensional, and one spanning several chunks
 SHAPES = [(7,), (3, 5), (1,), (2, 3, 4), (0,), (40_001,), (6, 1, 3)]
@@ -32,8 +31,9 @@ def _block(b: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
 
 def test_native_ops_loaded_when_built() -> None:
     """A built extension must be the one in use: no silent fallback to the references."""
-    built = glob.glob(os.path.join(os.path.dirname(_ext.__file__), "_C*.so"))
-    if not built:
+    if not _ext._built_files():
+        if native_required("cpu"):
+            pytest.fail(f"FASTHESS_REQUIRE_NATIVE=1 but there is no compiled fasthess._C next to {_ext.__file__}")
         pytest.skip("fasthess._C not built")
     assert _ext._LOAD_ERROR is None, _ext._LOAD_ERROR
     assert _ext.backend() != "python"

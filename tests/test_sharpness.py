@@ -11,7 +11,7 @@ from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.sharpness import (PreconditionedOperator, adam_preconditioner, adam_stability_threshold,
                                 batch_sharpness, minibatch_lambda_max, preconditioned_lambda_max)
-from tests.conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_hessian, make_data, make_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.linop import MatrixOperator
 from fasthess.trace import trace
-from tests.conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_hessian, make_data, make_model
 
 
 @pytest.fixture(scope="module")
