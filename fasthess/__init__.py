@@ -1,10 +1,12 @@
 """fasthess: exact full-dataset Hessian eigenvalues of PyTorch models, fast enough to track during training."""
 __version__ = "0.1.0"
 
+from fasthess._batch import BatchSpec
 from fasthess._ext import backend, build_info
 from fasthess.api import lambda_max
 from fasthess.density import Density, spectral_density
-from fasthess.errors import DataChangedError, FasthessError, NonFiniteError, StochasticModelError
+from fasthess.errors import (DataChangedError, FasthessError, LossContractError, NonFiniteError,
+                             StochasticModelError)
 from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
@@ -16,8 +18,10 @@ from fasthess.sharpness import (MinibatchEstimate, PreconditionedOperator, adam_
 from fasthess.trace import TraceResult, trace
 from fasthess.track import SharpnessTracker, sharpness_mode
 
+from fasthess import distributed, integrations, warm  # public submodules: fasthess.distributed.shard, ...
+
 __all__ = [
-    "DataChangedError", "Density", "EigResult", "FasthessError", "GGNOperator", "HessianOperator",
+    "BatchSpec", "DataChangedError", "LossContractError", "Density", "EigResult", "FasthessError", "GGNOperator", "HessianOperator",
     "MatrixOperator", "MinibatchEstimate", "NonFiniteError", "PreconditionedOperator", "SharpnessTracker",
     "StochasticModelError", "SymmetricOperator", "TraceResult", "adam_preconditioner", "adam_stability_threshold",
     "backend", "batch_sharpness", "build_info", "eigs", "lambda_max", "minibatch_lambda_max",

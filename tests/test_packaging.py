@@ -1,0 +1,105 @@
+"""The installed package: its metadata, its public surface, and the warning for a broken native extension.
+
+These tests run against whatever ``import fasthess`` finds: the checkout in ``make test``, the installed wheel
+in ``.ci/package_check.sh``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fasthess
+from fasthess import _ext
+
+PACKAGE = Path(fasthess.__file__).parent
+
+
+def test_version_and_typing_marker_are_installed() -> None:
+    assert importlib.metadata.version("fasthess") == fasthess.__version__
+    assert (PACKAGE / "py.typed").is_file()
+    meta = importlib.metadata.metadata("fasthess")
+    assert meta["Requires-Python"] == ">=3.10"
+    assert {"experiments", "test", "docs", "integrations", "peers"} <= set(meta.get_all("Provides-Extra"))
+    for requirement in meta.get_all("Requires-Dist"):  # no extra may pin a torch other than the user's
+        assert not requirement.startswith("torch") or requirement.startswith("torch>=")
+
+
+def test_console_script_points_at_the_namespaced_runner() -> None:
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts["fasthess-experiments"] == "fasthess_experiments.__main__:main"
+    assert callable(importlib.import_module("fasthess_experiments.__main__").main)
+
+
+def test_public_names_import_from_where_the_docs_say() -> None:
+    for name in fasthess.__all__:
+        assert getattr(fasthess, name) is not None, name
+    assert fasthess.distributed.shard is importlib.import_module("fasthess.distributed").shard
+    assert callable(fasthess.warm.eigs_subsampled)
+    from fasthess.distributed import is_main_process, shard  # noqa: F401  (README, distributed section)
+    from fasthess.integrations import HFSharpnessCallback, LightningSharpnessCallback, TensorBoardSink  # noqa: F401
+
+
+def _python(code: str, path: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that imports fasthess from ``path`` first."""
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    return subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_integrations_import_without_their_frameworks(tmp_path: Path) -> None:
+    blocked = ("lightning", "pytorch_lightning", "transformers", "tensorboard", "wandb")
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            "import fasthess, fasthess.integrations\nprint(sorted(fasthess.integrations.__all__))")
+    done = _python(code, PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert "TensorBoardSink" in done.stdout
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    """A copy of the fasthess package under ``tmp_path`` (importable from there), without bytecode."""
+    shutil.copytree(PACKAGE, tmp_path / "fasthess", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+# An editable install's meta-path finder would serve fasthess._C from the checkout; the probe drops it.
+PROBE = ("import sys, warnings\nwarnings.simplefilter('always')\n"
+         "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+         "import fasthess, fasthess._ext as e\nfasthess.backend(); fasthess.build_info()\n"
+         "print(fasthess.__file__); print(fasthess.backend())")
+
+
+def test_a_corrupt_extension_warns_once_and_falls_back(tmp_path: Path) -> None:
+    root = _copy_package(tmp_path)
+    libraries = list((root / "fasthess").glob("_C*.so"))
+    if not libraries:
+        pytest.skip("no compiled extension to corrupt")
+    libraries[0].write_bytes(b"not an ELF file")
+    done = _python(PROBE, root)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.split()
+    assert out[0] == str(root / "fasthess" / "__init__.py") and out[1] == "python"
+    assert done.stderr.count("the native extension exists but failed to load") == 1, done.stderr
+    assert "python -m fasthess" in done.stderr and libraries[0].name in done.stderr  # names the error and the fix
+
+
+def test_no_extension_is_a_silent_fallback(tmp_path: Path) -> None:
+    root = _copy_package(tmp_path)
+    for library in (root / "fasthess").glob("_C*.so"):
+        library.unlink()
+    done = _python(PROBE, root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "python"
+    assert "failed to load" not in done.stderr, done.stderr
+
+
+def test_build_info_reports_the_load_error() -> None:
+    info = fasthess.build_info()
+    assert info["extension_error"] == _ext._LOAD_ERROR
+    assert (info["backend"] == "python") == (_ext._LOAD_ERROR is not None or not info["native_ops"])
