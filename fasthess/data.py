@@ -1,28 +1,34 @@
-"""Data sources as a re-iterable stream of chunks ``(x, y)``.
+"""Data sources as a re-iterable stream of chunks.
 
 The operator needs to visit the whole data set once per Hessian-vector-product block, always in
-the same order and with the same chunks. :class:`ChunkedData` turns the three accepted inputs into
-that stream:
+the same order and with the same chunks. :class:`ChunkedData` turns the accepted inputs into
+that stream of :class:`Chunk` objects (the raw batch and its :class:`fasthess._batch.Batch`):
 
-* a tuple ``(X, y)`` of tensors, cut into chunks of ``batch_size`` rows (moved to the model's
-  device once, so a pass makes no host copies);
+* a tuple ``(X, y)`` or ``(X, y, w)`` of tensors (``w``: one weight per example), cut into chunks of
+  ``batch_size`` rows (moved to the model's device once, so a pass makes no host copies);
 * a ``torch.utils.data.Dataset``, read through a non-shuffling ``DataLoader`` of ``batch_size``;
-* any re-iterable of ``(x, y)`` batches, such as a ``DataLoader`` (its own batching is kept).
+* any re-iterable of batches, such as a ``DataLoader`` (its own batching is kept): ``(x, y)``, ``(x, y, w)``,
+  dicts (Hugging Face style) or whatever a :class:`fasthess.BatchSpec` reads.
 
-It also fingerprints every chunk on the first pass (a sum over x and y, kept on the device) so a
-later pass can prove it saw the same data; a shuffling loader or random augmentation is detected
-instead of silently producing a wrong operator.
+It also fingerprints every chunk on the first pass, so a later pass can prove it saw the same data: each tensor
+of the batch, viewed as a (rows, features) matrix M, gives uᵀ M r for fixed Gaussian vectors u and r (float64, on
+the device). Unlike a sum, this sees reordered rows and features; a shuffling loader or random augmentation is
+detected instead of silently producing a wrong operator.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fasthess._batch import Batch, BatchSpec, move, tensors_of
 from fasthess.errors import DataChangedError, FasthessError
 
 DEFAULT_CHUNK = 1024
+FINGERPRINT_SEED = 0x5EED
 
 
 def is_tensor_pair(data) -> bool:
@@ -30,42 +36,76 @@ def is_tensor_pair(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
+def is_tensor_tuple(data) -> bool:
+    """True for a tuple/list ``(X, y)`` or ``(X, y, w)`` of tensors: data held in memory."""
+    return isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(isinstance(t, torch.Tensor) for t in data)
+
+
 def is_batched_iterable(data) -> bool:
     """True for iterables of ready-made batches (a DataLoader), whose batches are the chunks."""
-    return isinstance(data, DataLoader) or not (is_tensor_pair(data) or isinstance(data, Dataset))
+    return isinstance(data, DataLoader) or not (is_tensor_tuple(data) or isinstance(data, Dataset))
 
 
-def _count(y: torch.Tensor) -> int:
-    return y.shape[0] if y.dim() > 0 else 1
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a pass: its number, the raw batch as the source gave it (on the device) and its reading."""
 
+    index: int
+    raw: Any
+    batch: Batch
+
+
+class Projection:
+    """Fixed random vectors per length: the fingerprint uᵀ M r of a tensor viewed as a (rows, features) matrix."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self._vectors = device, {}
+
+    def _vector(self, length: int, salt: int) -> torch.Tensor:
+        key = (length, salt)
+        if key not in self._vectors:
+            gen = torch.Generator().manual_seed(FINGERPRINT_SEED + 2 * length + salt)
+            self._vectors[key] = torch.randn(length, generator=gen, dtype=torch.float64).to(self.device)
+        return self._vectors[key]
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        M = t.detach().reshape(t.shape[0] if t.dim() else 1, -1).to(device=self.device, dtype=torch.float64)
+        if M.numel() == 0:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return self._vector(M.shape[0], 0) @ (M @ self._vector(M.shape[1], 1))
 
 class ChunkedData:
-    """A re-iterable stream of ``(x, y, count)`` chunks with data-consistency checks.
+    """A re-iterable stream of :class:`Chunk` objects with data-consistency checks.
 
-    ``num_examples`` is N = Σ count over one pass; it is known after construction for tensors and
+    ``num_examples`` is N = Σ rows over one pass; it is known after construction for tensors and
     datasets, and after the first pass for other iterables.
     """
 
-    def __init__(self, data, batch_size: int | None, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, data, batch_size: int | None, device: torch.device, spec: BatchSpec | None = None) -> None:
+        self.device, self.spec = device, spec or BatchSpec()
         self._fingerprints: torch.Tensor | None = None
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        self._project = Projection(device)
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise FasthessError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if is_tensor_pair(data):
-            X, y = data
-            if X.shape[0] != y.shape[0]:
-                raise FasthessError(
-                    f"X and y have different lengths ({X.shape[0]} vs {y.shape[0]}); pass matching tensors (X, y)")
-            if X.shape[0] == 0:
+        if is_tensor_tuple(data):
+            if any(t.dim() == 0 for t in data):
+                raise FasthessError("a data tensor is 0-dim, so there is no example dimension; give X and y a leading "
+                                    "batch dimension (e.g. y.reshape(1)), one row per example")
+            if len({t.shape[0] for t in data}) > 1:
+                raise FasthessError(f"the data tensors have different lengths ({[t.shape[0] for t in data]}); pass "
+                                    "matching tensors (X, y) or (X, y, w)")
+            if data[0].shape[0] == 0:
                 raise FasthessError("the data is empty (0 examples); pass at least one example")
-            self._X, self._y = X.to(device), y.to(device)
-            self.batch_size = batch_size or min(DEFAULT_CHUNK, X.shape[0])
+            self._tensors = tuple(move(t, device) for t in data)
+            self.batch_size = batch_size or min(DEFAULT_CHUNK, data[0].shape[0])
             self._source: Iterable | None = None
-            self.num_examples: int | None = X.shape[0]
+            self.num_examples: int | None = data[0].shape[0]
         elif isinstance(data, DataLoader) or not isinstance(data, Dataset):
-            if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+            if isinstance(data, torch.Tensor) or not isinstance(data, Iterable) or isinstance(data, (dict, str)):
                 raise FasthessError(
-                    f"data must be a tuple (X, y) of tensors, a torch Dataset or an iterable of (x, y) batches; "
+                    f"data must be a tuple (X, y) or (X, y, w) of tensors, a torch Dataset or an iterable of batches; "
                     f"got {type(data).__name__}")
             if not isinstance(data, DataLoader) and iter(data) is data:  # iter() of a loader would start workers
                 raise FasthessError(
@@ -83,45 +123,59 @@ class ChunkedData:
             self._source = DataLoader(data, batch_size=self.batch_size, shuffle=False)
             self.num_examples = len(data)
 
-    def _raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._source is None:
-            for start in range(0, self._X.shape[0], self.batch_size):
-                yield self._X[start:start + self.batch_size], self._y[start:start + self.batch_size]
+    @property
+    def resident(self) -> list[torch.Tensor]:
+        """The in-memory data tensors (empty for a loader or dataset): alive anyway, so no kept graph owns them."""
+        return list(self._tensors or ())
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The in-memory data restricted to the rows ``index`` (None for a loader or dataset)."""
+        return None if self._tensors is None else tuple(t[index.to(t.device)] for t in self._tensors)
+
+    def _raw(self) -> Iterator:
+        if self._tensors is not None:
+            for start in range(0, self._tensors[0].shape[0], self.batch_size):
+                yield tuple(t[start:start + self.batch_size] for t in self._tensors)
             return
         for batch in self._source:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise FasthessError(
-                    f"each batch must be a pair (x, y); got {type(batch).__name__}. Wrap the data so it yields (x, y)")
-            x, y = batch[0], batch[1]
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield move(batch, self.device)
 
-    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
-        """Yield ``(index, x, y, count)`` for one pass, checking the data against the first pass.
+    def _fingerprint(self, raw, batch: Batch) -> torch.Tensor:
+        parts = [self._project(t) for t in tensors_of(raw)]
+        count = batch.count.detach().double().reshape(()).to(self.device) if isinstance(batch.count, torch.Tensor) \
+            else torch.tensor(float(batch.count), dtype=torch.float64, device=self.device)
+        parts += [torch.tensor(float(batch.rows), dtype=torch.float64, device=self.device), count]
+        return torch.stack(parts)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Yield the :class:`Chunk` objects of one pass, checking the data against the first pass.
 
         Empty batches are skipped and not numbered: ``index`` counts the chunks yielded.
         """
         prints = []
         total = 0
-        for x, y in self._raw():
-            n = _count(y)
-            if n == 0:
+        for raw in self._raw():
+            batch = self.spec.read(raw)
+            if batch.rows == 0:
                 continue
-            total += n
-            prints.append(torch.stack([x.detach().double().sum(), y.detach().double().sum(), torch.tensor(
-                float(n), dtype=torch.float64, device=x.device)]).to(self.device))
-            yield len(prints) - 1, x, y, n
+            total += batch.rows
+            prints.append(self._fingerprint(raw, batch))
+            yield Chunk(len(prints) - 1, raw, batch)
         if total == 0:
             raise FasthessError("the data yielded no examples; pass a non-empty data set")
-        self._check_same(torch.stack(prints), total)
+        self._check_same(prints, total)
 
-    def _check_same(self, prints: torch.Tensor, total: int) -> None:
+    def _check_same(self, prints: list[torch.Tensor], total: int) -> None:
+        width = {p.numel() for p in prints}
+        stacked = torch.stack(prints) if len(width) == 1 else torch.cat(prints)  # one host sync per pass
         if self._fingerprints is None:
-            self._fingerprints = prints
+            self._fingerprints = stacked
             self.num_examples = total
             return
-        same = prints.shape == self._fingerprints.shape and bool(torch.allclose(
-            prints, self._fingerprints, rtol=1e-12, atol=0.0, equal_nan=True))
+        same = stacked.shape == self._fingerprints.shape and bool(torch.allclose(
+            stacked, self._fingerprints, rtol=1e-12, atol=0.0, equal_nan=True))
         if not same:
             raise DataChangedError(
-                "the data changed between two passes (different batches or values); the Hessian is only defined on "
-                "fixed data. Use shuffle=False and no random augmentation in the loader, or pass a tuple (X, y)")
+                "the data changed between two passes (different batches, values or order); the Hessian is only "
+                "defined on fixed data. Use shuffle=False and no random augmentation in the loader, or pass a tuple "
+                "(X, y)")

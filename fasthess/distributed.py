@@ -3,11 +3,13 @@
 Math. Rank r of a process group of W ranks holds a shard S_r of the data set (n_r examples; shards may be
 uneven, N = Σ_r n_r). The full-data curvature is
 
-    H V = (1/N) Σ_r A_r,      A_r = Σ_{chunks c ∈ S_r} n_c C_c V   (a (b, n) float64 buffer),
+    H V = (1/W) Σ_r A_r,      A_r = Σ_{chunks c ∈ S_r} ∇²S_c V   (a (b, n) float64 buffer),
 
-so each rank accumulates its own A_r, one all-reduce (SUM) of the flat buffer forms Σ_r A_r on every rank,
-and every rank divides by the same N. N is all-reduced once, at construction (or, when some rank passes an
-iterable of batches whose length is unknown, after the first pass). Per data pass the payload is
+where S_c is chunk c's loss sum and W = Σ_r W_r the loss's normalizer (:mod:`fasthess._criteria`: the example
+count for a mean, the summed class weights of the targets for a weighted cross-entropy, ...). Each rank
+accumulates its own A_r, one all-reduce (SUM) of the flat buffer forms Σ_r A_r on every rank, and every rank
+divides by the same W. The example count N is all-reduced once, at construction (when every rank knows it);
+W (and N, when some rank passes an iterable of batches whose length is unknown) once, after the first pass. Per data pass the payload is
 b·n·8 bytes in one collective, whatever the number of parameter tensors or examples; a ring all-reduce
 sends and receives about 2(W−1)/W of it per rank.
 
@@ -51,6 +53,7 @@ class ShardComm:
     Attributes:
         group, rank, world_size: the process group and this process's place in it.
         num_examples: the global example count N (None until it is known, see the module docstring).
+        normalizer: the global normalizer W of the loss (None before the first pass).
         pass_bytes: payload of the last data pass's all-reduce, b·n·8 bytes for a float64 (b, n) block.
         setup_bytes: payload of the one-time count agreements.
         total_bytes, num_collectives: all payload and collectives so far.
@@ -60,6 +63,7 @@ class ShardComm:
         self.group, self.device = group, device
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.num_examples: int | None = None
+        self.normalizer: float | None = None  # W, the loss's normalizer over all shards, agreed after the first pass
         self.pass_bytes = self.setup_bytes = self.total_bytes = self.num_collectives = 0
 
     def _all_reduce(self, t: torch.Tensor) -> int:
@@ -93,31 +97,44 @@ class ShardComm:
                                 "the cause); every rank must build the operator with a valid, non-empty shard")
         return built
 
-    def run_pass(self, acc: torch.Tensor, local_pass: Callable[[], torch.Tensor],
+    def run_pass(self, acc: torch.Tensor, local_pass: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
                  local_count: Callable[[], int | None]) -> torch.Tensor:
         """Run this rank's part of a data pass, accumulating A_r into ``acc``, then all-reduce ``acc`` to Σ_r A_r.
 
-        ``local_pass`` returns this rank's chunk losses. If it raises, or a loss is not finite, ``acc`` is
-        filled with NaN before the all-reduce (so every rank sees a non-finite result and raises); the
-        exception is re-raised after the collective. Returns the local chunk losses.
+        ``local_pass`` returns this rank's chunk losses and, on the first pass, its part W_r of the loss's
+        normalizer (None for a sum). If it raises, or a loss is not finite, ``acc`` is filled with NaN before the
+        all-reduce (so every rank sees a non-finite result and raises); the exception is re-raised after the
+        collectives. Returns the local chunk losses.
         """
         try:
-            losses = local_pass()
+            losses, part = local_pass()
         except Exception:
             acc.fill_(float("nan"))
-            self._reduce(acc, None, failed=True)
+            self._reduce(acc, None, None, failed=True)
             raise
         acc.masked_fill_(~torch.isfinite(losses).all(), float("nan"))
-        self._reduce(acc, local_count(), failed=False)
+        self._reduce(acc, local_count(), part, failed=False)
         return losses
 
-    def _reduce(self, acc: torch.Tensor, local_count: int | None, failed: bool) -> None:
+    def _reduce(self, acc: torch.Tensor, local_count: int | None, part: torch.Tensor | None, failed: bool) -> None:
         self.pass_bytes = self._all_reduce(acc)
-        # the first pass over an iterable of batches agrees on N once; a rank that failed voids it for all
-        agreed = self.num_examples is not None or self._agree_count(local_count, failed=failed or local_count is None)
-        if not agreed and not failed:
-            raise FasthessError("another rank failed during the first data pass (its own exception names the "
-                                "cause); fix that rank's data, then build the operator again on every rank")
+        if self.normalizer is not None:
+            return
+        # the first pass agrees on W (and on N when some rank did not know its count); a rank that failed voids it
+        failed = failed or local_count is None
+        buf = torch.zeros(3, dtype=torch.float64, device=self.device)
+        buf[0] = 0.0 if part is None else part.to(buf)
+        buf[1], buf[2] = float(local_count or 0), float(failed)
+        self.setup_bytes += self._all_reduce(buf)
+        total, count, failures = buf.tolist()
+        if failures:
+            if not failed:
+                raise FasthessError("another rank failed during the first data pass (its own exception names the "
+                                    "cause); fix that rank's data, then build the operator again on every rank")
+            return
+        self.normalizer = total
+        if self.num_examples is None:
+            self.num_examples = int(count)
 
 
 # ---- data-parallel training helpers ----------------------------------------------------------------

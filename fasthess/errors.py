@@ -20,3 +20,8 @@ class DataChangedError(FasthessError):
 
 class StochasticModelError(FasthessError):
     """The model is random in its current mode (dropout in train mode), so its Hessian is not a fixed matrix."""
+
+
+class LossContractError(FasthessError):
+    """The loss is not the Hessian's loss contract: an average (or sum) over examples of a function of the model's
+    output alone (it depends on the batch, reads the parameters outside the forward, or is an unsupported form)."""

@@ -1,17 +1,17 @@
 """The generalized Gauss–Newton matrix of the full-dataset training loss as a symmetric operator.
 
-For L(θ) = (1/N) Σ_c n_c L_c(θ) with the chunk loss L_c(θ) = ℓ_c(f_θ(X_c)) of the chunk's stacked
-outputs o = f_θ(X_c) (mean-reduced over the chunk), the Hessian splits as
+For the loss of the contract (:mod:`fasthess._criteria`), L(θ) = (1/W) Σ_c S_c(θ) + R(θ), with the chunk's loss
+sum S_c(θ) = s_c(f_θ(X_c)) a function of the chunk's stacked outputs o = f_θ(X_c), the Hessian splits as
 
-    ∇²L_c = J_cᵀ (∇²_o ℓ_c) J_c + Σ_k (∂ℓ_c/∂o_k) ∇²_θ o_k,
+    ∇²S_c = J_cᵀ (∇²_o s_c) J_c + Σ_k (∂s_c/∂o_k) ∇²_θ o_k,
 
-where J_c = ∂o/∂θ. The GGN keeps the first term:
+where J_c = ∂o/∂θ. The GGN keeps the first term (and the penalty's Hessian ∇²R, exactly):
 
-    G V = Σ_c (n_c / N) J_cᵀ (∇²_o ℓ_c) J_c V.
+    G V = (1/W) Σ_c J_cᵀ (∇²_o s_c) J_c V + ∇²R V.
 
 It is positive semi-definite whenever the loss is convex in the outputs (cross-entropy, MSE), and it
 equals the Fisher information for those losses. Per chunk and for each column v of the block,
-``torch.func.jvp`` of the model gives J_c v, a jvp of the output gradient ∇_oℓ_c gives (∇²_oℓ_c) J_c v,
+``torch.func.jvp`` of the model gives J_c v, a jvp of the output gradient ∇_o s_c gives (∇²_o s_c) J_c v,
 and the model's ``vjp`` applies J_cᵀ; the whole chain is vmapped over the b columns, so one forward
 (for the vjp) and one batched forward/backward cover the block.
 
@@ -29,41 +29,44 @@ True
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from fasthess.errors import FasthessError, StochasticModelError
-from fasthess.model_operator import ModelOperator
+from fasthess.data import Chunk
+from fasthess.errors import StochasticModelError
+from fasthess.model_operator import ModelOperator, PassState
 
 
 class GGNOperator(ModelOperator):
-    """Generalized Gauss–Newton matrix of the mean training loss over a whole data set.
+    """Generalized Gauss–Newton matrix of the training loss over a whole data set (the loss contract of
+    :class:`fasthess.HessianOperator`).
 
-    Takes the arguments of :class:`fasthess.HessianOperator` except ``hvp``: ``model``, ``loss_fn``,
-    ``data``, ``batch_size``, ``params``, ``allow_stochastic``. The loss must be a function of the model's
-    output and the target. With ``allow_stochastic=True`` and active dropout, the output, J v and Jᵀu of
-    one chunk may see different dropout masks.
+    Takes the arguments of :class:`fasthess.HessianOperator` except ``hvp`` and ``graph_memory``: ``model``,
+    ``loss_fn``, ``data``, ``batch_size``, ``params``, ``allow_stochastic``, ``distributed``, ``process_group``,
+    ``batch``, ``penalty``. With ``allow_stochastic=True`` and active dropout, the output, J v and Jᵀu of one
+    chunk may see different dropout masks.
     """
 
-    def _chunk_products(self, index, x, y, tangents):
-        primals = {name: p.detach() for name, p in zip(self.names, self._params)}
+    def _chunk_products(self, chunk: Chunk, state: PassState):
+        batch = chunk.batch
+        primals = dict(zip(self.names, self._primals()))
 
         def outputs(p):
-            return functional_call(self.model, p, (x,), strict=False)
+            return self._forward(p, batch)
 
         out, pullback = vjp(outputs, primals)
-        loss = self.loss_fn(out, y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise FasthessError(f"loss_fn returned {getattr(loss, 'shape', type(loss).__name__)}, not a scalar tensor; "
-                                "use a mean-reduced loss such as nn.CrossEntropyLoss() (reduction='mean')")
-        loss_grad = grad(self.loss_fn)  # (o, y) -> ∇_o ℓ(o, y)
-        if y.is_floating_point():  # the target travels as a primal with a zero tangent, as in HessianOperator
-            y_zero = torch.zeros_like(y)
+        loss = self._scalar(self.loss.chunk_sum(out, batch))
+        y = batch.target
+        if isinstance(y, torch.Tensor) and y.is_floating_point():  # the target travels as a primal with a zero
+            y_zero = torch.zeros_like(y)                               # tangent, as in HessianOperator
+            loss_grad = grad(lambda o, t: self.loss.chunk_sum(o, batch.with_target(t)))
 
             def loss_hessian(u):
                 return jvp(loss_grad, (out, y), (u, y_zero))[1]
         else:
+            loss_grad = grad(lambda o: self.loss.chunk_sum(o, batch))
+
             def loss_hessian(u):
-                return jvp(lambda o: loss_grad(o, y), (out,), (u,))[1]
+                return jvp(loss_grad, (out,), (u,))[1]
 
         def one(t):
             _, jv = jvp(outputs, (primals,), (dict(zip(self.names, t)),))
@@ -71,7 +74,7 @@ class GGNOperator(ModelOperator):
             return [g[name] for name in self.names]
 
         try:
-            products = vmap(one, randomness="same" if self.allow_stochastic else "error")(tangents)
+            products = vmap(one, randomness="same" if self.allow_stochastic else "error")(state.tangents)
         except RuntimeError as exc:
             if "randomness" in str(exc):
                 raise StochasticModelError(

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["ChunkGraph", "GraphCache", "GraphSize", "ModelState", "default_budget", "saved_bytes"]
+__all__ = ["ChunkGraph", "GraphCache", "GraphSize", "ModelState", "default_budget", "gradient_graph", "graph_products",
+           "saved_bytes"]
 
 CPU_SHARE = 0.25  # of the memory available when a solve starts
 CUDA_SHARE = 0.5  # of the device memory free when a solve starts
@@ -159,13 +160,42 @@ def saved_bytes(exclude: Sequence[torch.Tensor], device: torch.device) -> Iterat
 
 @dataclass
 class ChunkGraph:
-    """The graph of one chunk's gradient: leaves θ, gradients g (with graph) and the chunk's mean loss."""
+    """The graph of one chunk's gradient: leaves θ, gradients g (with graph) and the chunk's loss sum."""
 
     leaves: list[torch.Tensor]
     grads: list[torch.Tensor]
     live: list[int]  # indices of the gradients that depend on θ (others are constant: H v = 0 there)
     loss: torch.Tensor
     nbytes: int = 0
+
+
+def gradient_graph(value_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], names: Sequence[str],
+                   primals: Sequence[torch.Tensor]) -> ChunkGraph:
+    """Forward and backward of the scalar ``value_of(params)`` with ``create_graph``: g = ∇ value and its graph."""
+    leaves = [p.detach().requires_grad_(True) for p in primals]
+    with torch.enable_grad():
+        value = value_of(dict(zip(names, leaves)))
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+    live = [i for i, gi in enumerate(grads) if gi is not None and gi.requires_grad]
+    return ChunkGraph(leaves, list(grads), live, value.detach())
+
+
+def graph_products(graph: ChunkGraph, tangents: Sequence[torch.Tensor], keep: bool) -> list[torch.Tensor]:
+    """(∇²value) v_j for the b rows of ``tangents`` (one per parameter, shape (b, *shape)) by b backward passes of
+    g·v_j; ``keep`` retains the graph after the last. Parameters whose gradient is constant get H v = 0."""
+    b = tangents[0].shape[0]
+    hv = [torch.zeros_like(t) for t in tangents]
+    if not graph.live:
+        return hv
+    with torch.enable_grad():
+        for j in range(b):
+            cols = torch.autograd.grad([graph.grads[i] for i in graph.live], graph.leaves,
+                                       [tangents[i][j] for i in graph.live], retain_graph=keep or j + 1 < b,
+                                       allow_unused=True)
+            for i, c in enumerate(cols):
+                if c is not None:
+                    hv[i][j] = c
+    return hv
 
 
 @dataclass
@@ -181,7 +211,7 @@ class GraphCache:
     def nbytes(self) -> int:
         return sum(g.nbytes for g in self.graphs.values())
 
-    def begin_pass(self, model: nn.Module, loss_fn) -> None:
+    def begin_pass(self, model: nn.Module, loss_fn=None) -> None:
         """Drop every graph if the weights, buffers or modes changed since they were built (within one block)."""
         if self.state is not None and not self.state.matches(model, loss_fn):
             self.clear()

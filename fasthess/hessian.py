@@ -1,11 +1,14 @@
 """The Hessian of the full-dataset training loss as a symmetric linear operator.
 
-For L(θ) = (1/N) Σᵢ ℓ(f_θ(xᵢ), yᵢ) over the chosen parameters θ ∈ ℝⁿ,
+The loss is the user's loss on the whole data set as one batch (the loss contract, :mod:`fasthess._criteria`):
+for a per-example loss, L(θ) = (1/W) Σᵢ wᵢ ℓ(f_θ(xᵢ), yᵢ) + R(θ) over the chosen parameters θ ∈ ℝⁿ, with W the
+loss's normalizer (N for a mean, the summed class weights for a weighted cross-entropy, the non-ignored
+targets with ``ignore_index``, 1 for a sum) and R an optional ``penalty``. Then
 
-    H V = Σ_c (n_c / N) ∇²_θ L_c(θ) V,      V ∈ ℝ^{n×b},
+    H V = (1/W) Σ_c ∇²_θ S_c(θ) V + ∇²R(θ) V,      V ∈ ℝ^{n×b},
 
-where L_c is the mean loss of chunk c (n_c examples). A block of b vectors costs one pass over
-the data. Per chunk, either ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) is
+where S_c is the loss sum of chunk c, so chunking never changes the matrix. A block of b vectors costs one
+pass over the data. Per chunk, either ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse) is
 vmapped over the b tangents, so the forward and backward of the primal are shared by the whole
 block, or one graph of the gradient is differentiated b times (double backward). ``hvp="auto"``
 picks by device (:func:`default_hvp_method`); forward mode falls back to double backward, with a
@@ -40,9 +43,11 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from fasthess._batch import BatchSpec
+from fasthess.data import Chunk
 from fasthess.errors import FasthessError, StochasticModelError
-from fasthess.graph_cache import ChunkGraph, GraphCache, default_budget, saved_bytes
-from fasthess.model_operator import ModelOperator
+from fasthess.graph_cache import ChunkGraph, GraphCache, default_budget, gradient_graph, graph_products, saved_bytes
+from fasthess.model_operator import ModelOperator, PassState
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -62,16 +67,21 @@ def default_hvp_method(device: torch.device) -> str:
 
 
 class HessianOperator(ModelOperator):
-    """Exact Hessian of the mean training loss over a whole data set.
+    """Exact Hessian of the training loss over a whole data set: the user's loss called on all the data as one batch.
 
     Args:
-        model: the network; evaluated in its current mode (train/eval), which is never changed.
-        loss_fn: a mean-reduced criterion ``loss_fn(output, target) -> scalar``.
-        data: ``(X, y)`` tensors, a ``Dataset`` or an iterable of ``(x, y)`` batches (a DataLoader).
-        batch_size: chunk size for tensors and datasets (default 1024); with train-mode BatchNorm it
-            is the ghost-batch size and must be given.
-        params: the parameters to differentiate (default: all with ``requires_grad``).
-        allow_stochastic: accept train-mode dropout (a random operator).
+        model: the network; evaluated in its current mode (train/eval), which is never changed. A
+            ``torch.compile``'d model is differentiated through its underlying module (the same parameters).
+        loss_fn: ``loss_fn(output, target)``. A ``torch.nn`` criterion (or ``F.cross_entropy`` and the like) with
+            any ``reduction``, ``weight``, ``ignore_index`` or ``pos_weight``; or any callable returning a mean or
+            sum over the batch, or per-example losses of shape (rows,), which is checked on the first pass to split
+            over examples. See docs/guides/loss_contract.md.
+        data: ``(X, y)`` or ``(X, y, w)`` tensors (``w``: per-example weights), a ``Dataset`` or an iterable of
+            batches (a DataLoader): tuples ``(x, y[, w])`` or dicts with ``labels``, or what ``batch`` reads.
+        batch_size: chunk size for tensors and datasets (default 1024); with BatchNorm that uses batch statistics
+            (train mode, or ``track_running_stats=False``) it is the ghost-batch size and must be given.
+        params: the parameters to differentiate, a list (default: all with ``requires_grad``).
+        allow_stochastic: accept a random forward (train-mode dropout, random draws): a random operator.
         hvp: ``"auto"`` (:func:`default_hvp_method` of the device), ``"forward-over-reverse"`` (falls back to
             double backward, with a warning naming the reason, where the model has no forward-mode rules) or
             ``"double-backward"``. Both give the same matrix up to rounding; the choice is deterministic.
@@ -83,12 +93,17 @@ class HessianOperator(ModelOperator):
             (divided among the processes of a torchrun host) on the CPU, ½ of the free device memory on CUDA,
             taken when the solve starts; 0 keeps none. Never used with ``allow_stochastic=True`` (a kept graph
             would freeze the dropout masks).
+        batch: a :class:`fasthess.BatchSpec` naming the inputs, targets, per-example weights and count of each
+            batch (default: ``(x, y[, w])`` tuples and dicts with ``labels``).
+        penalty: ``penalty(params) -> scalar``, a function of the dict of the differentiated parameters by name
+            (e.g. an L2 term); its Hessian is added once per product, exactly.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, *, batch_size: int | None = None,
                  params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False,
                  hvp: str = "auto", distributed: bool = False, process_group: ProcessGroup | None = None,
-                 graph_memory: int | None = None) -> None:
+                 graph_memory: int | None = None, batch: BatchSpec | None = None,
+                 penalty: Callable | None = None) -> None:
         if hvp not in HVP_METHODS:
             raise FasthessError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         if graph_memory is not None and (isinstance(graph_memory, bool) or not isinstance(graph_memory, int)
@@ -96,11 +111,12 @@ class HessianOperator(ModelOperator):
             raise FasthessError(f"graph_memory={graph_memory!r} must be a number of bytes ≥ 0 (0 keeps no graphs), "
                                 "or None for the default budget")
         super().__init__(model, loss_fn, data, batch_size=batch_size, params=params,
-                         allow_stochastic=allow_stochastic, distributed=distributed, process_group=process_group)
+                         allow_stochastic=allow_stochastic, distributed=distributed, process_group=process_group,
+                         batch=batch, penalty=penalty)
+        self._options.update(hvp=hvp, graph_memory=graph_memory)
         self.hvp_method = default_hvp_method(self.device) if hvp == "auto" else hvp
         self.graph_memory = graph_memory
         self._graphs: GraphCache | None = None
-        self._pass_graphs: GraphCache | None = None  # the cache a pass may use: set when the pass starts with it
         self._scopes = 0
 
     @property
@@ -121,7 +137,7 @@ class HessianOperator(ModelOperator):
         snapshot of parameters, buffers and modes still drops the graphs if those change. The graphs are freed
         when the outermost block exits, also on an error.
         """
-        if self._scopes == 0:  # whether a product may use it is decided per pass, by _kept
+        if self._scopes == 0:  # whether a product may use it is decided per pass, by _start_pass
             self._graphs = GraphCache(default_budget(self.device) if self.graph_memory is None else self.graph_memory)
         self._scopes += 1
         try:
@@ -131,29 +147,19 @@ class HessianOperator(ModelOperator):
             if self._scopes == 0:
                 self._graphs = None
 
-    def _kept(self) -> GraphCache | None:
-        """The graph cache when this product may use it: inside a block, double backward, deterministic model."""
+    def _start_pass(self, tangents: list[torch.Tensor]) -> PassState:
+        """The pass may use the graph cache inside a block, with double backward, for a deterministic model; a pass
+        that starts in forward mode keeps none even if it falls back to double backward."""
         usable = self.hvp_method == "double-backward" and not self.allow_stochastic and self.graph_memory != 0
-        return self._graphs if usable else None
+        cache = self._graphs if usable else None
+        if cache is not None:
+            cache.begin_pass(self.model, self.loss_fn)
+        return PassState(tangents, cache)
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        cache = self._kept()
-        if cache is None:  # also when forward mode falls back to double backward during this pass
-            return super()._matmat(V)
-        cache.begin_pass(self.model, self.loss_fn)
-        self._pass_graphs = cache
-        try:
-            return super()._matmat(V)
-        except BaseException:
-            cache.clear()  # graphs of an interrupted pass may belong to data that is about to change
-            raise
-        finally:
-            self._pass_graphs = None
-
-    def _chunk_products(self, index, x, y, tangents):
+    def _chunk_products(self, chunk: Chunk, state: PassState):
         if self.hvp_method == "forward-over-reverse":
             try:
-                return self._forward_over_reverse(x, y, tangents)
+                return self._forward_over_reverse(chunk, state.tangents)
             except FasthessError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of forward-mode AD triggers the fallback
@@ -162,18 +168,22 @@ class HessianOperator(ModelOperator):
                         "the model draws random numbers in its forward pass (e.g. functional dropout), so the Hessian "
                         "is not a fixed matrix; disable the randomness, or pass allow_stochastic=True") from exc
                 warnings.warn(f"forward-mode AD failed for this model ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=4)
+                              "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=5)
                 self.hvp_method = "double-backward"
-        return self._double_backward(index, x, y, tangents)
+        graph, keep = self._chunk_graph(chunk, state.graphs)
+        return graph_products(graph, state.tangents, keep), graph.loss
 
-    def _forward_over_reverse(self, x, y, tangents):
-        primals = {name: p.detach() for name, p in zip(self.names, self._params)}
+    def _forward_over_reverse(self, chunk: Chunk, tangents: list[torch.Tensor]):
+        batch = chunk.batch
+        primals = dict(zip(self.names, self._primals()))
+        y = batch.target
         # A floating target travels as a primal with a materialized zero tangent: some PyTorch loss formulas
         # (mse_loss) fail in forward mode on the implicit ZeroTensor tangent of a constant target.
-        y_tangent = torch.zeros_like(y) if y.is_floating_point() else None
+        floating = isinstance(y, torch.Tensor) and y.is_floating_point()
+        y_tangent = torch.zeros_like(y) if floating else None
 
         def loss_and_aux(p, target):
-            loss = self._loss(p, x, target)
+            loss = self._chunk_sum(p, batch if target is None else batch.with_target(target))
             return loss, loss
 
         grad_fn = grad(loss_and_aux, argnums=0, has_aux=True)
@@ -181,7 +191,7 @@ class HessianOperator(ModelOperator):
         def one(t):
             t = dict(zip(self.names, t))
             if y_tangent is None:
-                _, hv, loss = jvp(lambda p: grad_fn(p, y), (primals,), (t,), has_aux=True)
+                _, hv, loss = jvp(lambda p: grad_fn(p, None), (primals,), (t,), has_aux=True)
             else:
                 _, hv, loss = jvp(grad_fn, (primals, y), (t, y_tangent), has_aux=True)
             return [hv[name] for name in self.names], loss
@@ -189,22 +199,16 @@ class HessianOperator(ModelOperator):
         hv, loss = vmap(one, randomness="same" if self.allow_stochastic else "error")(tangents)
         return hv, loss[0]
 
-    def _gradient_graph(self, x, y) -> ChunkGraph:
-        """Forward and backward of the chunk's mean loss with ``create_graph``: g = ∇_θ L_c and its graph."""
-        leaves = [p.detach().requires_grad_(True) for p in self._params]
-        with torch.enable_grad():
-            loss = self._loss(dict(zip(self.names, leaves)), x, y)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        live = [i for i, gi in enumerate(grads) if gi is not None and gi.requires_grad]
-        return ChunkGraph(leaves, list(grads), live, loss.detach())
+    def _gradient_graph(self, batch) -> ChunkGraph:
+        """Forward and backward of the chunk's loss sum with ``create_graph``: g = ∇_θ S_c and its graph."""
+        return gradient_graph(lambda p: self._chunk_sum(p, batch), self.names, self._primals())
 
-    def _measured_graph(self, x, y) -> ChunkGraph | None:
+    def _measured_graph(self, batch) -> ChunkGraph | None:
         """The chunk's gradient graph with its size, or None when the model refuses saved-tensor hooks (its forward
         runs a torch.func transform such as ``grad``), which the size measurement needs."""
         try:
-            resident = [t for t in (getattr(self.data, "_X", None), getattr(self.data, "_y", None)) if t is not None]
-            with saved_bytes([*self._params, *resident], self.device) as size:
-                graph = self._gradient_graph(x, y)
+            with saved_bytes([*self._params, *self.data.resident], self.device) as size:
+                graph = self._gradient_graph(batch)
         except RuntimeError as exc:
             if "saved tensor hooks" not in str(exc):
                 raise
@@ -212,29 +216,15 @@ class HessianOperator(ModelOperator):
         graph.nbytes = size.total(graph.grads)
         return graph
 
-    def _chunk_graph(self, index, x, y) -> tuple[ChunkGraph, bool]:
-        """Chunk ``index``'s gradient graph and whether it is kept: this solve's, or built now (kept if it fits)."""
-        cache = self._pass_graphs
+    def _chunk_graph(self, chunk: Chunk, cache: GraphCache | None) -> tuple[ChunkGraph, bool]:
+        """The chunk's gradient graph and whether it is kept: this solve's, or built now (kept if it fits)."""
+        index = chunk.index
         if cache is not None and index in cache.graphs:
             return cache.graphs[index], True
         if cache is None or not cache.wants(index):
-            return self._gradient_graph(x, y), False
-        graph = self._measured_graph(x, y)
+            return self._gradient_graph(chunk.batch), False
+        graph = self._measured_graph(chunk.batch)
         if graph is None:  # its size cannot be measured: keep no graphs in this solve
             cache.full = True
-            return self._gradient_graph(x, y), False
+            return self._gradient_graph(chunk.batch), False
         return graph, cache.offer(index, graph)
-
-    def _double_backward(self, index, x, y, tangents):
-        graph, keep = self._chunk_graph(index, x, y)
-        b = tangents[0].shape[0]
-        hv = [torch.zeros_like(t) for t in tangents]  # parameters whose gradient is constant keep H v = 0
-        with torch.enable_grad():
-            for j in range(b):
-                cols = torch.autograd.grad([graph.grads[i] for i in graph.live], graph.leaves,
-                                           [tangents[i][j] for i in graph.live], retain_graph=keep or j + 1 < b,
-                                           allow_unused=True) if graph.live else ()
-                for i, c in enumerate(cols):
-                    if c is not None:
-                        hv[i][j] = c
-        return hv, graph.loss

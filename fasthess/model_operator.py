@@ -1,31 +1,42 @@
-"""Shared machinery of the curvature operators of a model: parameters, flat layout, data passes.
+"""Shared machinery of the curvature operators of a model: parameters, flat layout, the loss contract, data passes.
 
-A curvature operator (Hessian, Gauss-Newton) of the training loss
+A curvature operator (Hessian, Gauss-Newton) is that of the training loss
 
-    L(θ) = (1/N) Σᵢ ℓ(f_θ(xᵢ), yᵢ)
+    L(θ) = (1/W) Σ_c S_c(θ) + R(θ),
 
-is a sum over data chunks c of size n_c of (n_c/N)·C_c, where C_c is the curvature of the chunk's
-mean loss. :class:`ModelOperator` owns everything that is not specific to C: which parameters θ
-are differentiated and how they are laid out as one flat vector, the data stream, the weighting
-n_c/N, the model-mode rules (train-mode BatchNorm, dropout) and the finiteness checks. A subclass
-supplies ``_chunk_products(index, x, y, tangents)``, the b products C_c·v_j of chunk number ``index``. With ``distributed=True``
-(or a ``process_group``) each process passes its own shard and N counts the examples of all shards; the
-per-pass sums are all-reduced as described in :mod:`fasthess.distributed`.
+the user's loss called on the whole data set as one batch (:mod:`fasthess._criteria`: S_c is chunk c's loss
+sum, W the global normalizer, e.g. the number of examples for a mean) plus an optional ``penalty`` R of the
+parameters. :class:`ModelOperator` owns everything that is not specific to the curvature: which parameters θ
+are differentiated and how they are laid out as one flat vector, the data stream and how its batches are read
+(:mod:`fasthess._batch`), the checks of the loss contract on the first pass (the loss splits over examples,
+reads the parameters only through the model's output, and the forward draws no random numbers, the last on
+every pass), the model-mode rules (BatchNorm with batch statistics, dropout) and the finiteness checks.
+
+A subclass supplies ``_chunk_products(chunk, state)``, the b products C_c·v_j of the chunk's loss sum for the
+tangents of one pass (a :class:`PassState`). With ``distributed=True`` (or a ``process_group``) each process
+passes its own shard; W and N are all-reduced once, and the per-pass sums as described in
+:mod:`fasthess.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
 
 from fasthess import ops
-from fasthess.data import ChunkedData, is_batched_iterable
+from fasthess._batch import BatchSpec, take_rows
+from fasthess._criteria import contract_of
+from fasthess.data import Chunk, ChunkedData, is_batched_iterable
 from fasthess.distributed import ShardComm, resolve_group
-from fasthess.errors import FasthessError, NonFiniteError, StochasticModelError
+from fasthess.errors import FasthessError, LossContractError, NonFiniteError, StochasticModelError
+from fasthess.graph_cache import GraphCache, gradient_graph, graph_products
 from fasthess.linop import SymmetricOperator
 
 if TYPE_CHECKING:
@@ -33,6 +44,7 @@ if TYPE_CHECKING:
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _Dropout = nn.modules.dropout._DropoutNd
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _select_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[tuple[str, torch.Tensor]]:
@@ -44,6 +56,9 @@ def _select_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> l
                 "the model has no trainable parameters (all have requires_grad=False); "
                 "unfreeze some parameters or pass params=[...] explicitly")
         return chosen
+    if isinstance(params, torch.Tensor):
+        raise FasthessError("params is a single tensor; pass a list of parameters, e.g. params=[p] "
+                            "(or params=list(module.parameters()))")
     by_id = {id(p): name for name, p in named}
     chosen = []
     for p in params:
@@ -58,28 +73,97 @@ def _select_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> l
     return chosen
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module under a ``torch.compile`` wrapper (the same parameters; products need double or forward-mode AD,
+    which compiled graphs do not provide). A compiled submodule inside an eager model is refused."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    wrapper = getattr(compiled, "OptimizedModule", None)
+    if wrapper is None:
+        return model
+    while isinstance(model, wrapper):
+        model = model._orig_mod
+    inner = [name for name, m in model.named_modules() if isinstance(m, wrapper)]
+    if inner:
+        raise FasthessError(f"the submodule(s) {inner[:3]} are torch.compile'd, and compiled graphs support neither "
+                            "double backward nor forward-mode AD; pass the model with the uncompiled submodules "
+                            "(each compiled module's ._orig_mod), or compile the whole model (fasthess unwraps it)")
+    return model
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    """The default random generators' states (CPU, and the device's on CUDA): a random draw changes them."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _cast_floating(tree, dtype: torch.dtype):
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                           tree)
+
+
+@dataclass
+class PassState:
+    """What one data pass needs besides the chunks: the tangents (one (b, *shape) tensor per parameter) and the kept
+    chunk-gradient graphs it may use (None: build every graph and keep none)."""
+
+    tangents: list[torch.Tensor]
+    graphs: GraphCache | None = None
+    losses: list[torch.Tensor] = field(default_factory=list)  # S_c of the chunks with products, in pass order
+    indices: list[int] = field(default_factory=list)  # their chunk numbers
+
+    def stacked_losses(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.losses) if self.losses else like.new_zeros(0)
+
+    def abort(self) -> None:
+        """Drop the kept graphs of an interrupted pass (they may belong to data that is about to change)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
+
 class ModelOperator(SymmetricOperator):
     """Base of the model-curvature operators; see the module docstring for the math."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, *, batch_size: int | None = None,
                  params: Sequence[torch.Tensor] | None = None, allow_stochastic: bool = False,
-                 distributed: bool = False, process_group: ProcessGroup | None = None) -> None:
+                 distributed: bool = False, process_group: ProcessGroup | None = None,
+                 batch: BatchSpec | None = None, penalty: Callable | None = None) -> None:
         super().__init__()
         group = resolve_group(distributed, process_group)
         if not isinstance(model, nn.Module):
             raise FasthessError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise FasthessError(f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
-        self.model, self.loss_fn, self.allow_stochastic = model, loss_fn, allow_stochastic
+        if batch is not None and not isinstance(batch, BatchSpec):
+            raise FasthessError(f"batch must be a fasthess.BatchSpec, got {type(batch).__name__}")
+        if penalty is not None and not callable(penalty):
+            raise FasthessError(f"penalty must be a function of the parameters dict, got {type(penalty).__name__}")
+        self._options = dict(batch_size=batch_size, params=params, allow_stochastic=allow_stochastic,
+                             distributed=distributed, process_group=process_group, batch=batch, penalty=penalty)
+        model = _uncompiled(model)
+        spec = batch or BatchSpec()
+        self.loss = contract_of(loss_fn, batch_loss=spec.batch_loss)
+        if spec.counts_itself and self.loss.kind == "criterion":
+            raise FasthessError(f"BatchSpec(count=...) sets the normalizer of a loss callable, but {self.loss.name} "
+                                "counts its own (reduction, weight, ignore_index); drop count=")
+        self.model, self.loss_fn, self.allow_stochastic, self.penalty = model, loss_fn, allow_stochastic, penalty
         named = _select_params(model, params)
         devices = {p.device for _, p in named}
         if len(devices) > 1:
             raise FasthessError(f"the parameters live on several devices ({sorted(map(str, devices))}); "
                                 "move the model to one device with model.to(device)")
+        if next(iter(devices)).type == "meta":
+            raise FasthessError("the parameters are meta tensors (shapes without values); materialize the model "
+                                "first, e.g. model.to_empty(device='cpu') and then load its weights")
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
             raise FasthessError(f"the parameters must share one floating dtype, got {sorted(map(str, dtypes))}; "
                                 "convert the model with model.float() or model.double()")
+        sparse = [name for name, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        if sparse:
+            raise FasthessError(f"the embedding(s) {sparse[:3]} have sparse=True, whose sparse gradients have no "
+                                "second derivative in PyTorch; set module.sparse = False for the curvature (the "
+                                "Hessian is the same)")
         self.names = [name for name, _ in named]
         self._params = [p for _, p in named]
         self.shapes = [p.shape for p in self._params]
@@ -87,16 +171,22 @@ class ModelOperator(SymmetricOperator):
         self.num_params = sum(self.numels)
         self.device = next(iter(devices))
         self.dtype = next(iter(dtypes))
+        #: products run in this dtype: float32 for float16/bfloat16 models (parameters, floating buffers and inputs
+        #: are cast for the products; the model is not changed), else the model's
+        self.compute_dtype = torch.float32 if self.dtype in _HALF else self.dtype
         self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
         self._check_mode()
-        if batch_size is None and self._train_mode_bn() and not is_batched_iterable(data):
+        if batch_size is None and self._batch_stat_bn() and not is_batched_iterable(data):
             raise FasthessError(
-                "the model has BatchNorm in train mode, which normalizes each chunk with its own statistics; "
-                "pass batch_size=<the training batch size>, or call model.eval() to use the running statistics")
+                "the model has BatchNorm that normalizes each chunk with its own statistics (train mode, or "
+                "track_running_stats=False), so the chunk size is part of the loss; pass batch_size=<the training "
+                "batch size>, or call model.eval() on a BatchNorm with running statistics")
+        self._checked = False  # the loss contract is checked on the first pass
+        self._normalizer: float | None = None  # W, counted on the first pass
 
         def build() -> ChunkedData:
-            chunked = ChunkedData(data, batch_size, self.device)
+            chunked = ChunkedData(data, batch_size, self.device, spec)
             self._check_finite_weights()
             return chunked
 
@@ -105,16 +195,30 @@ class ModelOperator(SymmetricOperator):
         self.data = build() if self.comm is None else self.comm.setup(build, lambda d: d.num_examples)
 
     @property
+    def params(self) -> list[torch.Tensor]:
+        """The differentiated parameters θ, in the operator's layout order."""
+        return list(self._params)
+
+    @property
     def num_examples(self) -> int | None:
         """N, the number of examples over all shards (None before the first pass over an iterable of batches)."""
         return self.data.num_examples if self.comm is None else self.comm.num_examples
 
+    @property
+    def normalizer(self) -> float | None:
+        """W, what the loss on the whole data divides by (1 for a sum); None before the first pass."""
+        return self._normalizer
+
+    def with_data(self, data, **changes) -> ModelOperator:
+        """An operator of the same kind and options (``changes`` override them) on other data."""
+        return type(self)(self.model, self.loss_fn, data, **{**self._options, **changes})
+
     # ---- layout -----------------------------------------------------------------------------------
-    def unflatten(self, Vt: torch.Tensor) -> list[torch.Tensor]:
-        """Split rows of Vt (b, n) into per-parameter tensors (b, *shape_i) in the model's dtype."""
+    def unflatten(self, V: torch.Tensor) -> list[torch.Tensor]:
+        """Split the columns of V (n, b) into per-parameter tangents (b, *shape_i) in the compute dtype."""
         out, off = [], 0
         for shape, numel in zip(self.shapes, self.numels):
-            out.append(Vt[:, off:off + numel].reshape(Vt.shape[0], *shape).to(self.dtype, copy=True))
+            out.append(V[off:off + numel].T.reshape(V.shape[1], *shape).to(self.compute_dtype))
             off += numel
         return out
 
@@ -122,9 +226,13 @@ class ModelOperator(SymmetricOperator):
         """The current parameters θ as one flat float64 vector in the operator's layout."""
         return torch.cat([p.detach().reshape(-1).double() for p in self._params])
 
+    def _primals(self) -> list[torch.Tensor]:
+        return [p.detach().to(self.compute_dtype) for p in self._params]
+
     # ---- mode rules -------------------------------------------------------------------------------
-    def _train_mode_bn(self) -> bool:
-        return any(m.training for m in self._batchnorms)
+    def _batch_stat_bn(self) -> bool:
+        """Does some BatchNorm normalize with the chunk's own statistics (train mode, or no running statistics)?"""
+        return any(m.training or m.running_mean is None for m in self._batchnorms)
 
     def _check_mode(self) -> None:
         active = [m for m in self._dropouts if m.training and m.p > 0]
@@ -146,64 +254,177 @@ class ModelOperator(SymmetricOperator):
             for m, flag in saved:
                 m.track_running_stats = flag
 
+    @contextlib.contextmanager
+    def _product_scope(self, index: int) -> Iterator[None]:
+        """Around one chunk's products: the math SDPA kernel (the only one with double and forward-mode derivatives
+        on every device) and, unless ``allow_stochastic``, a check that no default generator advanced."""
+        before = None if self.allow_stochastic else _generator_states(self.device)
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+        if before is not None and not all(torch.equal(a, b) for a, b in zip(before, _generator_states(self.device))):
+            raise StochasticModelError(
+                f"the model's forward drew random numbers on chunk {index} (e.g. F.dropout(training=True) or "
+                "torch.randn_like), so the Hessian is not a fixed matrix; remove the randomness (or make it depend "
+                "on model.training and call model.eval()), or pass allow_stochastic=True to accept a random operator")
+
     def _check_finite_weights(self) -> None:
         bad = [name for name, p in zip(self.names, self._params) if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             raise NonFiniteError(f"parameters {bad[:5]} contain NaN or Inf; the Hessian is undefined there. "
                                  "Restore finite weights (e.g. from a checkpoint before divergence)")
 
+    # ---- the loss contract ------------------------------------------------------------------------
+    def _forward(self, params: dict[str, torch.Tensor], batch):
+        """The model's output on the batch with the differentiated parameters ``params`` substituted."""
+        args, kwargs = batch.args, batch.kwargs
+        if self.compute_dtype != self.dtype:  # a half-precision model runs in float32 for the products
+            params = {**{n: b.to(self.compute_dtype) for n, b in self.model.named_buffers()
+                         if b.is_floating_point()}, **params}
+            args, kwargs = _cast_floating((args, kwargs), self.compute_dtype)
+        return functional_call(self.model, params, args, kwargs, strict=False)
+
+    def _chunk_sum(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """S_c, the chunk's loss sum, as a function of the differentiated parameters (others come from the model)."""
+        return self._scalar(self.loss.chunk_sum(self._forward(params, batch), batch))
+
+    @staticmethod
+    def _scalar(value) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise FasthessError(f"the loss gave {shape}, not a scalar tensor; return a scalar (a mean or sum over "
+                                "the batch) or per-example losses of shape (rows,)")
+        return value
+
+    def _check_contract(self, chunk: Chunk) -> None:
+        """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples."""
+        batch = chunk.batch
+        names_primals = dict(zip(self.names, self._primals()))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            out = self._forward(names_primals, batch)
+        with torch.enable_grad():
+            value = self.loss_fn(out, batch.target)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
+            grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True)
+            reached = [n for (n, _), g in zip(trainable, grads) if g is not None]
+            if reached:
+                raise LossContractError(
+                    f"the loss reads the parameters {reached[:3]} outside the model's forward (e.g. an L2 penalty or "
+                    "a temperature inside the loss closure); fasthess substitutes θ only in the forward, so their "
+                    "curvature would be dropped. Move them into the model's forward, or pass the penalty as "
+                    "penalty=lambda params: ... (a function of the dict of parameters by name), whose Hessian is "
+                    "added exactly")
+        rows = batch.rows
+        if self.loss.kind == "callable" and self.loss.mode is not None:
+            self._checked = True
+            return
+        if self.loss.kind == "callable" and rows < 2:
+            raise LossContractError(
+                "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
+                "(a mean, a sum or per-example losses); use chunks of two or more examples (batch_size >= 2)")
+        h = rows // 2
+        halves = [(take_rows(out, lo, hi, rows), self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
+                  for lo, hi in ((0, h), (h, rows))] if rows >= 2 else None
+
+        def value_of(o, b):
+            with torch.no_grad():
+                return self.loss_fn(o, b.target)
+
+        if self.loss.kind == "callable":
+            def value_of(o, b):  # noqa: F811 - float64 where the loss allows it: the split test is then sharp
+                with torch.no_grad():
+                    try:
+                        return self.loss_fn(_cast_floating(o, torch.float64), _cast_floating(b.target, torch.float64))
+                    except (RuntimeError, TypeError):
+                        return self.loss_fn(o, b.target)
+        self.loss.check(value_of, out, batch, halves)
+        self._checked = True
+
     # ---- one pass over the data -------------------------------------------------------------------
-    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The chunk's mean loss as a function of the differentiated parameters (others come from the model)."""
-        loss = self.loss_fn(functional_call(self.model, params, (x,), strict=False), y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise FasthessError(f"loss_fn returned {shape}, not a scalar tensor; use a mean-reduced loss such as "
-                                "nn.CrossEntropyLoss() (reduction='mean')")
-        return loss
-
-    def _chunk_products(self, index: int, x: torch.Tensor, y: torch.Tensor, tangents: list[torch.Tensor]
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(C_c v_j for each parameter tensor, batched over j; the chunk's mean loss) of chunk number ``index``.
-
-        Implemented by subclasses.
-        """
+    def _chunk_products(self, chunk: Chunk, state: PassState) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(C_c v_j for each parameter tensor, batched over j; the chunk's loss sum S_c). Implemented by subclasses."""
         raise NotImplementedError
+
+    def _start_pass(self, tangents: list[torch.Tensor]) -> PassState:
+        """The state of a pass (subclasses add what they may reuse, e.g. kept graphs)."""
+        return PassState(tangents)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._check_mode()
-        Vt = V.T.contiguous()
-        tangents = self.unflatten(Vt)
-        acc = torch.zeros_like(Vt)
-        if self.comm is None:
-            losses = self._accumulate(acc, tangents)
-        else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
-            losses = self.comm.run_pass(acc, lambda: self._accumulate(acc, tangents), lambda: self.data.num_examples)
-        acc /= self.num_examples
-        self._check_finite_pass(losses, acc)
+        tangents = self.unflatten(V)
+        acc = V.new_zeros(V.shape[1], V.shape[0])
+        state = self._start_pass(tangents)
+        try:
+            if self.comm is None:
+                local = self._accumulate(acc, state)
+                if self._normalizer is None:
+                    self._set_normalizer(None if local is None else float(local))
+            else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
+                def local() -> tuple[torch.Tensor, torch.Tensor | None]:
+                    part = self._accumulate(acc, state)
+                    return state.stacked_losses(acc), part
+                self.comm.run_pass(acc, local, lambda: self.data.num_examples)
+                if self._normalizer is None:
+                    self._set_normalizer(self.comm.normalizer)
+        except BaseException:
+            state.abort()
+            raise
+        losses = state.stacked_losses(acc)
+        acc /= self._normalizer
+        if self.penalty is not None:
+            losses = torch.cat([losses, self._penalty_products(acc, tangents)[None]])
+        self._check_finite_pass(losses, state.indices, acc)
         return acc.T
 
-    def _accumulate(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
-        """Add Σ_c n_c·C_c v_j over this process's chunks to row j of ``acc`` (b, n); returns the chunk losses."""
-        losses = []
-        train_bn = self._train_mode_bn()
-        with self._frozen_batchnorm():
-            for i, x, y, count in self.data.chunks():
-                if train_bn and count == 1:
-                    raise FasthessError(
-                        f"chunk {i} has a single example and the model has train-mode BatchNorm, whose batch "
-                        "statistics are undefined for one example; choose a batch_size that leaves no remainder of 1, "
-                        "or call model.eval()")
-                products, loss = self._chunk_products(i, x, y, tangents)
-                ops.accumulate_dot(acc, products, float(count))
-                losses.append(loss.detach())
-        return torch.stack(losses)
+    def _set_normalizer(self, total: float | None) -> None:
+        if self.loss.sums:
+            self._normalizer = 1.0
+        elif not total:
+            raise FasthessError("the loss's normalizer over the whole data is 0 (every target is ignored, or every "
+                                "weight or count is 0), so the loss is undefined; check ignore_index and the weights")
+        else:
+            self._normalizer = total
 
-    def _check_finite_pass(self, losses: torch.Tensor, acc: torch.Tensor) -> None:
+    def _accumulate(self, acc: torch.Tensor, state: PassState) -> torch.Tensor | None:
+        """Add Σ_c S_c's products (C_c v_j) over this process's chunks to row j of ``acc`` (b, n); the chunk sums go
+        to ``state.losses``. Returns this process's part of W on the first pass (None for a sum or later passes)."""
+        total = None
+        batch_stats = self._batch_stat_bn()
+        with self._frozen_batchnorm():
+            for chunk in self.data.chunks():
+                if batch_stats and chunk.batch.rows == 1:
+                    raise FasthessError(
+                        f"chunk {chunk.index} has a single example and the model has BatchNorm with batch statistics, "
+                        "which are undefined for one example; choose a batch_size that leaves no remainder of 1, or "
+                        "call model.eval()")
+                if not self._checked:
+                    self._check_contract(chunk)
+                if self._normalizer is None and not self.loss.sums:
+                    part = self.loss.normalizer(chunk.batch).to(self.device)
+                    total = part if total is None else total + part
+                if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:
+                    continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
+                with self._product_scope(chunk.index):
+                    products, loss = self._chunk_products(chunk, state)
+                ops.accumulate_dot(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
+                                         for p in products], 1.0)
+                state.losses.append(loss.detach().to(torch.float64))
+                state.indices.append(chunk.index)
+        return total
+
+    def _penalty_products(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
+        """Add (∇²R) v_j to row j of ``acc``, once per pass; returns R(θ)."""
+        graph = gradient_graph(lambda p: self._scalar(self.penalty(p)), self.names, self._primals())
+        ops.accumulate_dot(acc, graph_products(graph, tangents, keep=False), 1.0)
+        return graph.loss.to(torch.float64)
+
+    def _check_finite_pass(self, losses: torch.Tensor, indices: list[int], acc: torch.Tensor) -> None:
         """One host sync per pass: the chunk losses and the products must be finite."""
         if bool(torch.isfinite(losses).all()) and bool(torch.isfinite(acc).all()):
             return
         bad = int((~torch.isfinite(losses)).nonzero()[0, 0]) if not bool(torch.isfinite(losses).all()) else None
+        if bad is not None and bad >= len(indices):
+            raise NonFiniteError(f"the penalty is not finite (value {float(losses[bad])}); check the penalty function")
         if bad is None and self.comm is not None:
             raise NonFiniteError("the all-reduced Hessian-vector products are Inf/NaN although this rank's chunk "
                                  "losses are finite: another rank met a non-finite loss, changed data or an error in "
@@ -211,14 +432,17 @@ class ModelOperator(SymmetricOperator):
         if bad is None:
             raise NonFiniteError("the Hessian-vector products overflowed to Inf/NaN although every chunk loss is "
                                  "finite; use a float64 model (model.double()) or rescale the loss")
-        x_bad = self._chunk_inputs_nonfinite(bad)
+        index = indices[bad]
+        x_bad = self._chunk_inputs_nonfinite(index)
         where = "its inputs contain NaN/Inf; clean the data" if x_bad else \
             "check the inputs and weights for NaN/Inf, or lower the learning rate if training diverged"
-        raise NonFiniteError(f"the loss is not finite on chunk {bad} (value {float(losses[bad])}); {where}")
+        raise NonFiniteError(f"the loss is not finite on chunk {index} (value {float(losses[bad])}); {where}")
 
     def _chunk_inputs_nonfinite(self, index: int) -> bool:
         """Error path only: does chunk ``index`` of the data hold NaN/Inf inputs?"""
-        for i, x, _, _ in self.data.chunks():
-            if i == index:
-                return x.is_floating_point() and not bool(torch.isfinite(x).all())
+        for chunk in self.data.chunks():
+            if chunk.index == index:
+                return any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                           for t in pytree.tree_leaves((chunk.batch.args, chunk.batch.kwargs))
+                           if isinstance(t, torch.Tensor))
         return False

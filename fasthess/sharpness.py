@@ -84,7 +84,7 @@ def preconditioned_lambda_max(op, precond_diag: torch.Tensor, **eigs_kwargs) -> 
 
 
 def _param_list(params: ModelOperator | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return list(params._params) if isinstance(params, ModelOperator) else list(params)
+    return params.params if isinstance(params, ModelOperator) else list(params)
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: ModelOperator | Iterable[torch.Tensor]

@@ -80,25 +80,22 @@ class SubsampledEigResult:
 def subsample_operator(op, fraction: float, seed: int = 0):
     """A :class:`fasthess.HessianOperator` like ``op`` on a random ``fraction`` of its examples, or None.
 
-    Only operators built from an ``(X, y)`` tensor pair on one process can be subsampled; for any other the
+    Only operators built from in-memory tensors ``(X, y[, w])`` on one process can be subsampled; for any other the
     answer is None (and :func:`eigs_subsampled` then solves on the full data directly).
     """
     from fasthess.hessian import HessianOperator
 
     if not 0 < fraction < 1:
         raise FasthessError(f"fraction={fraction!r} must lie strictly between 0 and 1, e.g. 0.125")
-    data = getattr(op, "data", None)
-    X, y = getattr(data, "_X", None), getattr(data, "_y", None)
-    if type(op) is not HessianOperator or X is None or y is None or getattr(op, "comm", None) is not None:
+    if type(op) is not HessianOperator or op.comm is not None or not op.data.resident:
         return None
-    N = X.shape[0]
+    N = op.data.num_examples
     m = max(math.ceil(fraction * N), MIN_SUBSET)
     if m > N // 2:
         return None
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(N, generator=gen)[:m].sort().values.to(X.device)
-    return HessianOperator(op.model, op.loss_fn, (X[idx], y[idx]), batch_size=data.batch_size, params=op._params,
-                           allow_stochastic=op.allow_stochastic, hvp=op.hvp_method, graph_memory=op.graph_memory)
+    idx = torch.randperm(N, generator=gen)[:m].sort().values
+    return op.with_data(op.data.take(idx), batch_size=op.data.batch_size, params=op.params, hvp=op.hvp_method)
 
 
 def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,

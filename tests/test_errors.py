@@ -105,10 +105,10 @@ def test_mixed_devices_are_refused():
         _op(model, make_data(shape))
 
 
-def test_non_scalar_loss_is_refused():
+def test_loss_that_is_neither_scalar_nor_per_example_is_refused():
     model, shape = make_model("tanh_mlp")
-    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), make_data(shape))
-    with pytest.raises(FasthessError, match="not a scalar"):
+    op = fasthess.HessianOperator(model, lambda out, target: out.pow(2), make_data(shape))
+    with pytest.raises(fasthess.LossContractError, match="per-example losses of shape"):
         op.matvec(_vec(op))
 
 

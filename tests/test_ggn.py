@@ -71,11 +71,15 @@ def test_train_mode_dropout_is_refused():
         GGNOperator(model, LOSSES["ce"], (X, y))
 
 
-def test_unreduced_loss_is_refused():
+def test_unreduced_loss_is_averaged_and_a_matrix_valued_loss_refused():
     model, shape = make_model("tanh_mlp")
-    op = GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), make_data(shape))
-    with pytest.raises(FasthessError, match="scalar"):
-        op.matvec(torch.ones(op.num_params, dtype=torch.float64))
+    X, y = make_data(shape, n=23)
+    op = GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), (X, y), batch_size=10)
+    G = dense_ggn(model, LOSSES["ce"], X, y)
+    torch.testing.assert_close(op.matmat(torch.eye(op.num_params, dtype=torch.float64)), G, rtol=1e-10, atol=1e-12)
+    bad = GGNOperator(model, lambda o, t: o.pow(2), (X, y))
+    with pytest.raises(FasthessError, match=r"shape \(23, 3\)"):
+        bad.matvec(torch.ones(op.num_params, dtype=torch.float64))
 
 
 def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():

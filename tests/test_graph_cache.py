@@ -119,7 +119,7 @@ def test_no_graphs_kept_for_forward_mode_or_a_stochastic_model():
 
 def test_changed_data_is_still_detected_with_kept_graphs():
     with _primed() as p:
-        p.op.data._X[0] += 1.0
+        p.op.data.resident[0][0] += 1.0
         with pytest.raises(DataChangedError):
             p.op.matvec(p.v)
 

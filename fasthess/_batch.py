@@ -1,0 +1,149 @@
+"""One data batch as the curvature operators see it: model inputs, targets, per-example weights and a count.
+
+A data source yields raw batches; :class:`BatchSpec` reads each into a :class:`Batch`. Without a spec:
+
+* ``(x, y)`` and ``(x, y, w)`` (tuples or lists): the model is called as ``model(x)`` (``model(*x)`` when ``x`` is a
+  tuple or list, ``model(**x)`` when it is a dict), ``y`` is the target and ``w`` holds one weight per example;
+* a dict (Hugging Face style): ``labels`` is the target and every other entry a keyword input, ``model(**rest)``.
+
+The count of a batch is its number of examples (the leading dimension of the target). It is the chunk's weight
+for a loss callable that returns a mean; a language model's token mean needs the token count instead, e.g.
+``BatchSpec(count=lambda b: (b["labels"][:, 1:] != -100).sum())``.
+
+>>> import torch
+>>> b = BatchSpec().read({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2, 5)})
+>>> sorted(b.kwargs), b.count
+(['input_ids'], 2)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fasthess.errors import FasthessError
+
+__all__ = ["Batch", "BatchSpec", "move", "rows_of", "take_rows", "tensors_of"]
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A read batch: ``model(*args, **kwargs)`` is scored against ``target``; ``weight`` is None or one weight per
+    example (shape ``(rows,)``); ``count`` is the chunk's normalizer for a mean-valued loss callable."""
+
+    args: tuple
+    kwargs: dict
+    target: Any
+    weight: torch.Tensor | None
+    count: int | float | torch.Tensor
+    rows: int
+
+    def with_target(self, target) -> Batch:
+        """This batch with another target (e.g. the primal that forward mode differentiates through)."""
+        return replace(self, target=target)
+
+
+def tensors_of(tree) -> list[torch.Tensor]:
+    """The tensor leaves of a nested batch or output (tuples, lists, dicts, Hugging Face outputs)."""
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def rows_of(tree) -> int | None:
+    """The leading dimension of the first batched tensor leaf (None when no leaf has a dimension)."""
+    return next((t.shape[0] for t in tensors_of(tree) if t.dim() > 0), None)
+
+
+def take_rows(tree, lo: int, hi: int, rows: int):
+    """Rows ``lo:hi`` of every tensor leaf whose leading dimension is ``rows``; other leaves unchanged."""
+    return pytree.tree_map(lambda t: t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
+                           else t, tree)
+
+
+def move(tree, device: torch.device):
+    """Every tensor leaf on ``device`` (no copy when it is there already); meta tensors are refused."""
+    def to(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_meta:
+            raise FasthessError("the data holds meta tensors, which have no values; load the real data (meta "
+                                "tensors only describe shapes)")
+        return t.to(device, non_blocking=True)
+    return pytree.tree_map(to, tree)
+
+
+def _inputs(x) -> tuple[tuple, dict]:
+    if isinstance(x, Mapping):
+        return (), dict(x)
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+class BatchSpec:
+    """How to read a raw batch; each argument is a function of the raw batch (None: the default of the module
+    docstring).
+
+    Args:
+        inputs: returns the model's input: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``).
+        targets: returns what the loss gets as its second argument.
+        weights: returns one weight per example, shape ``(rows,)``, or None.
+        count: returns the batch's normalizer for a loss callable that returns a mean (default: the number of
+            examples); e.g. the number of non-ignored tokens for a language model's token-mean loss.
+        batch_loss: the loss is defined per batch (e.g. contrastive): L is the count-weighted mean of the chunks'
+            losses, with no check that it splits over examples; the chunks must then be the training batches.
+    """
+
+    def __init__(self, *, inputs: Callable | None = None, targets: Callable | None = None,
+                 weights: Callable | None = None, count: Callable | None = None, batch_loss: bool = False) -> None:
+        for name, fn in (("inputs", inputs), ("targets", targets), ("weights", weights), ("count", count)):
+            if fn is not None and not callable(fn):
+                raise FasthessError(f"BatchSpec({name}=...) must be a function of the raw batch, got "
+                                    f"{type(fn).__name__}")
+        self.inputs, self.targets, self.weights, self.count = inputs, targets, weights, count
+        self.batch_loss = bool(batch_loss)
+
+    @property
+    def counts_itself(self) -> bool:
+        """Was a ``count`` given (the normalizer of a mean-valued loss callable)?"""
+        return self.count is not None
+
+    def _default(self, raw) -> tuple[Any, Any, Any]:
+        if isinstance(raw, Mapping):
+            if LABELS not in raw and (self.targets is None or self.inputs is None):
+                raise FasthessError(f"a dict batch needs a {LABELS!r} entry (the targets), got keys {sorted(raw)}; "
+                                    "or pass batch=fasthess.BatchSpec(inputs=..., targets=...) to name them")
+            return {k: v for k, v in raw.items() if k != LABELS}, raw.get(LABELS), None
+        if isinstance(raw, (tuple, list)) and len(raw) in (2, 3):
+            return raw[0], raw[1], raw[2] if len(raw) == 3 else None
+        raise FasthessError(f"each batch must be (x, y), (x, y, weights) or a dict with {LABELS!r}; got "
+                            f"{type(raw).__name__}{f' of length {len(raw)}' if isinstance(raw, (tuple, list)) else ''}"
+                            ". Wrap the data, or pass batch=fasthess.BatchSpec(inputs=..., targets=...)")
+
+    def read(self, raw) -> Batch:
+        """The :class:`Batch` of a raw batch."""
+        if self.inputs is not None and self.targets is not None:
+            x, y, w = self.inputs(raw), self.targets(raw), None
+        else:
+            x, y, w = self._default(raw)
+            x = x if self.inputs is None else self.inputs(raw)
+            y = y if self.targets is None else self.targets(raw)
+        if self.weights is not None:
+            w = self.weights(raw)
+        args, kwargs = _inputs(x)
+        rows = rows_of(y) if isinstance(y, torch.Tensor) else rows_of((y, args, kwargs))
+        if isinstance(y, torch.Tensor) and y.dim() == 0:
+            raise FasthessError("the targets are a 0-dim tensor, so there is no example dimension; give y a leading "
+                                "batch dimension (y.reshape(1) or y[None]) so that each example has its target")
+        if rows is None:
+            raise FasthessError("no tensor in the batch has a leading example dimension; pass batched tensors")
+        if w is not None:
+            if not isinstance(w, torch.Tensor) or w.shape != (rows,) or not w.is_floating_point():
+                raise FasthessError(f"per-example weights must be a floating tensor of shape ({rows},), got "
+                                    f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+        count = rows if self.count is None else self.count(raw)
+        return Batch(args, kwargs, y, w, count, rows)

@@ -1,0 +1,228 @@
+"""A loss as chunk sums and normalizers: L(θ) = (1/W) Σ_c S_c(θ), the user's loss on the whole data as one batch.
+
+For a per-example loss ℓᵢ with weights wᵢ, S_c = Σ_{i∈c} wᵢ ℓᵢ and W = Σ_c W_c, where W_c is what the loss
+divides by on chunk c (W = 1 for a sum). Two kinds of loss are accepted:
+
+* :class:`Criterion`, a ``torch.nn`` criterion (or its functional form, e.g. ``F.cross_entropy``). Its
+  ``reduction``, ``weight``, ``ignore_index`` and ``pos_weight`` are read: S_c is the criterion with
+  ``reduction="sum"`` (or the weighted sum of its ``reduction="none"`` elements), W_c its normalizer: the number
+  of elements for a mean, Σ weight[yᵢ] over the non-ignored targets for CrossEntropy/NLL, the number of examples
+  for KLDiv's ``"batchmean"``; ``reduction="none"`` means the average of the elements. On the first chunk the
+  rule is checked against the criterion itself.
+* :class:`LossCallable`, any ``loss(output, target)``. On the first chunk of two or more examples, the loss of
+  the chunk is compared with its halves (in float64): a scalar that is the count-weighted mean of its halves'
+  (``S_c = count·loss``, ``W_c = count``) or their sum (``S_c = loss``, W = 1), or per-example losses of shape
+  ``(rows,)`` that are the halves' concatenated (averaged with the example weights). Anything else depends on
+  the batch and is refused.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fasthess._batch import Batch
+from fasthess.errors import FasthessError, LossContractError
+
+__all__ = ["Criterion", "LossCallable", "contract_of"]
+
+# element shape of the reduction="none" output, per criterion: "target" (the target's), "rows" (one per example)
+_ELEMENTWISE = (nn.L1Loss, nn.MSELoss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
+                nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.HingeEmbeddingLoss, nn.KLDivLoss, nn.MultiMarginLoss)
+_PER_ROW = (nn.MultiLabelMarginLoss, nn.MultiLabelSoftMarginLoss)
+_CLASS_INDEXED = (nn.CrossEntropyLoss, nn.NLLLoss)
+_REFUSED = (nn.GaussianNLLLoss, nn.CTCLoss, nn.CosineEmbeddingLoss, nn.MarginRankingLoss, nn.TripletMarginLoss,
+            nn.TripletMarginWithDistanceLoss)
+_FUNCTIONAL = {F.cross_entropy: nn.CrossEntropyLoss, F.nll_loss: nn.NLLLoss, F.mse_loss: nn.MSELoss,
+               F.l1_loss: nn.L1Loss, F.smooth_l1_loss: nn.SmoothL1Loss, F.huber_loss: nn.HuberLoss,
+               F.binary_cross_entropy: nn.BCELoss, F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+               F.kl_div: nn.KLDivLoss}
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-4
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= rtol * max(abs(a), abs(b), 1e-30)
+
+
+def _rows_weight(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-example weights broadcast along the trailing dimensions of ``like``."""
+    return w.reshape(w.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class Criterion:
+    """A ``torch.nn`` criterion as chunk sums and normalizers (see the module docstring)."""
+
+    kind = "criterion"
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss, self.name = loss, type(loss).__name__
+        self.reduction = loss.reduction
+        if self.reduction not in ("mean", "sum", "none", "batchmean"):
+            raise LossContractError(f"{self.name}(reduction={self.reduction!r}) is not supported; use 'mean', "
+                                    "'sum' or 'none'")
+        self._sum = copy.copy(loss)
+        self._sum.reduction = "sum"
+        self._none = copy.copy(loss)
+        self._none.reduction = "none"
+
+    @property
+    def sums(self) -> bool:
+        """W = 1: the loss is a sum over the data."""
+        return self.reduction == "sum"
+
+    def _elements(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self._none(out, batch.target)
+
+    def chunk_sum(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """S_c: Σ of the (example-weighted) per-element losses of the chunk."""
+        if batch.weight is None and self.reduction != "none":
+            return self._sum(out, batch.target)
+        E = self._elements(out, batch)
+        return E.sum() if batch.weight is None else (E * _rows_weight(batch.weight, E)).sum()
+
+    def _denominators(self, batch: Batch) -> torch.Tensor:
+        """Per-element denominators of the mean, shaped like the reduction="none" output."""
+        y = batch.target
+        if isinstance(self.loss, _CLASS_INDEXED) and not y.is_floating_point():
+            kept = y != self.loss.ignore_index
+            if self.loss.weight is None:
+                return kept.to(torch.float64)
+            return torch.where(kept, self.loss.weight.to(torch.float64)[y.clamp(0, self.loss.weight.numel() - 1)], 0.0)
+        if isinstance(self.loss, nn.CrossEntropyLoss):  # class probabilities: one element per row (and position)
+            return torch.ones(y.shape[:1] + y.shape[2:], dtype=torch.float64, device=y.device)
+        if isinstance(self.loss, _PER_ROW) or self.reduction == "batchmean":
+            per_row = 1.0 if isinstance(self.loss, _PER_ROW) else 1.0 / max(1, y[0].numel())
+            shape = y.shape[:1] if isinstance(self.loss, _PER_ROW) else y.shape
+            return torch.full(shape, per_row, dtype=torch.float64, device=y.device)
+        return torch.ones(y.shape, dtype=torch.float64, device=y.device)
+
+    def normalizer(self, batch: Batch) -> torch.Tensor | None:
+        """W_c as a float64 0-dim tensor on the target's device, or None for a sum."""
+        if self.sums:
+            return None
+        D = self._denominators(batch)
+        return (D if batch.weight is None else D * _rows_weight(batch.weight, D).double()).sum()
+
+    def check(self, value_of: Callable, out, batch: Batch, halves) -> None:
+        """The chunk sum and normalizer reproduce the criterion itself on this chunk (``value_of(out, batch)``)."""
+        plain = Batch(batch.args, batch.kwargs, batch.target, None, batch.count, batch.rows)
+        value = value_of(out, plain)
+        if self.reduction == "none":
+            if value.shape[:1] != (batch.rows,):
+                raise LossContractError(f"{self.name}(reduction='none') returned shape {tuple(value.shape)}, not one "
+                                        f"or more losses per example ({batch.rows} rows); check the target's shape")
+            return
+        got = float(self.chunk_sum(out, plain))
+        den = self.normalizer(plain)
+        if den is not None:
+            if float(den) == 0.0:
+                return  # every target ignored: the criterion's own mean is NaN; this chunk contributes 0
+            got /= float(den)
+        if not _close(got, float(value), _rtol(out.dtype)):
+            raise LossContractError(
+                f"{self.name} with these options ({self.reduction!r}, target shape {tuple(batch.target.shape)}, "
+                f"output shape {tuple(out.shape)}) is not a mean or sum of its elements that fasthess can split "
+                f"into chunks ({got} vs {float(value)}); pass targets of the output's shape, or a loss callable "
+                "returning per-example losses of shape (rows,)")
+
+
+class LossCallable:
+    """Any ``loss(output, target)``, checked once to be a mean, a sum or per-example losses (module docstring)."""
+
+    kind = "callable"
+
+    def __init__(self, loss: Callable, batch_loss: bool = False) -> None:
+        self.loss, self.name = loss, getattr(loss, "__name__", type(loss).__name__)
+        #: "mean", "sum" or "elements", set by check; "mean" from the start for a declared per-batch loss
+        self.mode: str | None = "mean" if batch_loss else None
+
+    @property
+    def sums(self) -> bool:
+        return self.mode == "sum"
+
+    def chunk_sum(self, out, batch: Batch) -> torch.Tensor:
+        value = self.loss(out, batch.target)
+        if self.mode == "mean":
+            return value * batch.count
+        if self.mode == "elements":
+            if value.shape != (batch.rows,):
+                raise LossContractError(f"the loss returned shape {tuple(value.shape)} on a chunk of {batch.rows} "
+                                        "examples; a per-example loss must return shape (rows,) on every chunk")
+            return value.sum() if batch.weight is None else (value * batch.weight.to(value.dtype)).sum()
+        return value
+
+    def normalizer(self, batch: Batch) -> torch.Tensor | None:
+        if self.mode == "sum":
+            return None
+        if self.mode == "elements" and batch.weight is not None:
+            return batch.weight.double().sum()
+        n = batch.count if self.mode == "mean" else batch.rows
+        return n.double() if isinstance(n, torch.Tensor) else torch.tensor(float(n), dtype=torch.float64)
+
+    def check(self, value_of: Callable, out, batch: Batch, halves) -> None:
+        """Decide the mode on a chunk and its two halves ``halves = ((out1, batch1), (out2, batch2))``."""
+        v = value_of(out, batch)
+        v1, v2 = (value_of(o, b) for o, b in halves)
+        fix = ("use a per-example loss (a mean or sum over the examples of a function of each example's output, or "
+               "reduction='none'); or, if you mean the average over training batches of each batch's loss, pass "
+               "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "
+               "(batch_size=<the training batch size>)")
+        if not isinstance(v, torch.Tensor):
+            raise LossContractError(f"the loss returned {type(v).__name__}, not a tensor; return a scalar tensor or "
+                                    "per-example losses of shape (rows,)")
+        rtol = _rtol(v.dtype)
+        if v.dim() == 0:
+            if batch.weight is not None:
+                raise LossContractError("per-example weights were given but the loss returns one scalar per batch; "
+                                        "return per-example losses (reduction='none') so that each can be weighted")
+            n, n1, n2 = (float(b.count) for b in (batch, halves[0][1], halves[1][1]))
+            parts = [float(vi) * ni for vi, ni in ((v1, n1), (v2, n2)) if ni != 0.0]
+            if _close(float(v) * n, sum(parts), rtol) or (n == 0.0 and not parts):
+                self.mode = "mean"
+            elif _close(float(v), float(v1) + float(v2), rtol):
+                self.mode = "sum"
+            else:
+                raise LossContractError(
+                    f"the loss is neither the count-weighted mean nor the sum of the losses of its halves on a chunk "
+                    f"of {batch.rows} examples ({float(v)} vs halves {float(v1)} and {float(v2)} with counts "
+                    f"{n1:g} and {n2:g}): it depends on the batch (e.g. in-batch similarities, batch centring), or "
+                    f"its normalizer is not the count (for a token mean pass batch=fasthess.BatchSpec(count=...)). "
+                    f"Fix: {fix}")
+        elif v.shape == (batch.rows,):
+            if not torch.allclose(torch.cat([v1, v2]), v, rtol=rtol, atol=1e-30):
+                raise LossContractError(f"the per-example losses of a chunk differ from those of its halves: the loss "
+                                        f"depends on the batch. Fix: {fix}")
+            self.mode = "elements"
+        else:
+            raise LossContractError(f"the loss returned shape {tuple(v.shape)} on a chunk of {batch.rows} examples; "
+                                    "return a scalar (a mean or sum over the batch) or per-example losses of shape "
+                                    "(rows,)")
+
+
+def contract_of(loss_fn: Callable, batch_loss: bool = False) -> Criterion | LossCallable:
+    """The chunk-sum form of ``loss_fn``; refuses the ``torch.nn`` criteria that are not a loss of (output, target).
+
+    ``batch_loss``: the loss is declared to be defined per batch (no decomposition check; chunks are weighted by
+    their count)."""
+    if not callable(loss_fn):
+        raise FasthessError(f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
+    kind = _FUNCTIONAL.get(loss_fn)
+    if batch_loss:
+        return LossCallable(loss_fn, batch_loss=True)
+    if kind is not None:
+        return Criterion(kind())
+    if type(loss_fn) in _REFUSED:
+        raise LossContractError(
+            f"{type(loss_fn).__name__} takes more than (output, target) or scores pairs of examples, so fasthess "
+            "cannot split it into chunks; wrap it in a loss(output, target) callable that returns per-example losses "
+            "(reduction='none'), e.g. by packing the extra inputs into the model's output or the target")
+    if type(loss_fn) in (*_ELEMENTWISE, *_PER_ROW, *_CLASS_INDEXED):
+        return Criterion(loss_fn)
+    return LossCallable(loss_fn, batch_loss)
