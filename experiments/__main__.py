@@ -1,7 +1,10 @@
-"""Command line: ``python -m experiments list | run PRESET [--out DIR] [--set key=value ...] | report DIR``.
+"""Command line: ``python -m experiments list | run PRESET [--out DIR] [--seeds S,S,...] [--jobs N]
+[--paper-lambda-subset] [--set key=value ...] | report DIR``.
 
 Data-parallel: ``torchrun --nproc-per-node N -m experiments run PRESET ...`` trains each run with
-DistributedDataParallel over N processes (see :mod:`experiments.ddp`); only rank 0 writes and prints."""
+DistributedDataParallel over N processes (see :mod:`experiments.ddp`); only rank 0 writes and prints.
+Every user error (unknown preset or key, malformed value, missing directory or data, unavailable device)
+prints ``error: ...`` and exits with status 2."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +35,62 @@ def parse_set(items) -> dict:
     return out
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``"10,11,12"`` → [10, 11, 12]; ``"0-4"`` → [0, 1, 2, 3, 4]; None → None (the preset's seeds)."""
+    if text is None:
+        return None
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                seeds += range(lo, hi + 1)
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise ValueError(f"--seeds expects comma-separated integers or ranges (e.g. 10,11,12 or 0-4), "
+                         f"got {text!r}") from None
+    return seeds
+
+
+def _check_devices(overrides: dict, preset_name: str) -> None:
+    """A CUDA device asked for on a torch without CUDA is a user error, found before any run starts."""
+    import torch
+
+    from .presets import get_preset
+
+    p = get_preset(preset_name)
+    devices = {str(overrides.get("device", g.get("device", p["base"].get("device", "cpu")))) for g in p["grid"]}
+    cuda = sorted(d for d in devices if d.startswith("cuda"))
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {cuda[0]!r} requested, but this torch ({torch.__version__}) has no usable CUDA "
+                         f"device; use --set device=cpu or install a CUDA build of torch")
+
+
+def _list() -> None:
+    from .presets import get_preset, list_presets
+    from .sweep import expand
+
+    for name in list_presets():
+        p = get_preset(name)
+        n_cfg = len(expand(p, seeds=[0]))
+        wall = p["measured"] or "not measured yet"
+        print(f"{name:16s} finding {p['finding']}: {p['claim']}\n{'':16s} {n_cfg} configurations x "
+              f"{len(p['seeds'])} seeds; wall time: {wall}.\n{'':16s} {p['description']}")
+        if p.get("grid_note"):
+            print(f"{'':16s} Note: {p['grid_note']}.")
+
+
+def _error(exc: BaseException) -> int:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -39,41 +98,52 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run a preset's sweep (finished runs are skipped, interrupted ones resumed)")
     r.add_argument("preset")
     r.add_argument("--out", default=None, help="sweep directory (default runs/PRESET)")
+    r.add_argument("--seeds", default=None, help="seeds replacing the preset's, e.g. 10,11,12,13,14 or 10-14")
+    r.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    r.add_argument("--paper-lambda-subset", action="store_true",
+                   help="λ_max on the paper's 1000-example strided subset instead of the full training set "
+                        "(-paper presets)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every run (repeatable), e.g. --set max_steps=500")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    rp = sub.add_parser("report", help="rebuild results.csv, the plots and report.md of a sweep directory")
+    rp = sub.add_parser("report", help="rebuild results.csv, the plots, report.md and verdicts.json of a sweep")
     rp.add_argument("dir")
     args = ap.parse_args(argv)
 
-    from experiments import ddp
+    from . import ddp
 
     if args.cmd != "run" and ddp.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0  # list / report under torchrun: rank 0 alone
     if args.cmd == "list":
-        from experiments.presets import get_preset, list_presets
-
-        for name in list_presets():
-            p = get_preset(name)
-            print(f"{name:16s} finding {p['finding']}: {p['claim']}\n{'':16s} {len(p['grid'])} runs. {p['description']}")
+        _list()
         return 0
     if args.cmd == "run":
-        from experiments.sweep import run_sweep
+        from .presets import get_preset, paper_lambda_subset
+        from .sweep import run_sweep
 
+        try:
+            overrides = parse_set(args.set)
+            seeds = parse_seeds(args.seeds)
+            if args.paper_lambda_subset:
+                overrides = {**paper_lambda_subset(get_preset(args.preset)), **overrides}
+            _check_devices(overrides, args.preset)
+        except (KeyError, ValueError) as exc:
+            return _error(exc)
         ddp.init()  # under torchrun: the process group (a no-op in a plain process)
         try:
-            run_sweep(args.preset, args.out, parse_set(args.set), progress=not args.no_progress)
-        except (KeyError, ValueError, OSError) as exc:  # OSError: e.g. StorageError on a full disk
-            if ddp.is_main():
-                print(f"error: {exc}", file=sys.stderr)
-            return 2
+            run_sweep(args.preset, args.out, overrides, progress=not args.no_progress, seeds=seeds, jobs=args.jobs)
+        except (KeyError, ValueError, OSError) as exc:  # OSError: e.g. StorageError on a full disk, DataError
+            return _error(exc) if ddp.is_main() else 2
         finally:
             ddp.teardown()
         return 0
     if args.cmd == "report":
-        from experiments.report import build_report
+        from .report import build_report
 
-        path = build_report(args.dir)
+        try:
+            path = build_report(args.dir)
+        except (KeyError, ValueError, OSError) as exc:
+            return _error(exc)
         print(path.read_text())
         return 0
     return 1

@@ -187,8 +187,9 @@ def read_digits():
     return X[:1297], y[:1297], X[1297:], y[1297:]
 
 
-def read_mnist1d(num_samples: int = 5000, seed: int = 42):
-    """MNIST-1D generated offline by the mnist1d package (default 4000 train / 1000 test, 40 features)."""
+def read_mnist1d(num_samples: int = 5000, seed: int = 42, num_train: int | None = None):
+    """MNIST-1D generated offline by the mnist1d package (40 features): ``num_samples`` examples, the first
+    ``num_train`` of them for training (default 80 %, the package's split: 4000 train / 1000 test)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -199,8 +200,12 @@ def read_mnist1d(num_samples: int = 5000, seed: int = 42):
         d = make_dataset(args)
     finally:
         np.random.set_state(state)
-    X, Xt = d["x"].astype(np.float32), d["x_test"].astype(np.float32)
-    return X[:, None], d["y"].astype(np.int64), Xt[:, None], d["y_test"].astype(np.int64)
+    X = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None]
+    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+    k = len(d["x"]) if num_train is None else num_train
+    if not 0 < k < len(X):
+        raise ValueError(f"mnist1d num_train must be in [1, num_samples), got {num_train} of {num_samples}")
+    return X[:k], y[:k], X[k:], y[k:]
 
 
 def read_synthetic(n_train: int = 1000, n_test: int = 500, dim: int = 20, num_classes: int = 4, seed: int = 0,

@@ -32,7 +32,8 @@ from fasthess.distributed import shard_range
 T = TypeVar("T")
 
 __all__ = ["DistContext", "launched_by_torchrun", "init", "teardown", "context", "is_main", "local_part",
-           "all_reduce_sum", "main_decides", "broadcast_from_main", "main_process_only", "sync_buffers"]
+           "all_reduce_sum", "all_gather_objects", "main_decides", "broadcast_from_main", "main_process_only",
+           "sync_buffers", "accumulate_grad"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,15 @@ def all_reduce_sum(values, ctx: DistContext, device=None) -> list[float]:
     return t.tolist()
 
 
+def all_gather_objects(obj: T, ctx: DistContext) -> list[T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` when single-process)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.group)
+    return out
+
+
 def broadcast_from_main(obj: T, ctx: DistContext) -> T:
     """Rank 0's ``obj`` on every rank (pickled; tensors should be on the CPU)."""
     if not ctx.enabled:
@@ -196,3 +206,37 @@ def sync_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
         else:
             dist.broadcast(b, src=dist.get_global_rank(ctx.group, 0) if ctx.group is not dist.group.WORLD
                            else 0, group=ctx.group)
+
+
+def accumulate_grad(model: torch.nn.Module, params, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                    chunk: int, ctx: DistContext, device=None) -> float:
+    """This rank's part of the global batch ``idx`` in chunks of ``chunk``: each chunk's summed loss times W/b
+    is back-propagated, DDP's all-reduce on the last chunk only (``no_sync`` before); a model not wrapped in
+    DDP has its gradients all-reduced here. ``.grad`` then holds the gradient of the global batch's mean loss;
+    returns that loss (all-reduced, so every rank takes the same branch on a non-finite loss)."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    for p in params:
+        p.grad = None
+    b, W = len(idx), ctx.world_size
+    mine = local_part(idx, ctx)
+    starts = list(range(0, len(mine), chunk)) or [0]  # an empty part still joins the all-reduce
+    wrapped = isinstance(model, DistributedDataParallel)
+    total = 0.0
+    for i, s in enumerate(starts):
+        j = mine[s:s + chunk]
+        sync = i == len(starts) - 1
+        with (model.no_sync() if wrapped and not sync else contextlib.nullcontext()):
+            loss_sum = F.cross_entropy(model(X[j]), y[j], reduction="sum")
+            (loss_sum * (W / b)).backward()
+        total += float(loss_sum.detach()) / b
+    if not wrapped:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            p.grad.div_(W)
+    return all_reduce_sum([total], ctx, device=device)[0]

@@ -1,19 +1,33 @@
-"""Sweep report: results.csv, PNG plots (λ_max vs test accuracy; λ_max over training with 2/η) and
-report.md with a verdict, computed from the numbers, for each of the paper's claims."""
+"""Sweep report: results.csv (one row per run), the plots, report.md (per-configuration statistics, excluded
+runs with reasons, one verdict per claim with the interval that decided it) and verdicts.json (the same
+verdicts, machine-readable)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep import varied_values
-from experiments.train import atomic_write_text
+from . import plots, stats
+from .config import config_name, varied_values
+from .storage import atomic_write_json, atomic_write_text
+from .verdicts import Evidence, Verdict, decide, lam, overall, usable
 
-COLUMNS = ["name", "optimizer", "lr", "batch_size", "rho", "dropout", "batch_norm", "model", "dataset", "status",
-           "steps", "epochs", "train_acc", "test_acc", "train_loss", "lambda_max", "lambda_between_iterates",
-           "lambda_used", "two_over_lr", "lambda_residual", "lambda_hvps_total", "wall_seconds", "diverged_step"]
+COLUMNS = ["name", "config", "seed", "optimizer", "lr", "batch_size", "rho", "dropout", "batch_norm", "model",
+           "dataset", "status", "excluded", "steps", "epochs", "train_acc", "test_acc", "train_loss", "lambda_max",
+           "lambda_converged", "lambda_between_iterates", "lambda_used", "two_over_lr", "lambda_residual",
+           "lambda_hvps_total", "wall_seconds", "diverged_step"]
+
+STATS_METHOD = (
+    "Per configuration: mean ± SD over seeds and a 95% t-interval of the mean (λ_max: geometric mean, interval "
+    "on log λ_max). Accuracy contrasts (gains, differences): paired by seed, with a t-interval whose variance "
+    "is the two-way (seed × test example) random-effects estimate V = V_seed + V_test − V_interaction from the "
+    "stored per-example test correctness, so it holds both the seed spread and the sampling noise of the "
+    "shared test set (McNemar-type term); Satterthwaite degrees of freedom. λ_max contrasts: paired t-interval "
+    "of log λ_max over seeds. Equivalence: TOST (90% interval inside ±margin). Claims over several "
+    "comparisons: 'every one' needs each at 95%, 'some one' uses Bonferroni-adjusted levels.")
 
 
 def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -31,235 +45,57 @@ def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-def lam(run) -> float | None:
-    """The run's sharpness: the between-iterates maximum when computed, else the final λ_max."""
-    s = run["summary"] or {}
-    v = s.get("lambda_between_iterates")
-    return v if v is not None else s.get("lambda_max")
-
-
-def _ok(run) -> bool:
-    s = run["summary"]
-    return bool(s) and s["status"] != "diverged" and lam(run) is not None and s.get("test_acc") is not None
-
-
-def _row(run) -> dict[str, Any]:
+def _row(run, cname: str, why: str | None) -> dict[str, Any]:
     c, s = run["cfg"], run["summary"] or {}
-    row = {"name": run["name"], **{k: c.get(k) for k in ("optimizer", "lr", "rho", "dropout", "batch_norm", "model", "dataset")}}
+    row = {"name": run["name"], "config": cname, "seed": c.get("init_seed"), "excluded": why or "",
+           **{k: c.get(k) for k in ("optimizer", "lr", "rho", "dropout", "batch_norm", "model", "dataset")}}
     row["batch_size"] = s.get("batch_size", c.get("batch_size"))
-    for k in ("status", "steps", "epochs", "train_acc", "test_acc", "train_loss", "lambda_max",
+    for k in ("status", "steps", "epochs", "train_acc", "test_acc", "train_loss", "lambda_max", "lambda_converged",
               "lambda_between_iterates", "two_over_lr", "lambda_residual", "lambda_hvps_total", "wall_seconds",
               "diverged_step"):
         row[k] = s.get(k)
-    row["lambda_used"] = lam(run) if s else None
+    row["lambda_used"] = lam(s) if s else None
     if not s:
         row["status"] = "incomplete"
     return row
 
 
 def _f(x, nd=4):
-    return "-" if x is None else (f"{x:.{nd}g}" if isinstance(x, float) else str(x))
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else (
+        f"{x:.{nd}g}" if isinstance(x, float) else str(x))
 
 
-def _pct(x):
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pm(s: stats.Summary, scale: float = 1.0, nd: int = 3) -> str:
+    if s.n == 0:
+        return "-"
+    if s.n == 1:
+        return f"{_f(scale * s.mean, nd)} (1 seed)"
+    return f"{_f(scale * s.mean, nd)} ± {_f(scale * s.sd, 2)} [{_f(scale * s.lo, nd)}, {_f(scale * s.hi, nd)}]"
 
 
-# ---------------------------------------------------------------------------- verdicts
-def _by(runs, key):
-    out: dict[Any, list] = {}
-    for r in runs:
-        out.setdefault(r["cfg"].get(key) if key != "batch_size" else r["summary"]["batch_size"], []).append(r)
-    return out
+def _interval_text(v: Verdict) -> tuple[str, str, str]:
+    """(statistic, estimate, interval) columns; accuracy in points, λ contrasts as ratios."""
+    t = v.deciding
+    if t is None:
+        return "-", "-", "-"
+    iv = t.interval
+    if t.statistic.startswith("log("):
+        est, lo, hi = (math.exp(x) if math.isfinite(x) else math.nan for x in (iv.estimate, iv.lo, iv.hi))
+        name = "ratio " + t.statistic[4:-1] if t.statistic.endswith(")") else t.statistic
+        return name, _f(est, 3), f"[{_f(lo, 3)}, {_f(hi, 3)}] ({100 * iv.level:.1f}%)"
+    pts = [100 * x for x in (iv.estimate, iv.lo, iv.hi)]
+    return t.statistic, f"{pts[0]:+.2f} pts", f"[{pts[1]:+.2f}, {pts[2]:+.2f}] pts ({100 * iv.level:.1f}%)" \
+        if iv.defined else "undefined (needs ≥ 2 seeds)"
 
 
-def _acc(r):
-    return r["summary"]["test_acc"]
-
-
-def _verdict_f1(runs, th):
-    claims = []
-    groups = sorted(_by(runs, "batch_size").items())
-    lam_ok, parts, gains = True, [], {}
-    for B, rs in groups:
-        rs = sorted(rs, key=lambda r: r["cfg"]["lr"])
-        if len(rs) < 2:
-            continue
-        lo, hi = rs[0], rs[-1]
-        lam_ok &= lam(hi) < lam(lo)
-        parts.append(f"B={B}: λ_max {lam(lo):.3g} (η={lo['cfg']['lr']:g}) → {lam(hi):.3g} (η={hi['cfg']['lr']:g})")
-        gains[B] = (max(_acc(r) for r in rs[1:]) - _acc(lo), lo, rs)
-    if not gains:
-        return [("Larger η lowers λ_max", None, "needs at least two learning rates per batch size")]
-    claims.append(("A larger learning rate lowers λ_max (at every batch size)", lam_ok, "; ".join(parts)))
-    Bs = sorted(gains)
-    g_small, g_large = gains[Bs[0]][0], gains[Bs[-1]][0]
-    tol = th.get("acc_tol", 0.01)
-    claims.append((f"A larger learning rate improves test accuracy at small batch (B={Bs[0]})", g_small > tol,
-                   f"best gain over η={gains[Bs[0]][1]['cfg']['lr']:g}: {100 * g_small:+.1f} pts (threshold {100 * tol:.1f})"))
-    if len(Bs) > 1:
-        vanish = g_large < max(g_small / 2, tol) and g_large < g_small
-        claims.append((f"…and the gain vanishes at large batch (B={Bs[-1]})", vanish,
-                       f"gain at B={Bs[-1]}: {100 * g_large:+.1f} pts vs {100 * g_small:+.1f} pts at B={Bs[0]}"))
-    return claims
-
-
-def _verdict_f2(runs, th):
-    if len(runs) < 2:
-        return [("η/B constant", None, "needs at least two runs")]
-    rs = sorted(runs, key=lambda r: r["summary"]["batch_size"])
-    lams = [lam(r) for r in rs]
-    accs = [_acc(r) for r in rs]
-    ratio = max(lams) / max(min(lams), 1e-12)
-    spread = max(accs) - min(accs)
-    desc = ", ".join(f"(η={r['cfg']['lr']:g}, B={r['summary']['batch_size']}): λ={lam(r):.3g}, acc={100 * _acc(r):.1f}%" for r in rs)
-    return [
-        ("λ_max changes with the scale at fixed η/B", ratio >= th.get("lambda_ratio", 1.25),
-         f"max/min λ_max = {ratio:.2f} (threshold {th.get('lambda_ratio', 1.25):.2f}); {desc}"),
-        ("Test accuracy does not change", spread <= th.get("acc_tol", 0.01),
-         f"test-accuracy range {100 * spread:.1f} pts (tolerance {100 * th.get('acc_tol', 0.01):.1f})"),
-    ]
-
-
-def _rho(r):
-    return r["cfg"]["rho"] if r["cfg"]["optimizer"] in ("sam", "asam") else 0.0
-
-
-def _verdict_f3(runs, th):
-    groups = sorted(_by(runs, "batch_size").items())
-    lam_ok, parts, gains = True, [], {}
-    for B, rs in groups:
-        base = [r for r in rs if _rho(r) == 0]
-        sam = [r for r in rs if _rho(r) > 0]
-        if not base or not sam:
-            continue
-        b = base[0]
-        top = max(sam, key=_rho)
-        lam_ok &= all(lam(r) < lam(b) for r in sam)
-        parts.append(f"B={B}: λ_max {lam(b):.3g} (SGD) → " + ", ".join(f"{lam(r):.3g} (ρ={_rho(r):g})" for r in sorted(sam, key=_rho)))
-        gains[B] = max(_acc(r) for r in sam) - _acc(b)
-    if not gains:
-        return [("SAM lowers λ_max", None, "needs ρ=0 and ρ>0 runs at one batch size")]
-    tol = th.get("acc_tol", 0.01)
-    Bs = sorted(gains)
-    out = [("SAM lowers λ_max (every ρ>0, every batch size)", lam_ok, "; ".join(parts)),
-           (f"SAM improves test accuracy at small batch (B={Bs[0]})", gains[Bs[0]] > tol,
-            f"best gain {100 * gains[Bs[0]]:+.1f} pts (threshold {100 * tol:.1f})")]
-    if len(Bs) > 1:
-        g_s, g_l = gains[Bs[0]], gains[Bs[-1]]
-        out.append((f"…and the gain vanishes at large batch (B={Bs[-1]})", g_l < max(g_s / 2, tol) and g_l < g_s,
-                    f"gain at B={Bs[-1]}: {100 * g_l:+.1f} pts vs {100 * g_s:+.1f} pts at B={Bs[0]}"))
-    return out
-
-
-def _verdict_f4(runs, th):
-    rs = sorted(runs, key=lambda r: r["cfg"]["dropout"])
-    if len(rs) < 2:
-        return [("dropout", None, "needs at least two dropout rates")]
-    p0, ph = rs[0], rs[-1]
-    best = max(rs, key=_acc)
-    desc = ", ".join(f"p={r['cfg']['dropout']:g}: λ={lam(r):.3g}, acc={100 * _acc(r):.1f}%" for r in rs)
-    tol = th.get("acc_tol", 0.01)
-    return [
-        (f"High dropout (p={ph['cfg']['dropout']:g}) lowers λ_max", lam(ph) < lam(p0),
-         f"λ_max {lam(p0):.3g} at p={p0['cfg']['dropout']:g} → {lam(ph):.3g} at p={ph['cfg']['dropout']:g}; {desc}"),
-        (f"…yet hurts test accuracy (below the best p={best['cfg']['dropout']:g})", _acc(best) - _acc(ph) > tol,
-         f"{100 * _acc(ph):.1f}% at p={ph['cfg']['dropout']:g} vs {100 * _acc(best):.1f}% best (tolerance {100 * tol:.1f} pts)"),
-    ]
-
-
-def _verdict_f5(runs, th):
-    by_lr: dict[float, dict[bool, Any]] = {}
-    for r in runs:
-        by_lr.setdefault(r["cfg"]["lr"], {})[bool(r["cfg"]["batch_norm"])] = r
-    pairs = sorted((lr, d[True], d[False]) for lr, d in by_lr.items() if True in d and False in d)
-    if not pairs:
-        return [("BatchNorm", None, "needs BN and no-BN runs at a common learning rate")]
-    dacc = [_acc(b) - _acc(n) for _, b, n in pairs]
-    lower = [lam(b) < lam(n) for _, b, n in pairs]
-    desc = "; ".join(f"η={lr:g}: acc {100 * _acc(b):.1f}% (BN) vs {100 * _acc(n):.1f}% (no BN), λ_max {lam(b):.3g} vs {lam(n):.3g}"
-                     for lr, b, n in pairs)
-    mean = sum(dacc) / len(dacc)
-    return [
-        ("BatchNorm improves test accuracy", mean > th.get("acc_tol", 0.0) and sum(d > 0 for d in dacc) * 2 > len(dacc),
-         f"mean gain {100 * mean:+.1f} pts, better at {sum(d > 0 for d in dacc)}/{len(dacc)} learning rates; {desc}"),
-        ("…without consistently lowering λ_max", not all(lower),
-         f"BN has the lower λ_max at {sum(lower)}/{len(lower)} learning rates"),
-    ]
-
-
-VERDICTS = {1: _verdict_f1, 2: _verdict_f2, 3: _verdict_f3, 4: _verdict_f4, 5: _verdict_f5}
-
-
-def verdicts(finding: int, runs, thresholds=None):
-    """[(claim, True/False/None, numbers)] for the finished, non-diverged runs."""
-    good = [r for r in runs if _ok(r)]
-    if not good:
-        return [(f"Finding {finding}", None, "no finished runs")]
-    return VERDICTS[finding](good, thresholds or {})
-
-
-# ---------------------------------------------------------------------------- plots
-_SYMBOL = {"batch_size": "B", "dropout": "p", "batch_norm": "BN", "lr": "η", "rho": "ρ"}
-
-
-def _label(run, vary) -> str:
-    """Legend text of a run, e.g. ``sgd B=32 η=0.1``."""
-    return " ".join(str(v) if k == "optimizer" else f"{_SYMBOL.get(k, k)}={v}"
-                    for k, v in varied_values(run["cfg"], vary, "GD"))
-
-
-def make_plots(sweep_dir: Path, runs, vary, title) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    good = [r for r in runs if _ok(r)]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(good):
-        ax.scatter(lam(r), 100 * _acc(r), color=cmap(i % 10), s=50, label=_label(r, vary))
-    ax.set_xscale("log")
-    ax.set_xlabel("λ_max (final)")
-    ax.set_ylabel("test accuracy (%)")
-    paths.append(_save(fig, ax, title, sweep_dir / "lambda_vs_test_acc.png"))
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, r in enumerate(runs):
-        pts = [(m["step"], m["lambda_max"]) for m in r["metrics"] if m.get("lambda_max") is not None]
-        if not pts:
-            continue
-        col = cmap(i % 10)
-        ax.plot(*zip(*pts), "o-", color=col, ms=3, label=_label(r, vary))
-        ax.axhline(2.0 / r["cfg"]["lr"], color=col, ls="--", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("λ_max   (dashed: 2/η)")
-    paths.append(_save(fig, ax, title, sweep_dir / "lambda_over_training.png"))
-    return paths
-
-
-def _save(fig, ax, title: str, path: Path) -> Path:
-    """Title, legend (when anything is labelled), tight layout; write the PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
-    ax.set_title(title, fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------- report
 def build_report(sweep_dir: str | Path) -> Path:
-    """Write results.csv, the plots and report.md for ``sweep_dir``; return report.md's path."""
-    from experiments.presets import FINDINGS, get_preset
+    """Write results.csv, the plots, report.md and verdicts.json for ``sweep_dir``; return report.md's path."""
+    from .presets import FINDINGS, get_preset
 
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist; give the --out directory of a "
+                                f"'python -m experiments run' (default runs/PRESET)")
     meta = json.loads((sweep_dir / "sweep.json").read_text()) if (sweep_dir / "sweep.json").is_file() else {}
     preset = None
     if meta.get("preset"):
@@ -273,9 +109,12 @@ def build_report(sweep_dir: str | Path) -> Path:
         runs = [r for r in runs if r["name"] in names] or runs
     finding = meta.get("finding") or (preset or {}).get("finding")
     vary = (preset or {}).get("vary", ["optimizer", "lr", "batch_size"])
-    rows = [_row(r) for r in runs]
-
-    import io
+    cname = lambda cfg: config_name(cfg, vary)  # noqa: E731
+    ev, excluded = usable(runs, cname)
+    order = {n: i for i, n in enumerate(meta.get("configs", []))}  # the preset's grid order
+    ev.configs.sort(key=lambda c: order.get(c.name, len(order)))
+    why = dict(excluded)
+    rows = [_row(r, cname(r["cfg"]), why.get(r["name"])) for r in runs]
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
@@ -283,47 +122,91 @@ def build_report(sweep_dir: str | Path) -> Path:
     for row in rows:
         w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
     atomic_write_text(sweep_dir / "results.csv", buf.getvalue())
-    title = f"{meta.get('preset', sweep_dir.name)}: finding {finding}" if finding else sweep_dir.name
-    plots = make_plots(sweep_dir, runs, vary, title)
+
+    claim = FINDINGS[finding] if finding else sweep_dir.name
+    title = f"{meta.get('preset', sweep_dir.name)}: {claim}"
+    label = lambda cfg: " ".join(  # noqa: E731
+        str(v) if k == "optimizer" else f"{plots_symbol(k)}={v}" for k, v in varied_values(cfg, vary, "GD"))
+    spec = (preset or {}).get("plot", {"x": "lr", "panel": "none"})
+    made = [plots.effect_plot(ev, spec["x"], spec["panel"], title, sweep_dir / "effect.png"),
+            plots.scatter_plot(ev, label, title, sweep_dir / "lambda_vs_test_acc.png"),
+            plots.training_plot(ev, label, title, sweep_dir / "lambda_over_training.png")]
+    figures = [p for p in made if p is not None]
+
+    vs = decide(finding, ev, (preset or {}).get("claims")) if finding else []
+    verdict_all = overall(vs) if vs else None
+    atomic_write_json(sweep_dir / "verdicts.json", {
+        "preset": meta.get("preset"), "finding": finding, "claim": claim if finding else None,
+        "seeds": meta.get("seeds"), "overall": verdict_all, "claims": [v.as_dict() for v in vs],
+        "excluded": [{"run": n, "reason": r} for n, r in excluded], "statistics": STATS_METHOD})
 
     L = [f"# {meta.get('preset', sweep_dir.name)}", ""]
     if preset:
-        L += [f"**Finding {finding}** (Kaur, Cohen & Lipton 2023): {FINDINGS[finding]}", "", f"Setup: {preset['description']}", ""]
+        L += [f"**Finding {finding}** (Kaur, Cohen & Lipton 2023): {FINDINGS[finding]}", "",
+              f"Setup: {preset['description']}", "", f"Seeds: {meta.get('seeds')}", ""]
         if meta.get("overrides"):
             L += [f"Overrides: `{json.dumps(meta['overrides'])}`", ""]
-    L += ["## Runs", "", "| run | status | steps | train acc | test acc | λ_max | λ_max between iterates | 2/η | HVPs | time (s) |",
+    if vs:
+        L += ["## Verdicts", "", "| claim | outcome | deciding statistic | estimate | interval | rule |",
+              "|---|---|---|---|---|---|"]
+        for v in vs:
+            st, est, iv = _interval_text(v)
+            note = f" ({v.note})" if v.note else ""
+            L.append(f"| {v.claim} | **{v.outcome}**{note} | {st} | {est} | {iv} | {v.rule} |")
+        n_rep = sum(v.outcome == "reproduced" for v in vs)
+        L += ["", f"**Finding {finding}: {verdict_all}** ({n_rep}/{len(vs)} claims reproduced, "
+              f"{sum(v.outcome == 'contradicted' for v in vs)} contradicted).", "",
+              "<details><summary>every test</summary>", "", "| claim | statistic | outcome | estimate | interval |",
+              "|---|---|---|---|---|"]
+        for v in vs:
+            for t in v.tests:
+                st, est, iv = _interval_text(Verdict(v.claim, t.outcome, "", t, []))
+                L.append(f"| {v.claim} | {st} | {t.outcome} | {est} | {iv} |")
+        L += ["", "</details>", ""]
+    L += ["## Statistics", "", STATS_METHOD, ""]
+    L += ["## Configurations (usable runs)", "",
+          "| configuration | seeds | test acc % (mean ± SD [95% CI]) | λ_max (geo. mean ± SD of log [95% CI]) | steps (mean) |",
+          "|---|---|---|---|---|"]
+    for c in ev.configs:
+        steps = stats.summarize([r["summary"]["steps"] for r in c.runs.values()])
+        L.append(f"| {c.name} | {len(c.runs)} | {_pm(stats.summarize(list(c.acc().values())), 100)} | "
+                 f"{_pm(stats.summarize_log(list(c.lam().values())))} | {_f(steps.mean, 5)} |")
+    L.append("")
+    if excluded:
+        L += [f"## Excluded runs ({len(excluded)})", "", "| run | reason |", "|---|---|"]
+        L += [f"| {n} | {r} |" for n, r in excluded] + [""]
+    L += ["## Runs", "", "| run | status | steps | train acc | test acc | λ_max | λ between iterates | 2/η | HVPs | time (s) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         st = row["status"] + (f" @ {row['diverged_step']}" if row.get("diverged_step") is not None else "")
         L.append(f"| {row['name']} | {st} | {_f(row['steps'])} | {_pct(row['train_acc'])} | {_pct(row['test_acc'])} | "
                  f"{_f(row['lambda_max'])} | {_f(row['lambda_between_iterates'])} | {_f(row['two_over_lr'])} | "
                  f"{_f(row['lambda_hvps_total'])} | {_f(row['wall_seconds'], 3)} |")
-    L.append("")
-    n_div = sum(1 for r in rows if r["status"] == "diverged")
-    n_inc = sum(1 for r in rows if r["status"] == "incomplete")
-    if n_div or n_inc:
-        L += [f"{n_div} diverged and {n_inc} unfinished runs are left out of the verdicts.", ""]
-    if finding:
-        L += ["## Verdicts", "", "| claim | reproduced | numbers |", "|---|---|---|"]
-        vs = verdicts(finding, runs, (preset or {}).get("claims"))
-        for claim, ok, nums in vs:
-            L.append(f"| {claim} | {'yes' if ok else ('n/a' if ok is None else 'no')} | {nums} |")
-        decided = [ok for _, ok, _ in vs if ok is not None]
-        overall = "yes" if decided and all(decided) else ("partly" if any(decided) else "no")
-        L += ["", f"**Finding {finding} reproduced: {overall}** ({sum(decided)}/{len(decided)} claims).", ""]
-    L += ["## Files", "", "- `results.csv`: one row per run"] + [f"- `{p.name}`" + (
-        ": λ_max against test accuracy" if "vs" in p.name else ": λ_max over training, dashed lines at 2/η") for p in plots]
-    L.append("- `<run>/config.json`, `metrics.jsonl`, `summary.json`, `checkpoint.pt`, `final_model.pt`")
-    for p in plots:
+    env = next((r["summary"].get("environment") for r in runs if r["summary"] and r["summary"].get("environment")), None)
+    L += ["", "## Files", "", "- `verdicts.json`: the verdicts above, machine-readable",
+          "- `results.csv`: one row per run (with the exclusion reason)"]
+    L += [f"- `{p.name}`" for p in figures]
+    L.append("- `<run>/config.json` (config and environment), `metrics.jsonl`, `summary.json` (with per-example "
+             "test correctness), `checkpoint.pt`, `final_model.pt`")
+    if env:
+        git = env.get("git") or {}
+        L += ["", f"Environment: fasthess {env.get('fasthess')}, torch {env.get('torch')}, Python {env.get('python')}, "
+              f"device {env.get('device')} ({env.get('device_name')}), commit "
+              f"{git.get('commit', 'n/a')}{' (dirty)' if git.get('dirty') else ''}."]
+    for p in figures:
         L += ["", f"![{p.stem}]({p.name})"]
     out = sweep_dir / "report.md"
     atomic_write_text(out, "\n".join(L) + "\n")
     return out
 
 
-def overall_verdict(sweep_dir) -> str:
-    text = (Path(sweep_dir) / "report.md").read_text()
-    for line in text.splitlines():
-        if line.startswith("**Finding") and "reproduced" in line:
-            return line
-    return ""
+_SYMBOL = {"batch_size": "B", "dropout": "p", "batch_norm": "BN", "lr": "η", "rho": "ρ"}
+
+
+def plots_symbol(key: str) -> str:
+    return _SYMBOL.get(key, key)
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+

@@ -1,5 +1,13 @@
-"""Sweeps: expand a preset into runs, give each run a directory named from its hyperparameters,
-skip finished runs, resume interrupted ones from their last checkpoint, then rebuild the report.
+"""Sweeps: expand a preset into runs (every grid point with every seed), give each run a directory named
+from its hyperparameters and seed, skip finished runs, resume interrupted ones from their last checkpoint,
+optionally run ``jobs`` of them at once in worker processes, then rebuild the report.
+
+Seeds: a preset declares ``seeds``; run ``(point, s)`` uses ``init_seed = data_seed = s`` (initialization,
+data order and dropout noise); ``seeds=`` (``--seeds``) replaces the preset's list.
+
+Parallel runs (``jobs > 1``): each run trains in a spawned worker process with the run's own ``threads``
+setting and its own copy of the data, so a run's result does not depend on ``jobs`` or on the order in which
+runs finish. Workers end when the parent process dies (also on kill -9).
 
 Several runners may share one sweep directory (e.g. one per GPU, or a second one started by mistake): each
 run is trained under an exclusive lock on ``<run_dir>/.lock`` (see :func:`experiments.storage.run_lock`).
@@ -10,61 +18,55 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import ddp
-from experiments.storage import RunLockedError, clean_stale_tmp, run_lock
-from experiments.train import Trainer, _jsonable, atomic_write_json, resolve_config
-
-_SHORT = {"optimizer": "opt", "batch_size": "bs", "dropout": "p", "batch_norm": "bn", "init_seed": "seed",
-          "data_seed": "dseed", "momentum": "mom", "model": "model", "dataset": "data"}
+from . import ddp
+from .config import config_name, data_args, data_key, resolve_config, run_name
+from .storage import RunLockedError, _jsonable, atomic_write_json, clean_stale_tmp, run_lock
+from .train import Trainer, config_record
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return "-".join(_fmt(x) for x in v)
-    if v is None:
-        return "none"
-    return str(v).replace("/", "-").replace(" ", "")
+def preset_seeds(preset: dict[str, Any], seeds: Sequence[int] | None = None) -> list[int]:
+    """The seeds of a sweep: ``seeds`` when given, else the preset's (default ``[0]``); checked."""
+    out = list(preset.get("seeds", [0]) if seeds is None else seeds)
+    if not out:
+        raise ValueError("the seed list is empty; give at least one seed, e.g. --seeds 0,1")
+    bad = [s for s in out if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**31]
+    if bad:
+        raise ValueError(f"seeds must be integers in [0, 2**31), got {bad}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"seeds must be distinct, got {out}")
+    return out
 
 
-def varied_values(cfg: dict[str, Any], keys, full_batch: str) -> list[tuple[str, Any]]:
-    """(key, value) of the hyperparameters that vary in a sweep; a GD run's batch size shows as ``full_batch``."""
-    return [(k, full_batch if k == "batch_size" and cfg.get("optimizer") == "gd" else cfg.get(k)) for k in keys]
-
-
-def run_name(cfg: dict[str, Any], keys) -> str:
-    """Directory name from the hyperparameters that vary in the sweep, e.g. ``opt=sgd_lr=0.1_bs=32``."""
-    return "_".join(f"{_SHORT.get(k, k)}={_fmt(v)}" for k, v in varied_values(cfg, keys, "full")) or "run"
-
-
-def expand(preset: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The runs of a preset: base config, each grid point, then the command line's ``--set`` overrides."""
+def expand(preset: dict[str, Any], overrides: dict[str, Any] | None = None,
+           seeds: Sequence[int] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The runs of a preset: base config, each grid point, each seed, then the command line's ``--set`` overrides."""
     overrides = overrides or {}
     runs, names = [], set()
     keys = preset["vary"]
     for point in preset["grid"]:
-        cfg = dict(preset["base"])
-        cfg.update(point)
-        cfg.update(overrides)
-        cfg = resolve_config(cfg)
-        name = run_name(cfg, keys)
-        if name in names:  # overrides collapsed two grid points into one
-            continue
-        names.add(name)
-        runs.append((name, cfg))
+        for s in preset_seeds(preset, seeds):
+            cfg = {**preset["base"], **point, "init_seed": s, "data_seed": s, **overrides}
+            cfg = resolve_config(cfg)
+            name = run_name(cfg, keys)
+            if name in names:  # overrides collapsed two runs into one
+                continue
+            names.add(name)
+            runs.append((name, cfg))
     return runs
 
 
-def _data_key(cfg):
-    return json.dumps({k: cfg[k] for k in ("dataset", "data_root", "verify", "train_subset", "train_stride",
-                                            "test_subset", "test_stride", "data_kwargs", "device")}, sort_keys=True)
+def _same_config(prev: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a run directory's config.json and ``cfg`` (the environment aside)."""
+    prev = {k: v for k, v in prev.items() if k != "environment"}
+    new = _jsonable(cfg)
+    return sorted(k for k in set(prev) | set(new) if prev.get(k) != new.get(k))
 
 
 def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bool = False,
@@ -85,9 +87,8 @@ def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bo
         held.enter_context(run_lock(run_dir, wait=wait))
         clean_stale_tmp(run_dir)  # temporaries of killed writers
         if old.is_file():
-            prev = json.loads(old.read_text())
-            if prev != _jsonable(cfg):
-                diff = sorted(k for k in set(prev) | set(cfg) if prev.get(k) != _jsonable(cfg).get(k))
+            diff = _same_config(json.loads(old.read_text()), cfg)
+            if diff:
                 raise ValueError(f"{run_dir} holds a run with a different configuration (keys {diff}); "
                                  "choose another --out directory or delete it")
             if summ.is_file():
@@ -103,68 +104,143 @@ def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bo
         return Trainer(cfg, data=data, progress=progress).run(run_dir)
 
 
+# ---------------------------------------------------------------------------- one attempt, here or in a worker
+_DATA: dict[str, Any] = {}  # this process's data set (one at a time)
+
+
+def _data_for(cfg: dict[str, Any]):
+    from .data import load_dataset
+
+    key = data_key(cfg)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_dataset(cfg["dataset"], **data_args(cfg))
+    return _DATA[key]
+
+
+def _attempt(cfg: dict[str, Any], run_dir: str, wait: bool, progress: bool = False) -> dict[str, Any]:
+    """Train (or find finished) one run; ``{"summary", "trained", "seconds"}`` or ``{"holder"}`` if locked."""
+    t = time.time()
+    info: dict[str, Any] = {}
+    finished = ddp.main_decides(lambda: (Path(run_dir) / "summary.json").is_file())
+    try:  # (a finished run needs no data)
+        s = run_one(cfg, run_dir, data=None if finished else _data_for(cfg), progress=progress, wait=wait,
+                    info=info)
+    except RunLockedError as exc:
+        return {"holder": exc.holder}
+    return {"summary": s, "trained": info["trained"], "seconds": time.time() - t}
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker start-up: exit as soon as the process that started this one is gone (kill -9 included)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _pool(jobs: int):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child inherits torch's thread pools in an undefined state
+    return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_watch_parent,
+                               initargs=(os.getpid(),))
+
+
+def _parse_jobs(jobs: int) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and ddp.launched_by_torchrun():
+        raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already data-parallel)")
+    return jobs
+
+
 def run_sweep(preset_name: str, out: str | Path | None = None, overrides: dict[str, Any] | None = None,
-              progress: bool = True, report: bool = True, log=print) -> Path:
-    from experiments.data import load_dataset
-    from experiments.presets import get_preset
+              progress: bool = True, report: bool = True, log=print, seeds: Sequence[int] | None = None,
+              jobs: int = 1) -> Path:
+    from .presets import get_preset
 
     preset = get_preset(preset_name)
+    jobs = _parse_jobs(jobs)
     out = Path(out or Path("runs") / preset_name)
     main = ddp.is_main()  # under torchrun only rank 0 writes and logs
     log = log if main else (lambda *a, **k: None)
-    runs = expand(preset, overrides)
+    runs = expand(preset, overrides, seeds)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(out)
-        atomic_write_json(out / "sweep.json", {"preset": preset_name, "finding": preset["finding"],
-                                               "overrides": overrides or {}, "runs": [n for n, _ in runs]})
-    cache: dict[str, Any] = {}
+        atomic_write_json(out / "sweep.json", {
+            "preset": preset_name, "finding": preset["finding"], "overrides": overrides or {},
+            "seeds": preset_seeds(preset, seeds), "jobs": jobs, "runs": [n for n, _ in runs],
+            "configs": list(dict.fromkeys(config_name(c, preset["vary"]) for _, c in runs))})
 
-    def data_for(cfg):
-        key = _data_key(cfg)
-        if key not in cache:
-            cache.clear()
-            cache[key] = load_dataset(cfg["dataset"], root=cfg["data_root"], verify=cfg["verify"],
-                                      train_subset=cfg["train_subset"], train_stride=cfg["train_stride"],
-                                      test_subset=cfg["test_subset"], test_stride=cfg["test_stride"],
-                                      device=cfg["device"], **(cfg["data_kwargs"] or {}))
-        return cache[key]
-
-    def log_run(i, name, s, t, note=""):
+    def log_run(i, name, res):
+        s = res["summary"]
+        if not res["trained"]:
+            log(f"[{i + 1}/{len(runs)}] {name}: done already ({s['status']})")
+            return
         lam = s.get("lambda_between_iterates") or s.get("lambda_max")
         at = f" at step {s['diverged_step']}" if s.get("diverged_step") is not None else ""
-        log(f"[{i + 1}/{len(runs)}] {name}: {note}{s['status']}{at} after {s['steps']} steps, "
+        log(f"[{i + 1}/{len(runs)}] {name}: {s['status']}{at} after {s['steps']} steps, "
             f"train_acc={s['train_acc']:.4f} test_acc={s['test_acc']:.4f} "
-            f"lambda_max={'-' if lam is None else f'{lam:.4g}'} ({time.time() - t:.1f}s)")
+            f"lambda_max={'-' if lam is None else f'{lam:.4g}'} ({res['seconds']:.1f}s)")
+
+    def deferred_note(i, name, res):
+        log(f"[{i + 1}/{len(runs)}] {name}: held by another runner ({res['holder']}); coming back to it later")
 
     t0 = time.time()
-    deferred = []
-    for i, (name, cfg) in enumerate(runs):
-        d = out / name
-        if ddp.main_decides(lambda: (d / "summary.json").is_file()):
-            s = run_one(cfg, d)
-            log(f"[{i + 1}/{len(runs)}] {name}: done already ({s['status']})")
-            continue
-        t = time.time()
-        info: dict[str, Any] = {}
-        try:
-            s = run_one(cfg, d, data=data_for(cfg), progress=progress, wait=False, info=info)
-        except RunLockedError as exc:  # another runner trains it: do the others first, then wait for it
-            log(f"[{i + 1}/{len(runs)}] {name}: held by another runner ({exc.holder}); coming back to it later")
-            deferred.append((i, name, cfg))
-            continue
-        log_run(i, name, s, t, note="" if info["trained"] else "done by another runner: ")
-    for i, name, cfg in deferred:
-        t = time.time()
-        info = {}
-        s = run_one(cfg, out / name, data=data_for(cfg), progress=progress, wait=True, info=info)
-        log_run(i, name, s, t, note="" if info["trained"] else "done by another runner: ")
-    log(f"sweep {preset_name}: {len(runs)} runs in {time.time() - t0:.1f}s")
+    todo = [(i, name, cfg) for i, (name, cfg) in enumerate(runs)]
+    if jobs == 1:
+        deferred = []
+        for i, name, cfg in todo:
+            res = _attempt(cfg, str(out / name), wait=False, progress=progress)
+            if "holder" in res:
+                deferred_note(i, name, res)
+                deferred.append((i, name, cfg))
+            else:
+                log_run(i, name, res)
+        for i, name, cfg in deferred:
+            log_run(i, name, _attempt(cfg, str(out / name), wait=True, progress=progress))
+    else:
+        _run_parallel(todo, out, jobs, log_run, deferred_note)
+    wall = time.time() - t0
+    log(f"sweep {preset_name}: {len(runs)} runs in {wall:.1f}s ({jobs} job{'s' if jobs > 1 else ''})")
     if report and main:
-        from experiments.report import build_report
+        from .report import build_report
 
         with run_lock(out, wait=True):  # two runners finishing together: one report at a time
             build_report(out)
-        log(f"report: {out / 'report.md'}\nplots:  {', '.join(str(p) for p in sorted(out.glob('*.png')))}\n"
-            f"table:  {out / 'results.csv'}")
+        log(f"report: {out / 'report.md'}\nverdicts: {out / 'verdicts.json'}\n"
+            f"plots:  {', '.join(str(p) for p in sorted(out.glob('*.png')))}\ntable:  {out / 'results.csv'}")
     return out
+
+
+def _run_parallel(todo, out: Path, jobs: int, log_run, deferred_note) -> None:
+    """``todo`` over ``jobs`` worker processes; locked runs are retried (waiting) once the others are done."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pool = _pool(jobs)
+    try:
+        for waiting in (False, True):
+            pending = {pool.submit(_attempt, cfg, str(out / name), waiting): (i, name, cfg)
+                       for i, name, cfg in todo}
+            todo = []
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=lambda f: pending[f][0]):
+                    i, name, cfg = pending.pop(f)
+                    res = f.result()
+                    if "holder" in res:
+                        deferred_note(i, name, res)
+                        todo.append((i, name, cfg))
+                    else:
+                        log_run(i, name, res)
+    except BaseException:  # an error or Ctrl-C: stop the workers now (their runs resume from checkpoints)
+        for p in list(pool._processes.values()):  # (the executor has no public way to stop running tasks)
+            p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

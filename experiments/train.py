@@ -11,9 +11,13 @@ takes its contiguous part of each global batch, λ_max is computed by a sharded 
 are all-reduced, and only rank 0 writes files. Dropout draws from a per-rank seed (rank 0's is the
 single-process seed); BatchNorm normalizes by per-rank batch statistics (running statistics are averaged
 over ranks before every evaluation).
+
+The config schema is :mod:`experiments.config`, SAM :mod:`experiments.sam`, evaluation
+:mod:`experiments.evaluation`, durable files :mod:`experiments.storage`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -25,117 +29,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experiments import curvature
-from experiments.data import DataSplit, load_dataset
-from experiments.models import build_model
-from experiments.storage import (_jsonable, atomic_torch_save, atomic_write_json,  # noqa: F401 (re-exported)
-                                 atomic_write_text, load_checkpoint, save_checkpoint)
-from fasthess.track import sharpness_mode
-
-OPTIMIZERS = ("sgd", "gd", "sam", "asam")
-
-DEFAULTS: dict[str, Any] = {
-    # data
-    "dataset": "digits", "data_root": None, "verify": True, "train_subset": None, "train_stride": None,
-    "test_subset": None, "test_stride": None, "data_kwargs": {},
-    # model
-    "model": "mlp", "hidden": [256, 256], "channels": None, "width": 1.0, "batch_norm": False, "dropout": 0.0,
-    # optimization
-    "optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 32, "chunk_size": None,
-    "rho": 0.05, "asam_eta": 0.01,
-    "init_seed": 0, "data_seed": 0,
-    # stopping / evaluation
-    "target_train_acc": 0.99, "max_steps": 20000, "eval_every_epochs": 1, "eval_chunk_size": 2048,
-    # sharpness
-    "track_every_evals": 0, "lambda_subset": None, "lambda_stride": None, "lambda_tol": 1e-4, "lambda_k": 1,
-    "lambda_batch_size": None, "lambda_max_iters": None, "between_iterates": 0,
-    "track_extra": [],  # names from experiments.curvature.MEASURES, logged next to λ_max
-    # misc
-    "device": "cpu", "deterministic": True, "checkpoint_every_evals": 1,
-    "threads": 1,  # CPU threads (0 = torch's default); small models run fastest on one
-}
-
-
-# key: (kind, minimum, None allowed); "int" accepts integral floats (1e3 from --set) and stores an int
-_TYPES: dict[str, tuple[str, float | None, bool]] = {
-    **{k: ("int", 1, True) for k in ("batch_size", "train_subset", "test_subset", "lambda_subset",
-                                     "lambda_batch_size")},
-    **{k: ("int", 0, True) for k in ("chunk_size", "train_stride", "test_stride", "lambda_stride",
-                                     "lambda_max_iters")},
-    **{k: ("int", 0, False) for k in ("init_seed", "data_seed", "max_steps", "track_every_evals",
-                                      "between_iterates", "threads")},
-    **{k: ("int", 1, False) for k in ("eval_every_epochs", "eval_chunk_size", "lambda_k", "checkpoint_every_evals")},
-    **{k: ("float", 0, False) for k in ("lr", "momentum", "weight_decay", "rho", "asam_eta", "lambda_tol", "width",
-                                        "dropout")},
-    "target_train_acc": ("float", None, False),
-    **{k: ("bool", None, False) for k in ("verify", "batch_norm", "deterministic")},
-    **{k: ("str", None, False) for k in ("dataset", "model", "optimizer", "device")},
-    "data_root": ("str", None, True),
-    "hidden": ("ints", 1, False), "channels": ("ints", 1, True), "data_kwargs": ("dict", None, True),
-    "track_extra": ("measures", None, False),
-}
-
-
-def _check_types(out: dict[str, Any]) -> None:
-    """Types and ranges of the config values, in place; a ValueError naming the key otherwise."""
-    for k, (kind, lo, none_ok) in _TYPES.items():
-        v = out[k]
-        if v is None:
-            if none_ok:
-                continue
-            raise ValueError(f"{k} must not be null")
-        what = "a list of ints" if kind == "ints" else f"{'an' if kind == 'int' else 'a'} {kind}"
-        bad = ValueError(f"{k} must be {what}{'' if lo is None else f' >= {lo}'}"
-                         f"{' and < 2**31' if kind in ('int', 'ints') else ''}, got {v!r}")
-        if kind in ("int", "float"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad
-            if kind == "int":
-                if v != int(v):
-                    raise bad
-                v = out[k] = int(v)
-            if lo is not None and v < lo or kind == "int" and v >= 2**31:
-                raise bad
-        elif kind == "bool" and not isinstance(v, bool) or kind == "str" and not isinstance(v, str) \
-                or kind == "dict" and not isinstance(v, dict):
-            raise bad
-        elif kind == "measures":
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x in curvature.MEASURES for x in v):
-                raise ValueError(f"{k} must be a list of names from {sorted(curvature.MEASURES)}, got {v!r}")
-        elif kind == "ints":
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                           and lo <= x < 2**31 for x in v):
-                raise bad
-    if not out["dropout"] < 1:
-        raise ValueError(f"dropout must be < 1, got {out['dropout']!r}")
-    for k in ("lambda_tol", "width"):
-        if not out[k] > 0:
-            raise ValueError(f"{k} must be > 0, got {out[k]!r}")
-
-
-def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and checked; unknown keys are an error (catches typos in --set)."""
-    unknown = sorted(set(cfg) - set(DEFAULTS) - {"name", "group"})
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(DEFAULTS)}")
-    out = dict(DEFAULTS)
-    out.update(cfg)
-    _check_types(out)
-    if out["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {out['optimizer']!r}")
-    if not (out["lr"] > 0):
-        raise ValueError(f"lr must be > 0, got {out['lr']}")
-    if out["optimizer"] != "gd" and (out["batch_size"] is None or int(out["batch_size"]) < 1):
-        raise ValueError(f"batch_size must be >= 1, got {out['batch_size']}")
-    return out
-
-
-def _bn_modules(model):
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+from . import curvature, ddp, records, sam
+from .config import data_args, resolve_config
+from .data import DataSplit, load_dataset, subset_indices
+from .evaluation import bitstring, evaluate
+from .models import build_model
+from .storage import _jsonable, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 
 
 def has_batchnorm(model) -> bool:
-    return bool(_bn_modules(model))
+    return bool(sam.bn_modules(model))
+
+
+def config_record(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What config.json holds: the resolved config and, under ``environment``, what ran it."""
+    return {**cfg, "environment": records.environment(cfg["device"])}
 
 
 class Trainer:
@@ -145,8 +53,6 @@ class Trainer:
                  distributed: bool | None = None):
         """``distributed``: None = data-parallel when torch.distributed is initialized (under torchrun),
         False = single process even then, True = require an initialized process group."""
-        from experiments import ddp
-
         self.cfg = cfg = resolve_config(cfg)
         self.dist = ddp.context() if distributed is not False else ddp.DistContext()
         if distributed and not self.dist.enabled:
@@ -157,20 +63,15 @@ class Trainer:
                              f"under torchrun use only {list(curvature.SHARDED)}")
         self.device = torch.device(cfg["device"])
         self.progress = progress and self.dist.is_main
-        if data is None:
-            data = load_dataset(cfg["dataset"], root=cfg["data_root"], verify=cfg["verify"],
-                                train_subset=cfg["train_subset"], train_stride=cfg["train_stride"],
-                                test_subset=cfg["test_subset"], test_stride=cfg["test_stride"],
-                                device=self.device, **(cfg["data_kwargs"] or {}))
-        self.data = data
-        self.N = len(data.X_train)
+        self.data = data if data is not None else load_dataset(cfg["dataset"], **data_args(cfg))
+        self.N = len(self.data.X_train)
         self.B = self.N if cfg["optimizer"] == "gd" or cfg["batch_size"] is None else min(int(cfg["batch_size"]), self.N)
         self.chunk = int(cfg["chunk_size"]) if cfg["chunk_size"] else self.B
         self.steps_per_epoch = math.ceil(self.N / self.B)
         torch.manual_seed(cfg["init_seed"])
-        self.model = build_model(cfg["model"], data.input_shape, data.num_classes, batch_norm=cfg["batch_norm"],
-                                 dropout=cfg["dropout"], width=cfg["width"], hidden=cfg["hidden"],
-                                 channels=cfg["channels"]).to(self.device)
+        self.model = build_model(cfg["model"], self.data.input_shape, self.data.num_classes,
+                                 batch_norm=cfg["batch_norm"], dropout=cfg["dropout"], width=cfg["width"],
+                                 hidden=cfg["hidden"], channels=cfg["channels"]).to(self.device)
         torch.manual_seed(10_007 * int(cfg["data_seed"]) + 1 + 1_000_033 * self.dist.rank)  # dropout noise
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp_model = None  # the DistributedDataParallel wrapper that training steps go through
@@ -196,7 +97,6 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _make_tracker(self):
         from fasthess.track import SharpnessTracker
-        from experiments.data import subset_indices
 
         cfg = self.cfg
         idx = subset_indices(self.N, cfg["lambda_subset"], cfg["lambda_stride"])
@@ -232,11 +132,11 @@ class Trainer:
 
     def _accumulate_grad(self, model, params, idx: torch.Tensor) -> float:
         """Mean loss over the batch ``idx``; its gradient accumulated into ``.grad`` in physical chunks."""
+        X, y = self.data.X_train, self.data.y_train
         if self.dist.enabled:
-            return self._accumulate_grad_ddp(model, params, idx)
+            return ddp.accumulate_grad(model, params, X, y, idx, self.chunk, self.dist, device=self.device)
         for p in params:
             p.grad = None
-        X, y = self.data.X_train, self.data.y_train
         b = len(idx)
         total = 0.0
         for s in range(0, b, self.chunk):
@@ -245,53 +145,6 @@ class Trainer:
             loss.backward()
             total += float(loss.detach())
         return total
-
-    def _accumulate_grad_ddp(self, model, params, idx: torch.Tensor) -> float:
-        """Data-parallel :meth:`_accumulate_grad`: this rank's part of the global batch ``idx`` in chunks,
-        each chunk's summed loss times W/b, DDP's all-reduce on the last chunk only (``no_sync`` before);
-        a model not wrapped in DDP has its gradients all-reduced here. Returns the global batch's mean loss
-        (all-reduced, so every rank takes the same branch on a non-finite loss)."""
-        import contextlib
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        from experiments import ddp
-
-        for p in params:
-            p.grad = None
-        X, y = self.data.X_train, self.data.y_train
-        b, W = len(idx), self.dist.world_size
-        mine = ddp.local_part(idx, self.dist)
-        starts = list(range(0, len(mine), self.chunk)) or [0]  # an empty part still joins the all-reduce
-        wrapped = isinstance(model, DistributedDataParallel)
-        total = 0.0
-        for i, s in enumerate(starts):
-            j = mine[s:s + self.chunk]
-            sync = i == len(starts) - 1
-            with (model.no_sync() if wrapped and not sync else contextlib.nullcontext()):
-                loss_sum = F.cross_entropy(model(X[j]), y[j], reduction="sum")
-                (loss_sum * (W / b)).backward()
-            total += float(loss_sum.detach()) / b
-        if not wrapped:
-            import torch.distributed as dist
-
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dist.group)
-                p.grad.div_(W)
-        return ddp.all_reduce_sum([total], self.dist, device=self.device)[0]
-
-    def _sam_perturbation(self, params) -> list[torch.Tensor]:
-        cfg = self.cfg
-        rho = float(cfg["rho"])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if cfg["optimizer"] == "asam":
-            T = [p.detach().abs() + cfg["asam_eta"] for p in params]
-            norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(T, grads)))
-            return [rho * t * t * g / (norm + 1e-12) for t, g in zip(T, grads)]
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-        return [rho * g / (norm + 1e-12) for g in grads]
 
     def train_step(self, model=None, opt=None, step: int | None = None) -> float:
         """One optimizer step on the batch of ``step``; returns the batch loss (before the step)."""
@@ -304,45 +157,15 @@ class Trainer:
         if not math.isfinite(loss):
             return loss
         if self.cfg["optimizer"] in ("sam", "asam"):
-            eps = self._sam_perturbation(params)
-            saved = [p.detach().clone() for p in params]
-            bn = _bn_modules(model)
-            bn_state = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
-                        for m in bn]
-            with torch.no_grad():
-                for p, e in zip(params, eps):
-                    p.add_(e)
-            self._accumulate_grad(model, params, idx)  # gradient at the perturbed point
-            with torch.no_grad():
-                for p, w in zip(params, saved):
-                    p.copy_(w)
-                for m, st in zip(bn, bn_state):  # running stats updated once (by the first pass) only
-                    for k, v in st.items():
-                        getattr(m, k).copy_(v)
+            sam.perturbed_gradient(model, params, lambda: self._accumulate_grad(model, params, idx),
+                                   float(self.cfg["rho"]), self.cfg["optimizer"] == "asam", self.cfg["asam_eta"])
         opt.step()
         return loss
 
-    @torch.no_grad()
     def evaluate(self, X, y) -> tuple[float, float]:
-        tot_loss, correct = 0.0, 0
-        cs = int(self.cfg["eval_chunk_size"])
-        n_all = len(X)
-        if self.dist.enabled:  # each rank its contiguous shard; the sums are all-reduced below
-            from fasthess.distributed import shard
-
-            X, y = shard((X, y), self.dist.rank, self.dist.world_size)
-        with sharpness_mode(self.model, "eval", disable_dropout=False):  # every module's flag restored after
-            for s in range(0, len(X), cs):
-                out = self.model(X[s:s + cs])
-                tot_loss += float(F.cross_entropy(out, y[s:s + cs], reduction="sum"))
-                correct += int((out.argmax(1) == y[s:s + cs]).sum())
-        if self.dist.enabled:
-            from experiments import ddp
-
-            tot_loss, correct = ddp.all_reduce_sum([tot_loss, correct], self.dist, device=self.device)
-            correct = int(round(correct))
-        n = max(1, n_all)
-        return tot_loss / n, correct / n
+        """(mean loss, accuracy) of the current model on ``(X, y)``, in eval mode."""
+        loss, acc, _ = evaluate(self.model, X, y, int(self.cfg["eval_chunk_size"]), self.dist, self.device)
+        return loss, acc
 
     def lambda_between_iterates(self, n: int) -> dict[str, Any]:
         """λ_max at ``n`` points interpolating the current weights and those after one more step."""
@@ -355,7 +178,7 @@ class Trainer:
         self.train_step(model, opt, self.step)
         torch.set_rng_state(rng)
         w1 = [p.detach().clone() for p in model.parameters()]
-        vals = []
+        vals, converged = [], True
         v0 = self.tracker.eigenvectors
         for t in torch.linspace(0, 1, n).tolist():
             with torch.no_grad():
@@ -363,7 +186,9 @@ class Trainer:
                     p.copy_((1 - t) * a + t * b)
             res = self.tracker.compute(model, v0=v0)
             vals.append(float(res.eigenvalues[0]))
-        return {"lambda_between_iterates": max(vals), "lambda_between_values": vals}
+            converged &= bool(torch.as_tensor(res.converged).all())
+        return {"lambda_between_iterates": max(vals), "lambda_between_values": vals,
+                "lambda_between_converged": converged}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -371,11 +196,7 @@ class Trainer:
               "rng": torch.get_rng_state(), "metrics": self.metrics, "tracker": self.tracker.state_dict(),
               "cfg": self.cfg, "last_loss": self.last_loss}
         if self.dist.enabled:  # a collective: every rank's dropout RNG, so a resumed run continues bit-exactly
-            import torch.distributed as dist
-
-            states = [None] * self.dist.world_size
-            dist.all_gather_object(states, st["rng"], group=self.dist.group)
-            st["rng_per_rank"] = states
+            st["rng_per_rank"] = ddp.all_gather_objects(st["rng"], self.dist)
         return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -406,39 +227,60 @@ class Trainer:
                 torch.use_deterministic_algorithms(True, warn_only=True)
             if cfg["threads"] and self.device.type == "cpu":
                 torch.set_num_threads(int(cfg["threads"]))
-            return self._run(run_dir)
+            with self._tensorboard(run_dir):
+                return self._run(run_dir)
         finally:
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(det, warn_only=det_warn)
 
+    @contextlib.contextmanager
+    def _tensorboard(self, run_dir: str | Path | None):
+        """With ``tensorboard=true``: a :class:`fasthess.integrations.tensorboard.TensorBoardSink` writing every
+        tracker record (λ_max, residual, HVPs, 2/η) to ``<run_dir>/tensorboard`` (rank 0 only) during the run."""
+        if not (self.cfg["tensorboard"] and run_dir is not None and self.dist.is_main):
+            yield
+            return
+        from fasthess.integrations.tensorboard import TensorBoardSink
+
+        sink = TensorBoardSink(Path(run_dir) / "tensorboard")
+        self.tracker.loggers.append(sink)
+        try:
+            yield
+        finally:
+            self.tracker.loggers.remove(sink)
+            sink.close()
+
+    def _resume(self, run_dir: Path) -> None:
+        """Write config.json and load the newest intact checkpoint (rank 0 reads it and broadcasts it)."""
+        def read(map_location):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", config_record(self.cfg))
+            return load_checkpoint(run_dir / "checkpoint.pt", map_location=map_location)
+
+        st = read(self.device) if not self.dist.enabled else ddp.main_decides(lambda: read("cpu"), self.dist)
+        if st is not None:
+            self.load_state_dict(st)
+
+    def _stop_check_due(self) -> bool:
+        k = self.cfg["stop_check_every"]
+        return bool(k) and self.step % k == 0
+
+    def _eval_due(self) -> bool:
+        spe, every = self.steps_per_epoch, self.cfg["eval_every_epochs"]
+        return self.step % spe == 0 and (self.step // spe) % every == 0
+
     def _run(self, run_dir: str | Path | None = None) -> dict[str, Any]:
         """Train until train accuracy >= target, divergence or ``max_steps``; return the summary.
 
-        With ``run_dir``: resumes from ``run_dir/checkpoint.pt`` if present; writes config.json,
-        metrics.jsonl (one line per evaluation), checkpoint.pt and, at the end, summary.json.
-        Data-parallel: only rank 0 reads the checkpoint (and broadcasts it) and writes files.
+        The stopping test runs at every evaluation and, with ``stop_check_every = k``, on the training set
+        every k steps in between. With ``run_dir``: resumes from ``run_dir/checkpoint.pt`` if present; writes
+        config.json, metrics.jsonl (one line per evaluation), checkpoint.pt and, at the end, summary.json.
         """
-        from experiments import ddp
-
         cfg = self.cfg
         main = self.dist.is_main
         run_dir = Path(run_dir) if run_dir is not None else None
-        ckpt = run_dir / "checkpoint.pt" if run_dir else None
-        if run_dir and not self.dist.enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "config.json", cfg)
-            st = load_checkpoint(ckpt, map_location=self.device)  # verified; falls back to checkpoint.pt.prev
-            if st is not None:
-                self.load_state_dict(st)
-        elif run_dir:
-            def _read():
-                run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(run_dir / "config.json", cfg)
-                return load_checkpoint(ckpt, map_location="cpu")
-
-            st = ddp.main_decides(_read, self.dist)
-            if st is not None:
-                self.load_state_dict(st)
+        if run_dir:
+            self._resume(run_dir)
         if self.finished is not None:  # killed after the final checkpoint: only files derived from it may be missing
             if run_dir and main:
                 self._write_final(run_dir, self.finished)
@@ -467,70 +309,85 @@ class Trainer:
                 time.sleep(delay)
             if bar is not None:
                 bar.update(1)
-            if self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % cfg["eval_every_epochs"] == 0:
-                rec = self._eval_record()
-                evals_done += 1
-                if cfg["track_every_evals"] and evals_done % cfg["track_every_evals"] == 0:
-                    self._track(rec)
-                self.metrics.append(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['train_loss']:.3g}", acc=f"{rec['train_acc']:.3f}",
-                                    lam=("-" if self.tracker.latest is None else f"{self.tracker.lambda_max:.4g}"))
-                if rec["train_acc"] >= cfg["target_train_acc"]:
-                    status = "completed"
-                elif run_dir and evals_done % cfg["checkpoint_every_evals"] == 0:
-                    state = self.state_dict()  # (a collective when data-parallel)
-                    if main:
-                        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
-                        save_checkpoint(state, ckpt)
+            if not self._eval_due():
+                if self._stop_check_due() and self.evaluate(*self.data.train)[1] >= cfg["target_train_acc"]:
+                    status = "completed"  # the final evaluation below records this step
+                continue
+            rec = self._eval_record()
+            evals_done += 1
+            if cfg["track_every_evals"] and evals_done % cfg["track_every_evals"] == 0:
+                self._track(rec)
+            self.metrics.append(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['train_loss']:.3g}", acc=f"{rec['train_acc']:.3f}",
+                                lam=("-" if self.tracker.latest is None else f"{self.tracker.lambda_max:.4g}"))
+            if rec["train_acc"] >= cfg["target_train_acc"]:
+                status = "completed"
+            elif run_dir and evals_done % cfg["checkpoint_every_evals"] == 0:
+                state = self.state_dict()  # (a collective when data-parallel)
+                if main:
+                    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
+                    save_checkpoint(state, ckpt_path(run_dir))
         if bar is not None:
             bar.close()
-        # final evaluation and λ_max
-        if status != "diverged":
-            if not self.metrics or self.metrics[-1]["step"] != self.step:
-                self.metrics.append(self._eval_record())
-            final = self.metrics[-1]
-            if "lambda_max" not in final:
-                self._track(final)
-            if cfg["between_iterates"]:
-                final.update(self.lambda_between_iterates(int(cfg["between_iterates"])))
-        else:
-            final = self._eval_record()
-            final["diverged"] = True
-            self.metrics.append(final)
-        summary = {
-            "status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-            "diverged_step": diverged_step,
-            "train_acc": final["train_acc"], "test_acc": final["test_acc"], "train_loss": final["train_loss"],
-            "test_loss": final["test_loss"], "lambda_max": final.get("lambda_max"),
-            "lambda_residual": final.get("lambda_residual"),
-            "lambda_between_iterates": final.get("lambda_between_iterates"),
-            "lr": cfg["lr"], "batch_size": self.B, "two_over_lr": 2.0 / cfg["lr"],
-            "lambda_hvps_total": sum(r["num_hvps"] for r in self.tracker.history),
-            "last_batch_loss": last_loss, "wall_seconds": time.time() - t_start,
-        }
+        summary = self._summary(status, diverged_step, last_loss, time.time() - t_start)
         if run_dir:
             state = self.state_dict()  # (a collective when data-parallel)
             state["summary"] = summary  # marks the run finished: a resume from it only rewrites the files below
         if run_dir and main:
-            save_checkpoint(state, ckpt)
+            save_checkpoint(state, ckpt_path(run_dir))
             self._write_final(run_dir, summary)
         return _jsonable(summary)
+
+    def _summary(self, status: str, diverged_step: int | None, last_loss: float, seconds: float) -> dict[str, Any]:
+        """The final evaluation (with per-example test correctness), λ_max, and the run's summary."""
+        cfg = self.cfg
+        final = self._eval_record(per_example=True)
+        correct = final.pop("test_correct")
+        if status == "diverged":
+            final["diverged"] = True
+            self.metrics.append(final)
+        else:
+            if self.metrics and self.metrics[-1]["step"] == self.step:
+                final = self.metrics[-1]
+            else:
+                self.metrics.append(final)
+            if "lambda_max" not in final:
+                self._track(final)
+            if cfg["between_iterates"]:
+                final.update(self.lambda_between_iterates(int(cfg["between_iterates"])))
+        return {
+            "status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+            "diverged_step": diverged_step,
+            "train_acc": final["train_acc"], "test_acc": final["test_acc"], "train_loss": final["train_loss"],
+            "test_loss": final["test_loss"], "lambda_max": final.get("lambda_max"),
+            "lambda_residual": final.get("lambda_residual"), "lambda_converged": final.get("lambda_converged"),
+            "lambda_between_iterates": final.get("lambda_between_iterates"),
+            "lambda_between_converged": final.get("lambda_between_converged"),
+            "lr": cfg["lr"], "batch_size": self.B, "two_over_lr": 2.0 / cfg["lr"],
+            "target_train_acc": cfg["target_train_acc"],
+            "lambda_hvps_total": sum(r["num_hvps"] for r in self.tracker.history),
+            "last_batch_loss": last_loss, "wall_seconds": seconds,
+            "test_correct": correct,  # '0'/'1' per test example, in test-set order
+            "config": cfg, "environment": records.environment(cfg["device"]),
+        }
 
     def _write_final(self, run_dir: Path, summary: dict[str, Any]) -> None:
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
         atomic_torch_save(self.model.state_dict(), run_dir / "final_model.pt")
         atomic_write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
 
-    def _eval_record(self) -> dict[str, Any]:
+    def _eval_record(self, per_example: bool = False) -> dict[str, Any]:
         if self.dist.enabled:  # BatchNorm running statistics: the mean over ranks, equal everywhere
-            from experiments import ddp
-
             ddp.sync_buffers(self.model, self.dist)
-        trl, tra = self.evaluate(*self.data.train)
-        tel, tea = self.evaluate(*self.data.test)
-        return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": trl, "train_acc": tra,
-                "test_loss": tel, "test_acc": tea, "lr": self.cfg["lr"], "two_over_lr": 2.0 / self.cfg["lr"]}
+        cs = int(self.cfg["eval_chunk_size"])
+        trl, tra, _ = evaluate(self.model, *self.data.train, cs, self.dist, self.device)
+        tel, tea, correct = evaluate(self.model, *self.data.test, cs, self.dist, self.device)
+        rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": trl, "train_acc": tra,
+               "test_loss": tel, "test_acc": tea, "lr": self.cfg["lr"], "two_over_lr": 2.0 / self.cfg["lr"]}
+        if per_example:
+            rec["test_correct"] = bitstring(correct)
+        return rec
 
     def _track(self, rec: dict[str, Any]) -> None:
         r = self.tracker.update(self.model, step=self.step)
@@ -540,3 +397,7 @@ class Trainer:
         if self.cfg["track_extra"]:
             rec.update(curvature.measure(self.cfg["track_extra"], self.model, self.tracker, batch_size=self.B,
                                          seed=self.step))
+
+
+def ckpt_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoint.pt"

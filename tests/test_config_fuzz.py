@@ -16,7 +16,7 @@ from experiments.presets import get_preset, list_presets
 from experiments.sweep import expand
 from experiments.storage import _jsonable
 from experiments.curvature import MEASURES
-from experiments.train import _TYPES, DEFAULTS, resolve_config
+from experiments.config import DEFAULTS, TYPES, resolve_config
 
 COUNTS = {"inputs": 0, "rejected": 0}
 KEYS = sorted(DEFAULTS)
@@ -95,7 +95,7 @@ def test_override_fuzz_gives_a_config_or_a_clear_error(overrides, preset_name):
         _clear(exc)
         return
     for _, cfg in runs:  # accepted: well-typed, and config.json round-trips exactly (resume compares them)
-        for k, (kind, lo, none_ok) in _TYPES.items():
+        for k, (kind, lo, none_ok) in TYPES.items():
             v = cfg[k]
             if v is None:
                 assert none_ok, k
@@ -107,7 +107,7 @@ def test_override_fuzz_gives_a_config_or_a_clear_error(overrides, preset_name):
 
 
 def _valid_value(key):
-    kind, lo, none_ok = _TYPES[key]
+    kind, lo, none_ok = TYPES[key]
     lo = 0 if lo is None else lo
     lo = 1e-6 if key in ("lr", "lambda_tol", "width") else lo  # strictly positive
     base = {"int": st.integers(int(lo), 10**6), "bool": st.booleans(), "str": st.text(min_size=1, max_size=8),
@@ -121,7 +121,7 @@ def _valid_value(key):
 @settings(max_examples=300, **SETTINGS)
 @given(st.data())
 def test_valid_values_are_accepted_and_round_trip_through_set(data):
-    keys = data.draw(st.lists(st.sampled_from(sorted(set(_TYPES) - {"optimizer", "batch_size"})), max_size=4,
+    keys = data.draw(st.lists(st.sampled_from(sorted(set(TYPES) - {"optimizer", "batch_size"})), max_size=4,
                               unique=True))
     over = {k: data.draw(_valid_value(k), label=k) for k in keys}
     COUNTS["inputs"] += 1
@@ -140,7 +140,8 @@ def test_cli_run_returns_status_not_traceback(monkeypatch_items):
 
     COUNTS["inputs"] += 1
     real = sweep.run_sweep
-    sweep.run_sweep = lambda preset, out, overrides, progress=True: expand(get_preset(preset), overrides)
+    sweep.run_sweep = lambda preset, out, overrides, progress=True, seeds=None, jobs=1: expand(get_preset(preset),
+                                                                                              overrides, seeds)
     try:
         rc = main(["run", "finding2-quick", "--no-progress"] + [f"--set={x}" for x in monkeypatch_items])
     finally:

@@ -25,7 +25,7 @@ def _start(run_dir, delay="0"):
 
 
 def _strip(rec):
-    return {k: v for k, v in rec.items() if k not in ("lambda_seconds", "wall_seconds")}
+    return {k: v for k, v in rec.items() if k not in ("lambda_seconds", "wall_seconds", "environment")}
 
 
 def _results(d):

@@ -39,7 +39,7 @@ BASE = {"dataset": "synthetic", "data_kwargs": DATA_KW, "model": "mlp", "hidden"
 # three runs; the middle one diverges (lr 1e5), the last one computes λ_max between the last two iterates
 PRESET = {"finding": 1, "description": "fault-injection sweep", "claims": {"acc_tol": 0.01}, "vary": ["lr"],
           "base": BASE, "grid": [{"lr": 0.05}, {"lr": 1e5}, {"lr": 0.1, "between_iterates": 3}]}
-NAMES = ["lr=0.05", "lr=100000", "lr=0.1"]
+NAMES = ["lr=0.05_seed=0", "lr=100000_seed=0", "lr=0.1_seed=0"]
 
 SCRIPT = r"""
 import json, os, signal, sys
@@ -70,7 +70,7 @@ def _start(out, log, **env):
 
 
 def _strip(rec):
-    return {k: v for k, v in rec.items() if k not in ("lambda_seconds", "wall_seconds")}
+    return {k: v for k, v in rec.items() if k not in ("lambda_seconds", "wall_seconds", "environment")}
 
 
 # λ_max is an iterative solve to lambda_tol; torch's CPU kernels are not bitwise reproducible across memory
@@ -405,11 +405,11 @@ def test_full_disk_in_the_cli_is_an_error_message_and_status_2(tmp_path, monkeyp
 # ---------------------------------------------------------------------------- 5. divergence in a sweep
 def test_diverged_run_is_recorded_with_its_step_and_the_sweep_goes_on(reference):
     res, status = reference()
-    s = res["lr=100000"][1]
+    s = res["lr=100000_seed=0"][1]
     assert s["status"] == "diverged" and isinstance(s["diverged_step"], int) and 0 <= s["diverged_step"] < 60
-    assert res["lr=100000"][0][-1].get("diverged") is True
-    assert status == {"lr=0.05": "max_steps", "lr=100000": "diverged", "lr=0.1": "max_steps"}
-    assert res["lr=0.1"][1]["lambda_between_iterates"] is not None  # the run after the diverged one ran fully
+    assert res["lr=100000_seed=0"][0][-1].get("diverged") is True
+    assert status == {"lr=0.05_seed=0": "max_steps", "lr=100000_seed=0": "diverged", "lr=0.1_seed=0": "max_steps"}
+    assert res["lr=0.1_seed=0"][1]["lambda_between_iterates"] is not None  # the run after the diverged one ran fully
 
 
 # ---------------------------------------------------------------------------- 6. two runners, one directory
