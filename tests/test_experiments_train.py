@@ -2,6 +2,8 @@
 SAM updates BatchNorm running statistics once; same seed, same bits; divergence is a result."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,31 @@ def test_stops_at_target_accuracy_and_tracks_lambda(tmp_path):
     assert s["lambda_max"] > 0 and s["lambda_between_iterates"] >= s["lambda_max"] * (1 - 1e-6)
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 1 and '"lambda_max"' in lines[-1] and '"two_over_lr"' in lines[-1]
+
+
+def test_tensorboard_option_writes_lambda_records(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = _trainer(optimizer="sgd", track_every_evals=1, max_steps=18, tensorboard=True).run(tmp_path / "r")
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("sharpness/lambda_max")
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    tracked = [m for m in lines if "lambda_max" in m]
+    assert [e.step for e in events] == [m["step"] for m in tracked] and len(events) == 3
+    assert events[-1].value == pytest.approx(s["lambda_max"], rel=1e-6)
+    assert acc.Scalars("sharpness/two_over_lr")[0].value == pytest.approx(2 / 0.1)
+
+
+def test_gd_stopping_test_runs_every_step(tmp_path):
+    """stop_check_every=1: GD stops at the first step whose train accuracy reaches the target, although full
+    evaluations come only every 50 steps."""
+    cfg = dict(optimizer="gd", lr=0.5, target_train_acc=0.8, max_steps=400, eval_every_epochs=50)
+    every = _trainer(stop_check_every=1, **cfg).run(tmp_path / "a")
+    coarse = _trainer(**cfg).run(tmp_path / "b")
+    assert every["status"] == coarse["status"] == "completed"
+    assert every["steps"] % 50 != 0 and coarse["steps"] % 50 == 0 and every["steps"] < coarse["steps"]
+    ref = _trainer(**dict(cfg, max_steps=every["steps"] - 1, target_train_acc=1.01))
+    ref.run(tmp_path / "c")
+    assert ref.evaluate(*DATA.train)[1] < 0.8 <= every["train_acc"]  # one step earlier it had not reached it
