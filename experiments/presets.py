@@ -158,9 +158,10 @@ _PRESETS.update({
     "finding4-cpu": {
         "finding": 4,
         "description": "MNIST-1D (4000 train / 5000 test), MLP 40-256-256-10 with Dropout(p) after each hidden "
-                       "layer, SGD lr 0.1, B=32, p in {0, 0.2, 0.5, 0.7}, to 99% train accuracy, 5 seeds.",
-        "base": dict(_M1D_CPU, lr=0.1, batch_size=32, max_steps=80_000),
-        "grid": grid(dropout=[0.0, 0.2, 0.5, 0.7]),
+                       "layer, SGD lr 0.1, B=32, p in {0, 0.1, 0.3, 0.5}, to 99% train accuracy, 5 seeds (p=0.7 "
+                       "was at 81% train accuracy after 34,000 steps: it cannot finish on a CPU).",
+        "base": dict(_M1D_CPU, lr=0.1, batch_size=32, max_steps=60_000),
+        "grid": grid(dropout=[0.0, 0.1, 0.3, 0.5]),
         "vary": ["dropout"],
         "claims": {"acc_margin": 0.015, "dropout_reference": 0.0},
         "plot": _PLOT_P,
