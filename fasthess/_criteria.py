@@ -32,8 +32,9 @@ __all__ = ["Criterion", "LossCallable", "contract_of"]
 
 # element shape of the reduction="none" output, per criterion: "target" (the target's), "rows" (one per example)
 _ELEMENTWISE = (nn.L1Loss, nn.MSELoss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
-                nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.HingeEmbeddingLoss, nn.KLDivLoss, nn.MultiMarginLoss)
-_PER_ROW = (nn.MultiLabelMarginLoss, nn.MultiLabelSoftMarginLoss)
+                nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.HingeEmbeddingLoss, nn.KLDivLoss)
+_PER_ROW = (nn.MultiLabelSoftMarginLoss,)
+_NO_SECOND_DERIVATIVE = (nn.MultiMarginLoss, nn.MultiLabelMarginLoss)  # PyTorch has no double backward for them
 _CLASS_INDEXED = (nn.CrossEntropyLoss, nn.NLLLoss)
 _REFUSED = (nn.GaussianNLLLoss, nn.CTCLoss, nn.CosineEmbeddingLoss, nn.MarginRankingLoss, nn.TripletMarginLoss,
             nn.TripletMarginWithDistanceLoss)
@@ -223,6 +224,11 @@ def contract_of(loss_fn: Callable, batch_loss: bool = False) -> Criterion | Loss
             f"{type(loss_fn).__name__} takes more than (output, target) or scores pairs of examples, so fasthess "
             "cannot split it into chunks; wrap it in a loss(output, target) callable that returns per-example losses "
             "(reduction='none'), e.g. by packing the extra inputs into the model's output or the target")
+    if type(loss_fn) in _NO_SECOND_DERIVATIVE:
+        raise LossContractError(
+            f"{type(loss_fn).__name__} has no second derivative in PyTorch (its backward is not differentiable); "
+            "write the margin loss with elementary ops in a loss(output, target) callable (e.g. torch.clamp of the "
+            "margins), or use the GGN operator's loss with a differentiable criterion")
     if type(loss_fn) in (*_ELEMENTWISE, *_PER_ROW, *_CLASS_INDEXED):
         return Criterion(loss_fn)
     return LossCallable(loss_fn, batch_loss)

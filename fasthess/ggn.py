@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils import _pytree as pytree
 
 from fasthess.data import Chunk
 from fasthess.errors import StochasticModelError
@@ -49,21 +50,29 @@ class GGNOperator(ModelOperator):
     def _chunk_products(self, chunk: Chunk, state: PassState):
         batch = chunk.batch
         primals = dict(zip(self.names, self._primals()))
+        structure = []
 
-        def outputs(p):
-            return self._forward(p, batch)
+        def outputs(p):  # the output's tensors (a Hugging Face output also holds e.g. a cache object)
+            leaves, spec = pytree.tree_flatten(self._forward(p, batch))
+            structure[:] = [spec, [isinstance(t, torch.Tensor) for t in leaves]]
+            return tuple(t for t in leaves if isinstance(t, torch.Tensor))
+
+        def rebuilt(tensors):  # the output as the loss sees it; its other leaves are None
+            spec, is_tensor = structure
+            it = iter(tensors)
+            return pytree.tree_unflatten([next(it) if flag else None for flag in is_tensor], spec)
 
         out, pullback = vjp(outputs, primals)
-        loss = self._scalar(self.loss.chunk_sum(out, batch))
+        loss = self._scalar(self.loss.chunk_sum(rebuilt(out), batch))
         y = batch.target
         if isinstance(y, torch.Tensor) and y.is_floating_point():  # the target travels as a primal with a zero
             y_zero = torch.zeros_like(y)                               # tangent, as in HessianOperator
-            loss_grad = grad(lambda o, t: self.loss.chunk_sum(o, batch.with_target(t)))
+            loss_grad = grad(lambda o, t: self.loss.chunk_sum(rebuilt(o), batch.with_target(t)))
 
             def loss_hessian(u):
                 return jvp(loss_grad, (out, y), (u, y_zero))[1]
         else:
-            loss_grad = grad(lambda o: self.loss.chunk_sum(o, batch))
+            loss_grad = grad(lambda o: self.loss.chunk_sum(rebuilt(o), batch))
 
             def loss_hessian(u):
                 return jvp(loss_grad, (out,), (u,))[1]

@@ -109,3 +109,21 @@ def spawn_ranks(worker, world: int, tmp, attempts: int = 3) -> Path:
                           RuntimeWarning)
             time.sleep(2.0)
     raise AssertionError("unreachable")
+
+
+def dense_hessian_of(model: nn.Module, loss_of, params: list[nn.Parameter] | None = None) -> torch.Tensor:
+    """The n×n Hessian of ``loss_of(parameters by name)`` (any full-data loss, e.g. the loss called on all the data
+    as one batch, plus a penalty) over ``params`` (default: those with ``requires_grad``), by autograd."""
+    named = [(n, p) for n, p in model.named_parameters() if (p.requires_grad if params is None else
+                                                              any(p is q for q in params))]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def flat_loss(flat: torch.Tensor) -> torch.Tensor:
+        parts, off = {}, 0
+        for name, p in named:
+            parts[name] = flat[off:off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        return loss_of(parts)
+
+    H = torch.autograd.functional.hessian(flat_loss, theta)
+    return (H + H.T) / 2

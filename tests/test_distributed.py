@@ -92,7 +92,18 @@ def _checks(rank: int, world: int) -> dict:
     out["hv"] = op.matmat(V)
     out["pass_bytes"] = op.comm.pass_bytes
     out["eig"] = fasthess.eigs(op, **EIG_KW)
-    out["collectives_per_pass"] = (op.comm.num_collectives - 1) / op.num_passes
+    out["collectives_per_pass"] = (op.comm.num_collectives - 2) / op.num_passes  # N at construction, W once
+
+    # class-weighted cross-entropy with ignored targets and per-example weights: W is all-reduced
+    cw = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
+    yi = y.clone()
+    yi[[3, 20, 30]] = -100
+    w = torch.rand(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.2
+    wce = nn.CrossEntropyLoss(weight=cw, ignore_index=-100)
+    ref = fasthess.HessianOperator(model, wce, (X, yi, w), batch_size=CHUNK)
+    sharded = fasthess.HessianOperator(model, wce, (Xs, yi[lo:hi], w[lo:hi]), batch_size=CHUNK, distributed=True)
+    out["weighted"], out["ref_weighted"] = sharded.matmat(V), ref.matmat(V)
+    out["normalizers"] = (sharded.normalizer, ref.normalizer, float((w * cw[yi.clamp_min(0)])[yi != -100].sum()))
 
     # rank 0 passes a DataLoader (count unknown until its first pass), the others tensors
     local = DataLoader(TensorDataset(Xs, ys), batch_size=CHUNK) if rank == 0 else (Xs, ys)
@@ -145,6 +156,14 @@ def test_matmat_equals_single_process(ranks):
         torch.testing.assert_close(r["hv"], r["ref_hv"], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(r["mixed_hv"], r["ref_hv"], rtol=1e-12, atol=1e-14)
         assert torch.equal(r["hv"], ranks[0]["hv"])  # bitwise identical on every rank
+
+
+def test_weighted_loss_normalizer_is_all_reduced(ranks):
+    for r in ranks:
+        torch.testing.assert_close(r["weighted"], r["ref_weighted"], rtol=1e-10, atol=1e-12)
+        sharded, single, expected = r["normalizers"]
+        assert sharded == pytest.approx(single, rel=1e-14) and single == pytest.approx(expected, rel=1e-14)
+        assert torch.equal(r["weighted"], ranks[0]["weighted"])
 
 
 def test_one_collective_of_n_b_8_bytes_per_pass(ranks):
