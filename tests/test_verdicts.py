@@ -136,3 +136,15 @@ def test_verdict_records_are_json():
 def test_no_runs_is_inconclusive_everywhere(finding):
     ev, _ = usable([], lambda c: "x")
     assert all(v.outcome == "inconclusive" for v in decide(finding, ev))
+
+
+def test_finding3_sam_gain_against_sgd_at_each_batch_size():
+    vary = ["batch_size", "rho"]
+    cfgs = []
+    for B, gain in ((32, 0.4), (1000, 0.0)):
+        for rho, lam in ((0.0, 8.0), (0.05, 5.0), (0.1, 3.0)):
+            cfgs.append(({"optimizer": "sgd" if rho == 0 else "sam", "rho": rho, "batch_size": B},
+                         gain * (rho > 0), lam))
+    vs, _ = _decide(3, _runs(cfgs, vary), vary, acc_margin=0.02)
+    assert [v.outcome for v in vs] == ["reproduced"] * 3
+    assert vs[1].deciding.statistic == "mean over ρ>0 − SGD at B=32" and vs[1].deciding.interval.lo > 0
