@@ -21,7 +21,8 @@ from fasthess.track import SharpnessTracker, sharpness_mode
 from fasthess import distributed, integrations, warm  # public submodules: fasthess.distributed.shard, ...
 
 __all__ = [
-    "BatchSpec", "DataChangedError", "LossContractError", "Density", "EigResult", "FasthessError", "GGNOperator", "HessianOperator",
+    "BatchSpec", "DataChangedError", "Density", "EigResult", "FasthessError", "GGNOperator", "HessianOperator",
+    "LossContractError",
     "MatrixOperator", "MinibatchEstimate", "NonFiniteError", "PreconditionedOperator", "SharpnessTracker",
     "StochasticModelError", "SymmetricOperator", "TraceResult", "adam_preconditioner", "adam_stability_threshold",
     "backend", "batch_sharpness", "build_info", "eigs", "lambda_max", "minibatch_lambda_max",

@@ -1,6 +1,6 @@
 """Data parallelism over ``torch.distributed``: sharded curvature operators and data-parallel training helpers.
 
-Math. Rank r of a process group of W ranks holds a shard S_r of the data set (n_r examples; shards may be
+Math. Rank r of a process group of P ranks holds a shard S_r of the data set (n_r examples; shards may be
 uneven, N = Σ_r n_r). The full-data curvature is
 
     H V = (1/W) Σ_r A_r,      A_r = Σ_{chunks c ∈ S_r} ∇²S_c V   (a (b, n) float64 buffer),
@@ -9,9 +9,9 @@ where S_c is chunk c's loss sum and W = Σ_r W_r the loss's normalizer (:mod:`fa
 count for a mean, the summed class weights of the targets for a weighted cross-entropy, ...). Each rank
 accumulates its own A_r, one all-reduce (SUM) of the flat buffer forms Σ_r A_r on every rank, and every rank
 divides by the same W. The example count N is all-reduced once, at construction (when every rank knows it);
-W (and N, when some rank passes an iterable of batches whose length is unknown) once, after the first pass. Per data pass the payload is
-b·n·8 bytes in one collective, whatever the number of parameter tensors or examples; a ring all-reduce
-sends and receives about 2(W−1)/W of it per rank.
+W (and N, when some rank passes an iterable of batches whose length is unknown) once, after the first pass.
+Per data pass the payload is b·n·8 bytes in one collective, whatever the number of parameter tensors or
+examples; a ring all-reduce sends and receives about 2(P−1)/P of it per rank.
 
 Agreement. Every rank enters every collective. A rank whose part of a pass fails (an exception, changed
 data, a non-finite loss) still enters the pass's all-reduce, with its buffer filled with NaN: the sum is

@@ -302,7 +302,14 @@ class ModelOperator(SymmetricOperator):
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             out = self._forward(names_primals, batch)
         with torch.enable_grad():
-            value = self.loss_fn(out, batch.target)
+            try:
+                value = self.loss_fn(out, batch.target)
+            except (TypeError, AttributeError, RuntimeError, ValueError, IndexError) as exc:
+                raise FasthessError(
+                    f"loss_fn(output, target) failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}); the "
+                    f"model's output is a {type(out).__name__} and the target a {type(batch.target).__name__}. Pass a "
+                    "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
+                    "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
         if isinstance(value, torch.Tensor) and value.requires_grad:
             trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
             grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True)

@@ -203,6 +203,9 @@ def test_hugging_face_gpt2_token_mean_on_padded_sequences(curvature):
     op = fasthess.HessianOperator(model, _lm_loss, batches, batch=spec, params=params)
     _check(op, H)
     assert op.normalizer == float((labels[:, 1:] != IGNORE).sum())
+    wrong = fasthess.HessianOperator(model, torch.nn.CrossEntropyLoss(), batches, params=params)
+    with pytest.raises(fasthess.FasthessError, match=r"CausalLMOutput.*out\.logits"):
+        wrong.matvec(torch.ones(wrong.num_params, dtype=torch.float64))
     plain = fasthess.HessianOperator(model, _lm_loss, batches, params=params)  # counting sequences, not tokens
     with pytest.raises(fasthess.LossContractError, match=r"count=\.\.\."):
         plain.matvec(torch.ones(plain.num_params, dtype=torch.float64))
