@@ -71,6 +71,8 @@ def effect_plot(ev: Evidence, x: str, panel: str, title: str, path: Path) -> Pat
                 ax.set_yscale("log")
             if xlog:
                 ax.set_xscale("log")
+                ax.minorticks_off()
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
             ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel(ylabel)

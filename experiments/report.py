@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,9 @@ def _interval_text(v: Verdict) -> tuple[str, str, str]:
     if t is None:
         return "-", "-", "-"
     iv = t.interval
-    if t.statistic.startswith("log("):
+    if "log(" in t.statistic:  # a log λ_max contrast, shown as a ratio
         est, lo, hi = (math.exp(x) if math.isfinite(x) else math.nan for x in (iv.estimate, iv.lo, iv.hi))
-        name = "ratio " + t.statistic[4:-1] if t.statistic.endswith(")") else t.statistic
+        name = re.sub(r"log\((.*)\)", r"ratio \1", t.statistic)
         return name, _f(est, 3), f"[{_f(lo, 3)}, {_f(hi, 3)}] ({100 * iv.level:.1f}%)"
     pts = [100 * x for x in (iv.estimate, iv.lo, iv.hi)]
     return t.statistic, f"{pts[0]:+.2f} pts", f"[{pts[1]:+.2f}, {pts[2]:+.2f}] pts ({100 * iv.level:.1f}%)" \
