@@ -194,8 +194,9 @@ class LossCallable:
                     f"the loss is neither the count-weighted mean nor the sum of the losses of its halves on a chunk "
                     f"of {batch.rows} examples ({float(v)} vs halves {float(v1)} and {float(v2)} with counts "
                     f"{n1:g} and {n2:g}): it depends on the batch (e.g. in-batch similarities, batch centring), or "
-                    f"its normalizer is not the count (for a token mean pass batch=fasthess.BatchSpec(count=...)). "
-                    f"Fix: {fix}")
+                    f"its normalizer is not the count (for a token mean pass batch=fasthess.BatchSpec(count=...); "
+                    f"for a class-weighted or ignore_index criterion pass the torch.nn criterion itself, not wrapped, "
+                    f"so that its normalizer is read). Fix: {fix}")
         elif v.shape == (batch.rows,):
             if not torch.allclose(torch.cat([v1, v2]), v, rtol=rtol, atol=1e-30):
                 raise LossContractError(f"the per-example losses of a chunk differ from those of its halves: the loss "
@@ -229,6 +230,8 @@ def contract_of(loss_fn: Callable, batch_loss: bool = False) -> Criterion | Loss
             f"{type(loss_fn).__name__} has no second derivative in PyTorch (its backward is not differentiable); "
             "write the margin loss with elementary ops in a loss(output, target) callable (e.g. torch.clamp of the "
             "margins), or use the GGN operator's loss with a differentiable criterion")
-    if type(loss_fn) in (*_ELEMENTWISE, *_PER_ROW, *_CLASS_INDEXED):
+    known = next((k for k in (*_ELEMENTWISE, *_PER_ROW, *_CLASS_INDEXED)
+                  if isinstance(loss_fn, k) and type(loss_fn).forward is k.forward), None)
+    if known is not None:  # a known criterion, or a subclass that keeps its forward
         return Criterion(loss_fn)
     return LossCallable(loss_fn, batch_loss)

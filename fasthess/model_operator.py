@@ -310,8 +310,8 @@ class ModelOperator(SymmetricOperator):
                     f"model's output is a {type(out).__name__} and the target a {type(batch.target).__name__}. Pass a "
                     "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
                     "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
+        trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
+        if isinstance(value, torch.Tensor) and value.requires_grad and trainable:
             grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True)
             reached = [n for (n, _), g in zip(trainable, grads) if g is not None]
             if reached:

@@ -296,3 +296,14 @@ def test_reordered_features_and_rows_are_detected():
     batches[0][1].copy_(batches[0][1][perm].clone())  # the same examples, in another order within the chunk
     with pytest.raises(fasthess.DataChangedError):
         op.matvec(torch.ones(op.num_params, dtype=torch.float64))
+
+
+def test_lambda_max_forwards_the_operator_keywords():
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape, n=N, loss="mse")
+    spec = fasthess.BatchSpec(batch_loss=True)
+    res = fasthess.lambda_max(model, _centred_mse, (X, y), batch_size=CHUNK, batch=spec, graph_memory=0, tol=1e-10)
+    H = dense_hessian(model, _centred_mse, X, y, batch_size=CHUNK)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H)[-1:], rtol=1e-8, atol=0)
+    with pytest.raises(fasthess.FasthessError, match="graph_memory"):
+        fasthess.lambda_max(model, _centred_mse, (X, y), curvature="ggn", graph_memory=0)

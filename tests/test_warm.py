@@ -63,3 +63,15 @@ def test_small_data_skips_the_subset_and_bad_fraction_raises():
     with pytest.raises(fasthess.FasthessError, match="fraction"):
         subsample_operator(op, 1.5)
     assert eigs_subsampled(op, tol=1e-6).sub_result is None
+
+
+def test_subset_keeps_per_example_weights_and_the_loss_options():
+    model, _, X, y = _problem(256)
+    w = torch.rand(256, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    op = fasthess.HessianOperator(model, loss, (X, y, w), batch_size=64)
+    sub = subsample_operator(op, 0.25, seed=1)
+    idx = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:64].sort().values
+    ref = fasthess.HessianOperator(model, loss, (X[idx], y[idx], w[idx]), batch_size=64)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    assert torch.equal(sub.matvec(v), ref.matvec(v))
