@@ -1,4 +1,10 @@
-"""λ_max of a small MLP's training loss on scikit-learn's digits (1,797 examples), exact over the full data set."""
+"""λ_max of an MLP on digits: the top three eigenvalues of the full-data Hessian, with their certificates.
+
+A small MLP is trained on scikit-learn's digits (1,797 examples) for 200 full-batch steps; then
+`fasthess.eigs` finds the top three eigenvalues of the Hessian of the training loss over all of the data, each
+with its residual ‖Hx − θx‖ and error bound. The last line compares the solve with the cost of one full-data
+gradient.
+"""
 import time
 
 import torch

@@ -1,4 +1,4 @@
-"""Beyond λ_max: the trace, the spectral density and the Gauss-Newton λ_max of a small network's Hessian.
+"""Trace, spectral density and Gauss-Newton: curvature beyond λ_max for a small network.
 
 Hutch++ estimates the trace with Rademacher probes (32 per data pass); a budget of at least n products gives
 the exact trace. Stochastic Lanczos quadrature gives the spectral density, plotted Gaussian-smoothed on a log

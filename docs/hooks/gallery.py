@@ -30,18 +30,28 @@ def _examples() -> list[Path]:
     return sorted(EXAMPLES.glob("*.py"))
 
 
-def _title_and_text(path: Path) -> tuple[str, str]:
-    doc = ast.get_docstring(ast.parse(path.read_text())) or path.stem
+def _describe(path: Path) -> tuple[str, str, str, str]:
+    """Title, subtitle, description and source without the docstring of an example.
+
+    The docstring's first line is ``Title: subtitle.``; the rest of it is the description.
+    """
+    source = path.read_text()
+    module = ast.parse(source)
+    doc = ast.get_docstring(module) or path.stem
     first, _, rest = doc.partition("\n")
-    return first.strip().rstrip("."), rest.strip()
+    title, _, subtitle = first.strip().rstrip(".").partition(": ")
+    body = module.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        source = "\n".join(source.splitlines()[body[0].end_lineno:]).lstrip("\n")
+    return title, subtitle, rest.strip(), source
 
 
 def on_config(config):
     """Put one nav entry per example under the nav section named "Gallery"."""
-    pages = [{_title_and_text(p)[0]: f"gallery/{p.stem}.md"} for p in _examples()]
+    pages = [{_describe(p)[0]: f"gallery/{p.stem}.md"} for p in _examples()]
     for entry in config["nav"] or []:
         if isinstance(entry, dict) and "Gallery" in entry:
-            entry["Gallery"] = ["gallery/index.md", *pages]
+            entry["Gallery"] = [{"Overview": "gallery/index.md"}, *pages]
     return config
 
 
@@ -74,11 +84,11 @@ def _execute(path: Path) -> tuple[Path, str, dict[str, bytes], float]:
 
 
 def _page(path: Path, stdout: str, figures: dict[str, bytes], seconds: float) -> str:
-    title, text = _title_and_text(path)
-    parts = [f"# {title}", "", text, "",
-             f"Source: `examples/{path.name}`. Run it with `python examples/{path.name}`; the output and figures "
-             f"below were produced by running it when these pages were built ({seconds:.1f} s).", "",
-             "```python", path.read_text().rstrip(), "```", "", "## Output", "", "```text", stdout.rstrip(), "```"]
+    title, subtitle, text, source = _describe(path)
+    parts = [f"# {title}", "", f"**{subtitle[:1].upper() + subtitle[1:]}.**" if subtitle else "", "", text, "",
+             f"Run it with `python examples/{path.name}`. The output and figures below are what it produced when "
+             f"these pages were built ({seconds:.0f} s on the build machine's CPU).", "",
+             "```python", source.rstrip(), "```", "", "## Output", "", "```text", stdout.rstrip(), "```"]
     for name in figures:
         parts += ["", f"![{name}]({path.stem}/{name})"]
     return "\n".join(parts) + "\n"
@@ -89,8 +99,8 @@ def _index() -> str:
              "Small scripts from `examples/`, each run when these pages are built: what you see below each one is "
              "what it printed and plotted on the build machine (CPU).", ""]
     for p in _examples():
-        title, text = _title_and_text(p)
-        lines.append(f"- [{title}]({p.stem}.md): {text.splitlines()[0] if text else ''}".rstrip(": "))
+        title, subtitle, _, _ = _describe(p)
+        lines.append(f"- [{title}]({p.stem}.md)" + (f": {subtitle}." if subtitle else ""))
     return "\n".join(lines) + "\n"
 
 
