@@ -115,14 +115,16 @@ class HFClassifier(nn.Module):
 def test_hf_trainer_callback_logs_lambda_max_to_tensorboard(tmp_path: Path) -> None:
     X, y = _data()
     sink = TensorBoardSink(tmp_path / "tb")
-    callback = HFSharpnessCallback(loss_fn, (X, y), every_n_epochs=1, sinks=[sink], tol=1e-8)
+    train = DictDataset(X, y)  # the Hessian over the Trainer's own dict batches: model(x=...) scored against labels
+    callback = HFSharpnessCallback(loss_fn, torch.utils.data.DataLoader(train, batch_size=BATCH), every_n_epochs=1,
+                                   sinks=[sink], tol=1e-8)
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
                                           num_train_epochs=2, learning_rate=0.2, lr_scheduler_type="constant",
                                           optim="sgd", report_to=[], use_cpu=True, save_strategy="no",
                                           logging_strategy="no", disable_tqdm=True, dataloader_drop_last=False,
                                           seed=0)
     model = HFClassifier()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=DictDataset(X, y), callbacks=[callback])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
     trainer.train()
     sink.close()
 
