@@ -296,11 +296,37 @@ class ModelOperator(SymmetricOperator):
         return value
 
     def _check_contract(self, chunk: Chunk) -> None:
-        """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples."""
+        """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples; a
+        refusal caused by random draws (in the forward or the loss) is reported as such."""
+        before = _generator_states(self.device)
+        try:
+            self._check_chunk(chunk)
+        except LossContractError as exc:
+            self._refuse_random(before, exc)
+            raise
+        self._refuse_random(before, None)
+        self._checked = True
+
+    def _refuse_random(self, before: list[torch.Tensor], cause: Exception | None) -> None:
+        if self.allow_stochastic or all(torch.equal(a, b) for a, b in zip(before, _generator_states(self.device))):
+            return
+        raise StochasticModelError(
+            "the model's forward or the loss drew random numbers on the first chunk (e.g. dropout, label noise, "
+            "torch.randn_like), so the Hessian is not a fixed matrix; remove the randomness, or pass "
+            "allow_stochastic=True to accept a random operator") from cause
+
+    def _check_chunk(self, chunk: Chunk) -> None:
         batch = chunk.batch
         names_primals = dict(zip(self.names, self._primals()))
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            out = self._forward(names_primals, batch)
+            try:
+                out = self._forward(names_primals, batch)
+            except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+                raise FasthessError(
+                    f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
+                    f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
+                    "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
+                    "inputs with batch=fasthess.BatchSpec(inputs=...)") from exc
         with torch.enable_grad():
             try:
                 value = self.loss_fn(out, batch.target)
@@ -310,20 +336,18 @@ class ModelOperator(SymmetricOperator):
                     f"model's output is a {type(out).__name__} and the target a {type(batch.target).__name__}. Pass a "
                     "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
                     "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
-        trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
-        if isinstance(value, torch.Tensor) and value.requires_grad and trainable:
-            grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True)
-            reached = [n for (n, _), g in zip(trainable, grads) if g is not None]
-            if reached:
-                raise LossContractError(
-                    f"the loss reads the parameters {reached[:3]} outside the model's forward (e.g. an L2 penalty or "
-                    "a temperature inside the loss closure); fasthess substitutes θ only in the forward, so their "
-                    "curvature would be dropped. Move them into the model's forward, or pass the penalty as "
-                    "penalty=lambda params: ... (a function of the dict of parameters by name), whose Hessian is "
-                    "added exactly")
+        reached = self._reads_parameters(value)
+        if reached:
+            raise LossContractError(
+                f"the loss reads the parameters {reached[:3]} outside the model's forward (e.g. an L2 penalty or "
+                "a temperature inside the loss closure); fasthess substitutes θ only in the forward, so their "
+                "curvature would be dropped. Move them into the model's forward, or pass the penalty as "
+                "penalty=lambda params: ... (a function of the dict of parameters by name), whose Hessian is "
+                "added exactly")
+        if self.penalty is not None:
+            self._check_penalty()
         rows = batch.rows
         if self.loss.kind == "callable" and self.loss.mode is not None:
-            self._checked = True
             return
         if self.loss.kind == "callable" and rows < 2:
             raise LossContractError(
@@ -345,7 +369,27 @@ class ModelOperator(SymmetricOperator):
                     except (RuntimeError, TypeError):
                         return self.loss_fn(o, b.target)
         self.loss.check(value_of, out, batch, halves)
-        self._checked = True
+
+    def _check_penalty(self) -> None:
+        """The penalty must be a function of the parameters dict it is given, not of the model's own tensors."""
+        with torch.enable_grad():
+            leaves = {n: p.detach().to(self.compute_dtype).requires_grad_(True)
+                      for n, p in zip(self.names, self._params)}
+            value = self._scalar(self.penalty(leaves))
+        reached = self._reads_parameters(value)
+        if reached or not value.requires_grad:
+            what = f"reads the model's parameters {reached[:3]}" if reached else "does not depend on its argument"
+            raise LossContractError(
+                f"the penalty {what}; it must be a function of the dict it is given (the differentiated parameters "
+                "by name), e.g. penalty=lambda params: 1e-4 * sum(p.pow(2).sum() for p in params.values())")
+
+    def _reads_parameters(self, value) -> list[str]:
+        """The names of the model's own differentiated parameters that ``value``'s graph reaches."""
+        trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
+        if not (isinstance(value, torch.Tensor) and value.requires_grad and trainable):
+            return []
+        grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True, retain_graph=True)
+        return [n for (n, _), g in zip(trainable, grads) if g is not None]
 
     # ---- one pass over the data -------------------------------------------------------------------
     def _chunk_products(self, chunk: Chunk, state: PassState) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -238,6 +238,24 @@ def test_penalty_hessian_is_added_once_per_product(hvp):
     torch.testing.assert_close(G.matmat(eye), G0.matmat(eye) + H_pen, rtol=1e-10, atol=1e-12)
 
 
+def test_penalty_that_ignores_its_argument_is_refused():
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape, n=N)
+    for penalty, match in ((lambda p: sum(q.pow(2).sum() for q in model.parameters()), "reads the model's"),
+                           (lambda p: torch.tensor(1.0, dtype=torch.float64), "does not depend")):
+        op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), penalty=penalty)
+        with pytest.raises(fasthess.LossContractError, match=rf"{match}.*penalty=lambda params"):
+            op.matvec(torch.ones(op.num_params, dtype=torch.float64))
+
+
+def test_a_forward_that_fails_on_the_inputs_names_the_fix():
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape, n=N)
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X.float(), y))
+    with pytest.raises(fasthess.FasthessError, match=r"forward failed.*dtype and device"):
+        op.matvec(torch.ones(op.num_params, dtype=torch.float64))
+
+
 class _RandomForward(nn.Module):
     def __init__(self, how: str):
         super().__init__()
@@ -264,6 +282,14 @@ def test_random_forward_is_refused_on_every_path(how, hvp):
     with allowed.fixed_weights():
         assert torch.isfinite(allowed.matvec(torch.ones(allowed.num_params, dtype=torch.float64))).all()
         assert getattr(allowed, "graph_bytes", 0) == 0
+
+
+def test_random_loss_is_refused_as_random():
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape, n=N)
+    op = fasthess.HessianOperator(model, lambda o, t: F.cross_entropy(o + 0.01 * torch.randn_like(o), t), (X, y))
+    with pytest.raises(fasthess.StochasticModelError, match="allow_stochastic=True"):
+        op.matvec(torch.ones(op.num_params, dtype=torch.float64))
 
 
 class _Flipping(Dataset):
