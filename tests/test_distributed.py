@@ -105,6 +105,12 @@ def _checks(rank: int, world: int) -> dict:
     out["weighted"], out["ref_weighted"] = sharded.matmat(V), ref.matmat(V)
     out["normalizers"] = (sharded.normalizer, ref.normalizer, float((w * cw[yi.clamp_min(0)])[yi != -100].sum()))
 
+    def penalty(p):  # added once, after the all-reduce, on every rank
+        return 0.05 * sum(t.pow(2).sum() for t in p.values())
+
+    out["penalized"] = fasthess.HessianOperator(model, wce, (Xs, yi[lo:hi], w[lo:hi]), batch_size=CHUNK,
+                                                distributed=True, penalty=penalty).matmat(V) - out["weighted"]
+
     # rank 0 passes a DataLoader (count unknown until its first pass), the others tensors
     local = DataLoader(TensorDataset(Xs, ys), batch_size=CHUNK) if rank == 0 else (Xs, ys)
     mixed = fasthess.HessianOperator(model, loss, local, batch_size=None if rank == 0 else CHUNK, distributed=True)
@@ -158,12 +164,20 @@ def test_matmat_equals_single_process(ranks):
         assert torch.equal(r["hv"], ranks[0]["hv"])  # bitwise identical on every rank
 
 
+def _block() -> torch.Tensor:
+    """The block every rank multiplies (seeded as in _checks)."""
+    model, _, _, _ = _problem()
+    n = sum(p.numel() for p in model.parameters())
+    return torch.randn(n, BLOCK, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
 def test_weighted_loss_normalizer_is_all_reduced(ranks):
     for r in ranks:
         torch.testing.assert_close(r["weighted"], r["ref_weighted"], rtol=1e-10, atol=1e-12)
         sharded, single, expected = r["normalizers"]
         assert sharded == pytest.approx(single, rel=1e-14) and single == pytest.approx(expected, rel=1e-14)
         assert torch.equal(r["weighted"], ranks[0]["weighted"])
+        torch.testing.assert_close(r["penalized"], 0.1 * _block(), rtol=1e-10, atol=1e-12)
 
 
 def test_one_collective_of_n_b_8_bytes_per_pass(ranks):
