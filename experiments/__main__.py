@@ -78,9 +78,12 @@ def _list() -> None:
     for name in list_presets():
         p = get_preset(name)
         n_cfg = len(expand(p, seeds=[0]))
-        wall = p["measured"] or "not measured yet"
+        if p["base"].get("device", "cpu").startswith("cuda"):
+            wall = "needs a GPU and the data set, not measured"
+        else:
+            wall = f"measured wall time (2 shared CPU cores, --jobs 1): {p['measured'] or 'not measured yet'}"
         print(f"{name:16s} finding {p['finding']}: {p['claim']}\n{'':16s} {n_cfg} configurations x "
-              f"{len(p['seeds'])} seeds; wall time: {wall}.\n{'':16s} {p['description']}")
+              f"{len(p['seeds'])} seeds; {wall}.\n{'':16s} {p['description']}")
         if p.get("grid_note"):
             print(f"{'':16s} Note: {p['grid_note']}.")
 

@@ -109,7 +109,7 @@ def test_cli_user_errors_are_a_message_and_status_2(args, message, capsys, tmp_p
 def test_cli_list_run_report(tmp_path, capsys):
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
-    assert "finding1-quick" in listing and "finding4-cpu" in listing and "wall time:" in listing
+    assert "finding1-quick" in listing and "finding4-cpu" in listing and "measured wall time" in listing
     assert "is not stated" in listing  # the paper presets say where the paper's grids are unknown
     out = tmp_path / "sweep"
     args = ["run", "finding4-quick", "--out", str(out), "--no-progress", "--set", "max_steps=200",
