@@ -89,20 +89,21 @@ class Criterion:
         return E.sum() if batch.weight is None else (E * _rows_weight(batch.weight, E)).sum()
 
     def _denominators(self, batch: Batch) -> torch.Tensor:
-        """Per-element denominators of the mean, shaped like the reduction="none" output."""
+        """Per-element denominators of the mean, shaped like the reduction="none" output (ones for "none": the
+        plain average of the elements)."""
         y = batch.target
-        if isinstance(self.loss, _CLASS_INDEXED) and not y.is_floating_point():
+        indexed = isinstance(self.loss, _CLASS_INDEXED) and not y.is_floating_point()
+        if indexed and self.reduction != "none":
             kept = y != self.loss.ignore_index
             if self.loss.weight is None:
                 return kept.to(torch.float64)
             return torch.where(kept, self.loss.weight.to(torch.float64)[y.clamp(0, self.loss.weight.numel() - 1)], 0.0)
-        if isinstance(self.loss, nn.CrossEntropyLoss):  # class probabilities: one element per row (and position)
-            return torch.ones(y.shape[:1] + y.shape[2:], dtype=torch.float64, device=y.device)
-        if isinstance(self.loss, _PER_ROW) or self.reduction == "batchmean":
-            per_row = 1.0 if isinstance(self.loss, _PER_ROW) else 1.0 / max(1, y[0].numel())
+        if isinstance(self.loss, nn.CrossEntropyLoss) and not indexed:  # class probabilities: no class dimension
+            shape = y.shape[:1] + y.shape[2:]
+        else:
             shape = y.shape[:1] if isinstance(self.loss, _PER_ROW) else y.shape
-            return torch.full(shape, per_row, dtype=torch.float64, device=y.device)
-        return torch.ones(y.shape, dtype=torch.float64, device=y.device)
+        per_element = 1.0 / max(1, y[0].numel()) if self.reduction == "batchmean" else 1.0
+        return torch.full(shape, per_element, dtype=torch.float64, device=y.device)
 
     def normalizer(self, batch: Batch) -> torch.Tensor | None:
         """W_c as a float64 0-dim tensor on the target's device, or None for a sum."""

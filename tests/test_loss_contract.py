@@ -57,6 +57,7 @@ CRITERIA = {
     "ce_mean": (nn.CrossEntropyLoss(), "index", None),
     "ce_sum": (nn.CrossEntropyLoss(reduction="sum"), "index", None),
     "ce_none": (nn.CrossEntropyLoss(reduction="none"), "index", None),
+    "ce_none_weight_ignore": (nn.CrossEntropyLoss(weight=CW, reduction="none"), "ignored", None),
     "ce_weight": (nn.CrossEntropyLoss(weight=CW), "index", None),
     "ce_ignore": (nn.CrossEntropyLoss(), "ignored", None),
     "ce_weight_ignore_smooth": (nn.CrossEntropyLoss(weight=CW, label_smoothing=0.1), "ignored", None),
