@@ -92,3 +92,43 @@ def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():
     torch.testing.assert_close(via_api.eigenvalues, direct.eigenvalues, rtol=1e-10, atol=0)
     with pytest.raises(FasthessError, match="curvature"):
         lambda_max(model, LOSSES["ce"], (X, y), curvature="fisher")
+
+
+def dense_ggn_of(model: nn.Module, loss_of_outputs, X: torch.Tensor) -> torch.Tensor:
+    """Jᵀ (∇²_o L) J for a loss L(o) of all the data's stacked outputs o = f(X) (the loss on all the data as one
+    batch), J = ∂o/∂θ."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def outputs(flat: torch.Tensor) -> torch.Tensor:
+        parts, off = {}, 0
+        for name, p in named:
+            parts[name] = flat[off:off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        return functional_call(model, parts, (X,), strict=False)
+
+    out = outputs(theta).detach()
+    J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True).reshape(out.numel(), -1)
+    Ho = hessian(lambda o: loss_of_outputs(o.reshape(out.shape)))(out.reshape(-1))
+    return J.T @ Ho @ J
+
+
+@pytest.mark.parametrize("form", ["weighted_ignored_ce", "sum_mse", "example_weights"])
+def test_matches_dense_ggn_of_the_loss_on_all_the_data(form):
+    model, shape = make_model("gelu_mlp")
+    X, y = make_data(shape, n=23, loss="mse" if form == "sum_mse" else "ce")
+    w = torch.rand(23, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.2
+    cw = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    if form == "weighted_ignored_ce":
+        y[:10] = -100  # the whole first chunk is ignored
+        loss, data = nn.CrossEntropyLoss(weight=cw), (X, y)
+        full = lambda o: loss(o, y)  # noqa: E731
+    elif form == "sum_mse":
+        loss, data = nn.MSELoss(reduction="sum"), (X, y)
+        full = lambda o: loss(o, y)  # noqa: E731
+    else:
+        loss, data = nn.CrossEntropyLoss(), (X, y, w)
+        full = lambda o: (w * nn.functional.cross_entropy(o, y, reduction="none")).sum() / w.sum()  # noqa: E731
+    op = GGNOperator(model, loss, data, batch_size=10)
+    torch.testing.assert_close(op.matmat(torch.eye(op.num_params, dtype=torch.float64)),
+                               dense_ggn_of(model, full, X), rtol=1e-10, atol=1e-12)
