@@ -103,6 +103,12 @@ def _cast_floating(tree, dtype: torch.dtype):
                            tree)
 
 
+def _gradient_rows(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∇value for each leaf as a (1, *shape) row; zeros where value does not depend on the leaf."""
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [(torch.zeros_like(p) if g is None else g)[None] for p, g in zip(leaves, grads)]
+
+
 @dataclass
 class PassState:
     """What one data pass needs besides the chunks: the tangents (one (b, *shape) tensor per parameter) and the kept
@@ -401,18 +407,48 @@ class ModelOperator(SymmetricOperator):
         return PassState(tangents)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self._check_mode()
         tangents = self.unflatten(V)
         acc = V.new_zeros(V.shape[1], V.shape[0])
         state = self._start_pass(tangents)
+        losses = self._run_pass(acc, state, lambda chunk: self._chunk_products(chunk, state))
+        if self.penalty is not None:
+            losses = torch.cat([losses, self._penalty_products(acc, tangents)[None]])
+        self._check_finite_pass(losses, state.indices, acc)
+        return acc.T
+
+    def gradient(self) -> torch.Tensor:
+        """∇L(θ) = (1/W) Σ_c ∇S_c + ∇R as one flat float64 vector in the operator's layout (one data pass)."""
+        acc = torch.zeros(1, self.num_params, dtype=torch.float64, device=self.device)
+        state = PassState([])
+        losses = self._run_pass(acc, state, self._chunk_gradient)
+        if self.penalty is not None:
+            leaves = [p.requires_grad_(True) for p in self._primals()]
+            with torch.enable_grad():
+                value = self._scalar(self.penalty(dict(zip(self.names, leaves))))
+                ops.accumulate_dot(acc, _gradient_rows(value, leaves), 1.0)
+            losses = torch.cat([losses, value.detach().double()[None]])
+        self._check_finite_pass(losses, state.indices, acc)
+        return acc[0]
+
+    def _chunk_gradient(self, chunk: Chunk) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(∇S_c for each parameter tensor as a (1, *shape) row; S_c)."""
+        leaves = [p.requires_grad_(True) for p in self._primals()]
+        with torch.enable_grad():
+            value = self._chunk_sum(dict(zip(self.names, leaves)), chunk.batch)
+            return _gradient_rows(value, leaves), value.detach()
+
+    def _run_pass(self, acc: torch.Tensor, state: PassState, per_chunk: Callable) -> torch.Tensor:
+        """One data pass: Σ_c of ``per_chunk(chunk)``'s rows into ``acc`` (all-reduced over the ranks), divided by W
+        (counted on the first pass); returns the chunk sums."""
+        self._check_mode()
         try:
             if self.comm is None:
-                local = self._accumulate(acc, state)
+                local = self._accumulate(acc, state, per_chunk)
                 if self._normalizer is None:
                     self._set_normalizer(None if local is None else float(local))
             else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
                 def local() -> tuple[torch.Tensor, torch.Tensor | None]:
-                    part = self._accumulate(acc, state)
+                    part = self._accumulate(acc, state, per_chunk)
                     return state.stacked_losses(acc), part
                 self.comm.run_pass(acc, local, lambda: self.data.num_examples)
                 if self._normalizer is None:
@@ -420,12 +456,8 @@ class ModelOperator(SymmetricOperator):
         except BaseException:
             state.abort()
             raise
-        losses = state.stacked_losses(acc)
         acc /= self._normalizer
-        if self.penalty is not None:
-            losses = torch.cat([losses, self._penalty_products(acc, tangents)[None]])
-        self._check_finite_pass(losses, state.indices, acc)
-        return acc.T
+        return state.stacked_losses(acc)
 
     def _set_normalizer(self, total: float | None) -> None:
         if self.loss.sums:
@@ -436,9 +468,10 @@ class ModelOperator(SymmetricOperator):
         else:
             self._normalizer = total
 
-    def _accumulate(self, acc: torch.Tensor, state: PassState) -> torch.Tensor | None:
-        """Add Σ_c S_c's products (C_c v_j) over this process's chunks to row j of ``acc`` (b, n); the chunk sums go
-        to ``state.losses``. Returns this process's part of W on the first pass (None for a sum or later passes)."""
+    def _accumulate(self, acc: torch.Tensor, state: PassState, per_chunk: Callable) -> torch.Tensor | None:
+        """Add Σ_c of ``per_chunk(chunk)``'s rows (e.g. the products C_c v_j) over this process's chunks to ``acc``
+        (b, n); the chunk sums go to ``state.losses``. Returns this process's part of W on the first pass (None for
+        a sum or later passes)."""
         total = None
         batch_stats = self._batch_stat_bn()
         with self._frozen_batchnorm():
@@ -456,7 +489,7 @@ class ModelOperator(SymmetricOperator):
                 if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:
                     continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
                 with self._product_scope(chunk.index):
-                    products, loss = self._chunk_products(chunk, state)
+                    products, loss = per_chunk(chunk)
                 ops.accumulate_dot(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
                                          for p in products], 1.0)
                 state.losses.append(loss.detach().to(torch.float64))

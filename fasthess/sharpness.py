@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
 
 from fasthess.data import is_tensor_pair
 from fasthess.errors import FasthessError
@@ -165,14 +164,6 @@ def _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, per_b
                              values=vals, indices=indices, num_hvps=hvps)
 
 
-def _minibatch_gradient(op: ModelOperator, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """∇L_B in the operator's layout; the model's buffers are copied, so train-mode BatchNorm changes nothing."""
-    params = {name: p.detach() for name, p in zip(op.names, _param_list(op))}
-    buffers = {name: b.clone() for name, b in op.model.named_buffers()}
-    g = grad(lambda p, b: op.loss_fn(functional_call(op.model, (p, b), (x,), strict=False), y))(params, buffers)
-    return torch.cat([g[name].reshape(-1).double() for name in op.names])
-
-
 def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: int, num_batches: int = 32,
                     seed: int = 0, params: Sequence[torch.Tensor] | None = None) -> MinibatchEstimate:
     """Batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over random minibatches of ``batch_size`` (see the module docstring).
@@ -184,7 +175,7 @@ def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: in
         params: the parameters to differentiate (default: all with ``requires_grad``).
     """
     def along_gradient(op, x, y):
-        g = _minibatch_gradient(op, x, y)
+        g = op.gradient()
         gg = float(g @ g)
         if gg == 0.0:
             raise FasthessError("a minibatch gradient is exactly zero, so its direction is undefined; use larger "

@@ -334,3 +334,21 @@ def test_lambda_max_forwards_the_operator_keywords():
     torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H)[-1:], rtol=1e-8, atol=0)
     with pytest.raises(fasthess.FasthessError, match="graph_memory"):
         fasthess.lambda_max(model, _centred_mse, (X, y), curvature="ggn", graph_memory=0)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(weight=CW), nn.CrossEntropyLoss(reduction="sum")],
+                         ids=["weighted", "sum"])
+def test_gradient_is_that_of_the_loss_on_all_the_data(loss_fn):
+    model, shape = make_model("tanh_mlp")
+    X, _ = make_data(shape, n=N)
+    y = _targets("ignored")
+
+    def penalty(p):
+        return 0.1 * p["0.weight"].pow(2).sum()
+
+    loss_of = _full(model, loss_fn, X, y)
+    params = dict(model.named_parameters())
+    expected = torch.autograd.grad(loss_of(params) + penalty(params), list(params.values()))
+    op = fasthess.HessianOperator(model, loss_fn, (X, y), batch_size=CHUNK, penalty=penalty)
+    torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in expected]), rtol=1e-12, atol=1e-14)
+    assert op.num_passes == 0 and all(p.grad is None for p in model.parameters())
