@@ -14,7 +14,7 @@ from typing import Any
 from . import plots, stats
 from .config import config_name, varied_values
 from .storage import atomic_write_json, atomic_write_text
-from .verdicts import Evidence, Verdict, decide, lam, overall, usable
+from .verdicts import Verdict, decide, lam, overall, usable
 
 COLUMNS = ["name", "config", "seed", "optimizer", "lr", "batch_size", "rho", "dropout", "batch_norm", "model",
            "dataset", "status", "excluded", "steps", "epochs", "train_acc", "test_acc", "train_loss", "lambda_max",

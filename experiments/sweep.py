@@ -28,7 +28,7 @@ from typing import Any
 from . import ddp
 from .config import config_name, data_args, data_key, resolve_config, run_name
 from .storage import RunLockedError, _jsonable, atomic_write_json, clean_stale_tmp, run_lock
-from .train import Trainer, config_record
+from .train import Trainer
 
 
 def preset_seeds(preset: dict[str, Any], seeds: Sequence[int] | None = None) -> list[int]:

@@ -5,10 +5,10 @@ import json
 import math
 
 import pytest
-import torch
 
 from experiments.curvature import MEASURES
-from experiments.train import Trainer, resolve_config
+from experiments.config import resolve_config
+from experiments.train import Trainer
 
 TINY = {"dataset": "synthetic", "model": "mlp", "hidden": [16], "batch_size": 32, "lr": 0.1, "max_steps": 20,
         "train_subset": 128, "test_subset": 64, "track_every_evals": 1, "eval_every_epochs": 1,
