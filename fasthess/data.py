@@ -84,6 +84,7 @@ class ChunkedData:
     def __init__(self, data, batch_size: int | None, device: torch.device, spec: BatchSpec | None = None) -> None:
         self.device, self.spec = device, spec or BatchSpec()
         self._fingerprints: torch.Tensor | None = None
+        self._sizes: list[tuple] = []
         self._project = Projection(device)
         self._tensors: tuple[torch.Tensor, ...] | None = None
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -140,40 +141,41 @@ class ChunkedData:
         for batch in self._source:
             yield move(batch, self.device)
 
-    def _fingerprint(self, raw, batch: Batch) -> torch.Tensor:
-        parts = [self._project(t) for t in tensors_of(raw)]
-        count = batch.count.detach().double().reshape(()).to(self.device) if isinstance(batch.count, torch.Tensor) \
-            else torch.tensor(float(batch.count), dtype=torch.float64, device=self.device)
-        parts += [torch.tensor(float(batch.rows), dtype=torch.float64, device=self.device), count]
-        return torch.stack(parts)
+    def _fingerprint(self, raw, batch: Batch) -> tuple[list[torch.Tensor], tuple]:
+        """The projections of the chunk's tensors (on the device) and its sizes (on the host)."""
+        prints = [self._project(t) for t in tensors_of(raw)]
+        count = batch.count
+        if isinstance(count, torch.Tensor):
+            prints.append(count.detach().double().reshape(()).to(self.device))
+            count = None
+        return prints, (batch.rows, count)
 
     def chunks(self) -> Iterator[Chunk]:
         """Yield the :class:`Chunk` objects of one pass, checking the data against the first pass.
 
         Empty batches are skipped and not numbered: ``index`` counts the chunks yielded.
         """
-        prints = []
-        total = 0
+        prints, sizes = [], []
         for raw in self._raw():
             batch = self.spec.read(raw)
             if batch.rows == 0:
                 continue
-            total += batch.rows
-            prints.append(self._fingerprint(raw, batch))
-            yield Chunk(len(prints) - 1, raw, batch)
-        if total == 0:
+            values, size = self._fingerprint(raw, batch)
+            prints += values
+            sizes.append(size)
+            yield Chunk(len(sizes) - 1, raw, batch)
+        if not sizes:
             raise FasthessError("the data yielded no examples; pass a non-empty data set")
-        self._check_same(prints, total)
+        self._check_same(torch.stack(prints) if prints else torch.zeros(0), sizes)
 
-    def _check_same(self, prints: list[torch.Tensor], total: int) -> None:
-        width = {p.numel() for p in prints}
-        stacked = torch.stack(prints) if len(width) == 1 else torch.cat(prints)  # one host sync per pass
+    def _check_same(self, prints: torch.Tensor, sizes: list[tuple]) -> None:
+        """One host sync per pass: the fingerprints and sizes must be those of the first pass."""
         if self._fingerprints is None:
-            self._fingerprints = stacked
-            self.num_examples = total
+            self._fingerprints, self._sizes = prints, sizes
+            self.num_examples = sum(rows for rows, _ in sizes)
             return
-        same = stacked.shape == self._fingerprints.shape and bool(torch.allclose(
-            stacked, self._fingerprints, rtol=1e-12, atol=0.0, equal_nan=True))
+        same = sizes == self._sizes and prints.shape == self._fingerprints.shape and bool(torch.allclose(
+            prints, self._fingerprints, rtol=1e-12, atol=0.0, equal_nan=True))
         if not same:
             raise DataChangedError(
                 "the data changed between two passes (different batches, values or order); the Hessian is only "
