@@ -209,3 +209,11 @@ def test_hugging_face_gpt2_token_mean_on_padded_sequences(curvature):
     plain = fasthess.HessianOperator(model, _lm_loss, batches, params=params)  # counting sequences, not tokens
     with pytest.raises(fasthess.LossContractError, match=r"count=\.\.\."):
         plain.matvec(torch.ones(plain.num_params, dtype=torch.float64))
+
+
+def test_bad_batch_spec_arguments_are_refused():
+    with pytest.raises(fasthess.FasthessError, match=r"BatchSpec\(count=...\) must be a function"):
+        fasthess.BatchSpec(count=3)
+    model, shape = make_model("tanh_mlp")
+    with pytest.raises(fasthess.FasthessError, match="fasthess.BatchSpec"):
+        fasthess.HessianOperator(model, nn.CrossEntropyLoss(), make_data(shape), batch={"count": 1})
