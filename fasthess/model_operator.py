@@ -224,7 +224,8 @@ class ModelOperator(SymmetricOperator):
         """Split the columns of V (n, b) into per-parameter tangents (b, *shape_i) in the compute dtype."""
         out, off = [], 0
         for shape, numel in zip(self.shapes, self.numels):
-            out.append(V[off:off + numel].T.reshape(V.shape[1], *shape).to(self.compute_dtype))
+            # contiguous: a strided view of V (b = 1) makes the backward passes slower than this one copy
+            out.append(V[off:off + numel].T.reshape(V.shape[1], *shape).to(self.compute_dtype).contiguous())
             off += numel
         return out
 
