@@ -9,24 +9,25 @@ honest even if orthogonality were lost. The next block is W = HP orthogonalized 
 where it deflates. When the basis reaches ``max_basis`` rows it is thick-restarted: the best Ritz
 vectors and their images are kept, and T becomes diagonal.
 
-Stopping rule: for every wanted θᵢ, |λᵢ − θᵢ| ≤ ‖rᵢ‖, and where the nearest other Ritz value θⱼ is
-separated by more than its own residual, the Kato–Temple bound |λᵢ − θᵢ| ≤ ‖rᵢ‖²/gapᵢ with
-gapᵢ = |θᵢ − θⱼ| − ‖rⱼ‖ (this assumes, as every Krylov method must, that no eigenvalue lies
-unseen between them). The solve stops when every bound is ≤ max(tol·|θᵢ|, 10³ε·max|θ|) (the roundoff
-floor only matters for eigenvalues at zero, whose relative accuracy is undefined). A claim that leans on a
-Kato–Temple bound must survive one more pass: an unresolved cluster (a Ritz vector mixing two
-close eigenvectors) looks separated until the next block splits it, and then θ jumps by more
-than the claimed bound, which voids the claim.
+Stopping rule: every wanted θᵢ carries an error bound, the residual bound ‖rᵢ‖ or, where a resolved neighbour
+within the block's reach allows it, the Kato–Temple bound ‖rᵢ‖²/gapᵢ, plus a floor for the products' own
+rounding; :mod:`fasthess._certificate` states when each is trusted and why. The solve stops when every bound is
+≤ max(tol·|θᵢ|, 10³ε·max|θ|) (the roundoff term only matters for eigenvalues at zero, whose relative accuracy is
+undefined), no unresolved unwanted Ritz value reaches into the wanted range, and, for a gap-based claim, one
+more pass has confirmed it. A start block always holds at least one fresh random column, warm starts included;
+``EigResult.ritz_vectors`` (the top k + 1 Ritz vectors) is the warm start for a later, nearby solve.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+import warnings
 
 import torch
 
 from fasthess import ops
+from fasthess._certificate import certify, rounding_floor
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -35,20 +36,21 @@ WHICH = ("LA", "SA", "LM")
 BASIS_BUDGET_BYTES = 2 * 1024**3  # Q and HQ together, float64
 MAX_BASIS = 360
 ROUNDOFF = 1e3 * torch.finfo(torch.float64).eps  # an error this small relative to ‖T‖ is roundoff: converged
+MIN_DEPTH = 3  # passes before any claim: the random columns must have had the chance to climb past a warm start
 
 
 def default_block_size(k: int, device: torch.device | str | None = None, model_operator: bool = False) -> int:
-    """Block size when none is given: k for a model operator on the CPU, otherwise max(k, 4).
+    """Block size when none is given: k + 1 for a model operator on the CPU, otherwise max(k + 1, 4).
 
-    On an accelerator one data pass with b vmapped tangents costs far less than b passes, so a block of 4 shares
-    each pass (and a block also resolves clustered or repeated eigenvalues). On the CPU a pass of a model's
-    Hessian does not amortize: measured on 2 cores (benchmarks/PEERS.md) one pass with b = 4 cost 3-12× a pass
-    with b = 1, so for λ_max (k = 1) plain Lanczos (b = 1) is fastest. Other operators (e.g. a dense
-    :class:`MatrixOperator`) keep max(k, 4).
+    One random column more than the wanted eigenvalues: a single Krylov vector cannot tell a near-degenerate pair
+    from one eigenvalue, so with b = k neither the gap nor even the residual bound is safe
+    (:mod:`fasthess._certificate`). On the CPU a pass of a model's Hessian costs about b times a single product
+    (measured on 2 cores, benchmarks/PEERS.md), so the block stays as small as honesty allows; on an accelerator
+    the b vmapped tangents share one pass, and other operators (e.g. a dense :class:`MatrixOperator`) take 4.
     """
     if model_operator and device is not None and torch.device(device).type == "cpu":
-        return k
-    return max(k, 4)
+        return k + 1
+    return max(k + 1, 4)
 
 
 def _is_model_operator(op) -> bool:
@@ -130,7 +132,7 @@ def _orthonormal_rows(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator) ->
 
 def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int | None = None,
          max_iters: int | None = None, v0: torch.Tensor | None = None, seed: int = 0, progress: bool = False,
-         max_basis: int | None = None) -> EigResult:
+         max_basis: int | None = None, random_columns: int = 1) -> EigResult:
     """k extreme eigenpairs of a symmetric operator by block Lanczos (see the module docstring).
 
     Args:
@@ -138,21 +140,28 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         k: number of eigenpairs.
         which: ``"LA"`` largest algebraic (λ_max), ``"SA"`` smallest, ``"LM"`` largest magnitude.
         tol: certified relative accuracy of each eigenvalue.
-        block_size: products per data pass (default: k for a model's Hessian/GGN on the CPU, else ``max(k, 4)``;
-            at least v0's column count).
+        block_size: products per data pass (default :func:`default_block_size`); always at least v0's column
+            count plus ``random_columns``.
         max_iters: most data passes (default: until the Krylov space is exhausted, at most 1000).
-        v0: warm start, (n,) or (n, j), e.g. the eigenvectors of the previous result.
+        v0: warm start, (n,) or (n, j), e.g. ``previous_result.ritz_vectors``.
         seed: seed of the random start and refill directions.
         progress: print one line per pass to stderr.
         max_basis: most basis vectors kept before a thick restart (default from a 2 GiB budget).
+        random_columns: fresh random columns added to v0 (the Krylov assumption of the certificate rests on them,
+            :mod:`fasthess._certificate`). 0 only for a v0 that a random-started solve has already explored, such
+            as the Ritz vectors of a subset solve (:func:`fasthess.warm.eigs_subsampled`).
     """
     n = _check_args(op, k, which, tol, block_size, max_iters, max_basis)
+    if isinstance(random_columns, bool) or not isinstance(random_columns, int) or random_columns < 0:
+        raise FasthessError(f"random_columns={random_columns!r} must be an integer ≥ 0 (fresh random columns added "
+                            "to v0; keep the default 1 unless v0 comes from a random-started solve)")
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
     device = op.device
+    dtype = getattr(op, "dtype", torch.float64)
     gen = torch.Generator().manual_seed(seed)
     V0 = _check_v0(v0, n, device) if v0 is not None else None
     b = block_size or default_block_size(k, device, _is_model_operator(op))
-    b = min(n, max(b, V0.shape[0] if V0 is not None else 0))
+    b = min(n, max(b, V0.shape[0] + random_columns if V0 is not None else 0))
     cap = max_basis or max(min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n)), 2 * k + 2 * b)
     cap = min(max(cap, k + 2 * b), n + b)
     max_iters = max_iters or 1000
@@ -160,35 +169,43 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     Q = torch.empty(0, n, dtype=torch.float64, device=device)
     HQ = torch.empty_like(Q)
     T = torch.empty(0, 0, dtype=torch.float64, device=device)
+    G = torch.empty_like(T)  # HQ·HQᵀ: the residual of every Ritz pair without forming its vector
     start = _random_rows(b, n, gen, device)
     if V0 is not None:
         start[: V0.shape[0]] = V0
     P = _orthonormal_rows(start, Q, gen)
-    vals = rn = bounds = conv = X = last_claim = None
+    skew = 0.0
+    cert = conv = theta = Y = order = last_claim = None
     with fixed(op):
         for it in range(max_iters):
             W = op.matmat(P.T).T
             C, D = Q @ W.T, P @ W.T
+            skew = max(skew, _skew(C, HQ @ P.T, D))
             D = (D + D.T) / 2
+            HW = HQ @ W.T
             T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
+            G = torch.cat([torch.cat([G, HW], 1), torch.cat([HW.T, W @ W.T], 1)], 0)
             Q, HQ = torch.cat([Q, P]), torch.cat([HQ, W])
             theta, Y = torch.linalg.eigh(T)
             order = _order(theta, which)
-            vals, X, rn, bounds = _certify(theta, Y, order, k, Q, HQ)
-            conv = bounds <= torch.maximum(tol * vals.abs(), ROUNDOFF * theta.abs().max())
-            claim = bool(conv.all())
-            # A Kato–Temple bound leans on the gap estimate, which an unresolved cluster fools; such a claim stands
-            # only once the next pass confirms it (the Ritz values moved by no more than the claimed bounds).
-            leans_on_gap = bool((bounds < rn).any())
+            floor = rounding_floor(T, skew, b, dtype)
+            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which)
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
-            confirmed = claim and (not leans_on_gap or exhausted or (last_claim is not None and bool(
-                ((vals - last_claim[0]).abs() <= last_claim[1] + 1e-13 * vals.abs()).all())))
-            conv = conv & confirmed
-            last_claim = (vals, bounds) if claim else None
+            target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
+            meets = cert.bounds <= target
+            ready = exhausted or (not cert.threatened and it + 1 >= MIN_DEPTH)
+            # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
+            # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
+            confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
+                last_claim is not None and bool(((cert.values - last_claim[0]).abs()
+                                                 <= last_claim[1] + 1e-13 * cert.values.abs()).all())))
+            conv = meets & confirmed
+            last_claim = (cert.values, cert.bounds) if bool(meets.all()) else None
             if progress:
-                print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={vals.tolist()}, "
-                      f"rel. bound={(bounds / vals.abs().clamp_min(1e-300)).max().item():.2e}", file=sys.stderr)
-            if confirmed or exhausted:
+                print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={cert.values.tolist()}, "
+                      f"rel. bound={(cert.bounds / cert.values.abs().clamp_min(1e-300)).max().item():.2e} "
+                      f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
+            if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
                 break
             P = _orthonormal_rows(W, Q, gen)
             if P.shape[0] == 0:
@@ -196,37 +213,29 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             if Q.shape[0] + P.shape[0] > cap:
                 keep = order[: max(k + b, (cap - b) // 2)]
                 Yk = Y[:, keep]
-                Q, HQ, T = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep])
-    return EigResult(eigenvalues=vals, eigenvectors=X.T.contiguous(), residuals=rn, error_bounds=bounds,
-                     converged=conv, num_hvps=op.num_hvps - start_hvps, num_passes=op.num_passes - start_passes,
-                     seconds=time.perf_counter() - t0, which=which, tol=float(tol))
+                Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
+    kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
+    ritz = Y[:, order[: min(k + 1, order.shape[0])]].T @ Q
+    return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
+                     error_bounds=cert.bounds, converged=conv, num_hvps=op.num_hvps - start_hvps,
+                     num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,
+                     tol=float(tol), certificates=kinds, rounding_floor=floor,
+                     ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
 
 
-def _neighbours(i: int, pos: torch.Tensor, asc: torch.Tensor) -> list[int]:
-    """Indices of the Ritz values just below and above θᵢ (``asc`` sorts θ, ``pos`` inverts it)."""
-    p = int(pos[i])
-    return [int(asc[q]) for q in (p - 1, p + 1) if 0 <= q < asc.shape[0]]
+def _skew(C: torch.Tensor, C_other: torch.Tensor, D: torch.Tensor) -> float:
+    """Spectral-norm estimate of the antisymmetric part of this pass's new block column of T, as computed from
+    both sides (q·Hp against p·Hq): a measurement of the products' rounding (zero in exact arithmetic)."""
+    parts = [(C - C_other).norm() / 2 ** 0.5, (D - D.T).norm() / 2]
+    return float(max(parts))
 
 
-def _certify(theta, Y, order, k, Q, HQ):
-    """Wanted Ritz values, vectors (rows), residual norms and error bounds (see the module docstring)."""
-    asc = torch.argsort(theta)
-    pos = torch.empty_like(asc)
-    pos[asc] = torch.arange(asc.shape[0], device=asc.device)
-    want = order[:k].tolist()
-    nbrs = {i: _neighbours(i, pos, asc) for i in want}
-    idx = sorted(set(want).union(*nbrs.values()))
-    row = {j: r for r, j in enumerate(idx)}
-    Yi = Y[:, idx]
-    X, HX = Yi.T @ Q, Yi.T @ HQ
-    norms = X.norm(dim=1, keepdim=True)
-    X, HX = X / norms, HX / norms
-    res = (HX - theta[idx][:, None] * X).norm(dim=1)
-    bounds = []
-    for i in want:
-        r = res[row[i]]
-        # Kato–Temple needs a separated neighbour; a lone Ritz value says nothing about the rest of the spectrum
-        gap = min((abs(theta[i] - theta[j]) - res[row[j]] for j in nbrs[i]), default=None)
-        bounds.append(torch.minimum(r, r * r / gap) if gap is not None and gap > 0 else r)
-    w = [row[i] for i in want]
-    return theta[want], X[w], res[w], torch.stack(bounds).to(theta.device)
+def _below_floor(bounds: torch.Tensor, floor: float, target: torch.Tensor, dtype: torch.dtype, tol: float) -> bool:
+    """The rounding floor exceeds what tol asks for and already dominates the bounds, so more passes cannot
+    certify the result: warn and stop."""
+    if floor <= float(target.min()) or float((bounds - floor).max()) > floor:
+        return False
+    warnings.warn(f"tol={tol:g} is below what {dtype} products can certify here (rounding floor {floor:.2e} of the "
+                  "eigenvalues); the result is not converged. Use a float64 model (model.double()) or a looser tol",
+                  RuntimeWarning, stacklevel=3)
+    return True

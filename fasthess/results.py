@@ -11,10 +11,20 @@ class EigResult:
     """Eigenpairs with certificates.
 
     For each returned Ritz pair (θᵢ, xᵢ) with ‖xᵢ‖ = 1, ``residuals[i]`` is ‖H xᵢ − θᵢ xᵢ‖ computed from the
-    actual products, and ``error_bounds[i]`` bounds |λᵢ − θᵢ|: the residual itself, or the Kato–Temple bound
-    ‖r‖²/gap where the neighbouring Ritz value is well separated. ``converged[i]`` is true exactly when
-    ``error_bounds[i] ≤ tol·|θᵢ|`` (or within roundoff, 10³ε·‖T‖, for eigenvalues at zero), after a
-    Kato–Temple claim has survived one confirming pass.
+    actual products, and ``error_bounds[i]`` bounds |λᵢ − θᵢ|; ``certificates[i]`` names the bound:
+
+    * ``"residual"``: ‖rᵢ‖ plus the rounding floor; some eigenvalue lies that close, no gap assumed;
+    * ``"gap"``: the Kato–Temple bound ‖rᵢ‖²/gap plus the floor, which assumes that no eigenvalue hides between
+      θᵢ and its resolved neighbour (:mod:`fasthess._certificate` says when that is trusted);
+    * ``"exhausted"``: the Krylov space is the whole space, so the Ritz values are the eigenvalues up to the floor.
+
+    ``converged[i]`` is true exactly when ``error_bounds[i] ≤ tol·|θᵢ|`` (or within roundoff, 10³ε·‖T‖, for
+    eigenvalues at zero), no unresolved Ritz value reaches into the wanted range, and a gap-based claim has
+    survived one confirming pass. ``rounding_floor`` is ω, the error the products' rounding alone may cause
+    (included in every bound). That θᵢ is the i-th *wanted* eigenvalue (not another one) is the Krylov
+    assumption, which the random columns of every start block make hold with high probability.
+    ``ritz_vectors`` (n, k + 1) are the most wanted Ritz vectors, converged or not: the warm start ``v0`` of a
+    later solve on a nearby operator.
     """
 
     eigenvalues: torch.Tensor
@@ -27,6 +37,9 @@ class EigResult:
     seconds: float
     which: str = "LA"
     tol: float = 1e-4
+    certificates: tuple[str, ...] = ()
+    rounding_floor: float = 0.0
+    ritz_vectors: torch.Tensor | None = None
 
     @property
     def all_converged(self) -> bool:

@@ -69,7 +69,7 @@ class SharpnessTracker:
         tol: relative tolerance for :func:`fasthess.eigs`.
         every: ``maybe_update(model, step)`` computes when ``step % every == 0``.
         mode, disable_dropout: see :func:`sharpness_mode`.
-        warm_start: start each solve from the previous eigenvectors.
+        warm_start: start each solve from the previous top k + 1 Ritz vectors (plus a fresh random column).
         lr: default learning rate; records carry ``two_over_lr = 2/lr`` (edge-of-stability line).
         distributed, process_group: passed to :class:`fasthess.HessianOperator`: each process of the group
             passes its own shard as ``data`` and every process must call ``update``/``compute`` at the same
@@ -107,7 +107,7 @@ class SharpnessTracker:
         self.eigs_kwargs = eigs_kwargs
         self.loggers = list(loggers)
         self.history: list[dict[str, Any]] = []
-        self._vectors: torch.Tensor | None = None  # (n, k) float64 on CPU
+        self._vectors: torch.Tensor | None = None  # (n, k + 1) float64 on CPU
 
     # ------------------------------------------------------------------ computing
     def should_update(self, step: int) -> bool:
@@ -157,7 +157,7 @@ class SharpnessTracker:
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
         res = self.compute(model, v0=v0)
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
-        self._vectors = res.eigenvectors.detach().to("cpu", torch.float64).clone()
+        self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
         lr = self.lr if lr is None else lr
         ev = res.eigenvalues.detach().cpu().double()
         rec: dict[str, Any] = {
@@ -167,6 +167,8 @@ class SharpnessTracker:
             "residual": _as_float(res.residuals),
             "error_bound": _as_float(res.error_bounds),
             "converged": bool(torch.as_tensor(res.converged).all()),
+            "certificate": res.certificates[0],
+            "certificates": list(res.certificates),
             "num_hvps": int(res.num_hvps),
             "num_passes": int(res.num_passes),
             "seconds": float(res.seconds),
@@ -191,7 +193,8 @@ class SharpnessTracker:
 
     @property
     def eigenvectors(self) -> torch.Tensor | None:
-        """The eigenvectors of the last update (n, k), float64 on the CPU; the next warm start."""
+        """The top k + 1 Ritz vectors of the last update (n, k + 1), float64 on the CPU: the k eigenvectors and
+        their neighbour, the next warm start (with a fresh random column, so that a crossing is seen)."""
         return self._vectors
 
     def reset(self) -> None:

@@ -115,14 +115,14 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
     t0 = time.perf_counter()
     sub_op = subsample_operator(op, fraction, seed)
     sub = None
-    start = v0
-    if sub_op is not None:
+    start, fresh = v0, 1
+    if sub_op is not None:  # the exploration (random columns, a block that resolves pairs) runs on the cheap subset
         if start is not None:
             start = start.to(sub_op.device)
         sub = eigs(sub_op, k=k, which=which, tol=sub_tol, block_size=block_size, v0=start, seed=seed,
                    max_iters=sub_max_iters, progress=progress)
-        start = sub.eigenvectors
+        start, fresh = sub.ritz_vectors.to(op.device), 0  # explored: its top k + 1 Ritz vectors carry the randomness
     res = eigs(op, k=k, which=which, tol=tol, block_size=block_size, max_iters=max_iters, v0=start, seed=seed + 1,
-               progress=progress)
+               progress=progress, random_columns=fresh)
     frac = 0.0 if sub_op is None else sub_op.data.num_examples / op.data.num_examples
     return SubsampledEigResult(result=res, sub_result=sub, fraction=frac, seconds=time.perf_counter() - t0)

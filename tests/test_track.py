@@ -46,15 +46,18 @@ def _dense_top(model, X, y):
 
 def test_lambda_max_matches_dense_hessian_and_logs_record():
     model, X, y = _setup()
-    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=16, tol=1e-8, lr=0.1)
+    logged = []
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=16, tol=1e-8, lr=0.1, loggers=[logged.append])
     rec = tr.update(model, step=0, epoch=0)
+    assert logged == [rec] and rec["certificate"] in ("gap", "residual", "exhausted")
     assert rec["lambda_max"] == pytest.approx(_dense_top(model, X, y), rel=1e-6)
     assert rec["two_over_lr"] == pytest.approx(20.0)
     assert rec["epoch"] == 0 and rec["step"] == 0
-    for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged"):
+    for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged", "certificates"):
         assert key in rec
     assert rec["num_hvps"] > 0 and rec["warm_started"] is False
-    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 1)
+    # the warm start for the next update: the eigenvector and its neighbour
+    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 2)
 
 
 def test_warm_start_every_and_state_dict_roundtrip():

@@ -1,0 +1,208 @@
+"""The certificate holds: for every eigenvalue eigs calls converged, the true eigenvalue (dense float64) lies within
+its error bound, or within tol, whichever is larger. Hard cases: near-degenerate top pairs and triples, warm starts
+(nearly) orthogonal to the top eigenvector, eigenvalues that cross between tracker updates, float32 products."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fasthess
+from fasthess.linop import SymmetricOperator
+
+HARD = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _rotation(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def _top_cluster(n: int, size: int, rel_gap: float, g: torch.Generator) -> torch.Tensor:
+    """A spectrum whose top `size` eigenvalues lie within rel_gap below 1, over a bulk in [-0.5, 0.9]."""
+    lam = torch.rand(n, generator=g, dtype=torch.float64) * 1.4 - 0.5
+    lam[:size] = 1.0 - rel_gap * torch.linspace(0, 1, size, dtype=torch.float64)
+    return lam
+
+
+def _holds(res: fasthess.EigResult, truth: torch.Tensor) -> bool:
+    """Every converged eigenvalue is within max(bound, tol·|λ|) of the truth (roundoff slack 1e-12)."""
+    err = (res.eigenvalues - truth).abs()
+    allowed = torch.maximum(res.error_bounds, res.tol * truth.abs()) + 1e-12 * truth.abs().max()
+    return bool((~res.converged | (err <= allowed)).all())
+
+
+class LinearHessianModel(nn.Module):
+    """f(x) = w·(B x); with MSE on data whose XᵀX = (N/2)·I the Hessian in w is exactly BᵀB."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        self.register_buffer("B", torch.eye(d, dtype=torch.float64))
+
+    def set_hessian(self, R: torch.Tensor, lam: torch.Tensor) -> None:
+        self.B.copy_((R * lam.clamp_min(0).sqrt()).T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.B.T) @ self.w
+
+
+def _isotropic_data(d: int, N: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    X = torch.linalg.qr(torch.randn(N, d, generator=g, dtype=torch.float64))[0] * math.sqrt(N / 2)
+    return X, torch.zeros(N, dtype=torch.float64)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+@HARD
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(40, 150), size=st.sampled_from([2, 3]),
+       rel_gap=st.sampled_from([1e-2, 1e-3, 3e-4, 1e-4, 1e-5]), block=st.sampled_from([None, 2, 3]))
+def test_near_degenerate_top_cluster(seed, n, size, rel_gap, block):
+    g = torch.Generator().manual_seed(seed)
+    lam, R = _top_cluster(n, size, rel_gap, g), _rotation(n, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-4, block_size=block, seed=seed)
+    assert _holds(res, lam.max()[None])
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), rel_gap=st.sampled_from([1e-2, 5e-4, 1e-4]))
+def test_near_degenerate_pair_with_model_defaults(seed, rel_gap):
+    """The CPU defaults of a model operator (lambda_max, no block size) on a linear model whose top two Hessian
+    eigenvalues are rel_gap apart: the case that certified 2–5·10⁻⁴ errors with a single Krylov vector."""
+    d = 60
+    g = torch.Generator().manual_seed(seed)
+    model = LinearHessianModel(d)
+    lam, R = _top_cluster(d, 2, rel_gap, g).clamp_min(0), _rotation(d, g)
+    model.set_hessian(R, lam)
+    res = fasthess.lambda_max(model, _mse, _isotropic_data(d, 4 * d, g), seed=seed)
+    assert _holds(res, lam.max()[None])
+
+
+@HARD
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(40, 150), leak=st.sampled_from([0.0, 1e-8, 1e-4, 1e-2]),
+       rel_gap=st.sampled_from([1e-1, 1e-2, 1e-3]), block=st.sampled_from([None, 1, 2]))
+def test_warm_start_orthogonal_to_the_top(seed, n, leak, rel_gap, block):
+    """v0 is the second eigenvector, with a `leak` of the first."""
+    g = torch.Generator().manual_seed(seed)
+    lam, R = _top_cluster(n, 2, rel_gap, g), _rotation(n, g)
+    v0 = R[:, 1] + leak * R[:, 0]
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=v0, block_size=block, seed=seed)
+    assert _holds(res, lam.max()[None])
+
+
+def test_exact_second_eigenvector_as_warm_start_is_not_certified_as_the_top():
+    """The reported case: eigenvalues linspace(0, 10, 60), v0 = the exact second eigenvector."""
+    g = torch.Generator().manual_seed(0)
+    lam, R = torch.linspace(0, 10, 60, dtype=torch.float64), _rotation(60, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=R[:, -2])
+    assert res.all_converged
+    assert abs(res.eigenvalues.item() - 10.0) <= 1e-7
+
+
+def _crossing(kind: str, d: int, steps: int, g: torch.Generator):
+    """(R, λ) along a path on which the top eigenvalues cross: a swap of the top two, a third one rising past
+    both, or a pair rotating while it crosses."""
+    R0 = _rotation(d, g)
+    bulk = torch.rand(d, generator=g, dtype=torch.float64) * 0.6
+    for t in range(steps):
+        s = t / (steps - 1)
+        lam, R = bulk.clone(), R0
+        if kind == "swap":
+            lam[0], lam[1] = 1.0 - 0.1 * s, 0.9 + 0.2 * s
+        elif kind == "rise":
+            lam[0], lam[1], lam[2] = 1.0, 0.9, 0.7 + 0.6 * s
+        else:
+            lam[0], lam[1] = 1.0 - 0.2 * s, 0.85 + 0.2 * s
+            G = torch.eye(d, dtype=torch.float64)
+            c, sn = math.cos(1.2 * s), math.sin(1.2 * s)
+            G[0, 0] = G[1, 1] = c
+            G[0, 1], G[1, 0] = -sn, sn
+            R = R0 @ G
+        yield R, lam
+
+
+@settings(max_examples=9, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["swap", "rise", "rotate"]),
+       block=st.sampled_from([None, 4]))
+def test_tracker_across_eigenvalue_crossings(seed, kind, block):
+    d = 50
+    g = torch.Generator().manual_seed(seed)
+    model = LinearHessianModel(d)
+    kw = {} if block is None else {"block_size": block}
+    tracker = fasthess.SharpnessTracker(_mse, _isotropic_data(d, 4 * d, g), **kw)
+    for step, (R, lam) in enumerate(_crossing(kind, d, 6, g)):
+        model.set_hessian(R, lam)
+        rec = tracker.update(model, step=step)
+        top = lam.max().item()
+        assert rec["certificate"] in ("gap", "residual", "exhausted")
+        if rec["converged"]:
+            assert abs(rec["lambda_max"] - top) <= max(rec["error_bound"], 1e-4 * top) + 1e-12, (step, rec)
+
+
+class Float32Operator(SymmetricOperator):
+    """A dense matrix whose products are computed in float32."""
+
+    dtype = torch.float32
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.A32, self.num_params, self.device = A.float(), A.shape[0], A.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return (self.A32 @ V.float()).double()
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), tol=st.sampled_from([1e-4, 1e-6, 1e-9]))
+def test_float32_products_bound_their_rounding(seed, tol):
+    g = torch.Generator().manual_seed(seed)
+    lam, R = _top_cluster(120, 1, 0.0, g), _rotation(120, g)
+    A32 = ((R * lam) @ R.T).float()
+    truth = torch.linalg.eigvalsh(A32.double()).max()  # the matrix the products see, in exact arithmetic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = fasthess.eigs(Float32Operator(A32.double()), k=1, tol=tol, seed=seed)
+    assert _holds(res, truth[None])
+    assert res.rounding_floor >= torch.finfo(torch.float32).eps / 2 * float(truth)
+
+
+def _mlp_and_data(dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    X, y = torch.randn(120, 6, dtype=dtype), torch.randint(0, 3, (120,))
+    return model, X, y
+
+
+def test_float32_model_against_float64_evaluation_of_the_same_weights():
+    model32, X, y = _mlp_and_data(torch.float32)
+    model64 = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    model64.load_state_dict({k: v.double() for k, v in model32.state_dict().items()})
+    truth = fasthess.lambda_max(model64, nn.CrossEntropyLoss(), (X.double(), y), tol=1e-12).eigenvalues
+    loose = fasthess.lambda_max(model32, nn.CrossEntropyLoss(), (X, y), tol=1e-4)
+    assert loose.all_converged and _holds(loose, truth)
+    with pytest.warns(RuntimeWarning, match="below what torch.float32 products can certify"):
+        tight = fasthess.lambda_max(model32, nn.CrossEntropyLoss(), (X, y), tol=1e-9)
+    assert not tight.all_converged
+    assert abs(float(tight.eigenvalues - truth)) <= float(tight.error_bounds) + 1e-12
+
+
+def test_result_names_its_certificate_and_warm_start():
+    g = torch.Generator().manual_seed(1)
+    lam, R = torch.linspace(0, 1, 80, dtype=torch.float64) ** 2, _rotation(80, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=2, tol=1e-8)
+    assert res.all_converged and len(res.certificates) == 2
+    assert set(res.certificates) <= {"gap", "residual", "exhausted"}
+    assert res.ritz_vectors.shape == (80, 3)
+    torch.testing.assert_close(res.ritz_vectors[:, :2].abs(), res.eigenvectors.abs(), atol=1e-6, rtol=0)
+
+
+def test_random_columns_argument_is_checked():
+    A = fasthess.MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+    with pytest.raises(fasthess.FasthessError, match="random_columns"):
+        fasthess.eigs(A, random_columns=-1)
