@@ -36,7 +36,9 @@ WHICH = ("LA", "SA", "LM")
 BASIS_BUDGET_BYTES = 2 * 1024**3  # Q and HQ together, float64
 MAX_BASIS = 360
 ROUNDOFF = 1e3 * torch.finfo(torch.float64).eps  # an error this small relative to ‖T‖ is roundoff: converged
-MIN_DEPTH = 3  # passes before any claim: the random columns must have had the chance to climb past a warm start
+SATURATION = 0.1  # a cluster this much tighter than its distance to the next Ritz value saturates the block
+MAX_BLOCK = 16  # the block grows by one column per saturated pass, up to this width
+MIN_DEPTH = 3  # passes before a claim that rests on random columns: they must have had the chance to climb
 
 
 def default_block_size(k: int, device: torch.device | str | None = None, model_operator: bool = False) -> int:
@@ -174,6 +176,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     if V0 is not None:
         start[: V0.shape[0]] = V0
     P = _orthonormal_rows(start, Q, gen)
+    explored = V0 is not None and V0.shape[0] >= b  # no random column: the start was explored by an earlier solve
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = None
     with fixed(op):
@@ -193,7 +196,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
-            ready = exhausted or (not cert.threatened and it + 1 >= MIN_DEPTH)
+            ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
             # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
             # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
             confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
@@ -207,6 +210,9 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                       f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
             if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
                 break
+            if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
+                b += 1  # the block is one tight cluster, which may have more members than columns: add a column
+                W = torch.cat([W, _random_rows(1, n, gen, device)])
             P = _orthonormal_rows(W, Q, gen)
             if P.shape[0] == 0:
                 break
@@ -221,6 +227,16 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                      num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,
                      tol=float(tol), certificates=kinds, rounding_floor=floor,
                      ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
+
+
+def _saturated(ordered: torch.Tensor, k: int, b: int) -> bool:
+    """The block's b most wanted Ritz values form one cluster around the wanted ones, far tighter than the distance
+    to the next Ritz value: a cluster of more than b eigenvalues would look the same, and one of its members can
+    hide from a b-column block (:mod:`fasthess._certificate`)."""
+    if b < 2 or ordered.shape[0] <= b:
+        return False
+    last = ordered[k - 1]
+    return bool((last - ordered[b - 1]).abs() <= SATURATION * (last - ordered[b]).abs())
 
 
 def _skew(C: torch.Tensor, C_other: torch.Tensor, D: torch.Tensor) -> float:
