@@ -4,11 +4,14 @@ A Krylov solve from a random vector spends most of its data passes finding the d
 eigenvectors. The Hessian of a random fraction ``f`` of the examples has nearly the same top eigenvectors,
 and one of its products costs about ``f`` of a full pass. :func:`eigs_subsampled` therefore
 
-1. runs :func:`fasthess.eigs` on the subset to a loose tolerance (``sub_tol``), started from ``v0`` if given;
-2. runs :func:`fasthess.eigs` on the full data started from the subset's Ritz vectors, to ``tol``.
+1. runs :func:`fasthess.eigs` on the subset to a loose tolerance (``sub_tol``), started from ``v0`` if given:
+   this is where the random columns explore and where a block of k + 1 resolves near-degenerate pairs, cheaply;
+2. runs :func:`fasthess.eigs` on the full data started from the subset's top k + 1 Ritz vectors, to ``tol``,
+   without further random columns (``random_columns=0``) when the subset solve converged.
 
 The answer is that of step 2: Ritz pairs of the full-data Hessian, certified by full-data residuals exactly as
-in :func:`fasthess.eigs`; the subset only chooses where the Krylov space starts. On its own a subset's λ_max is
+in :func:`fasthess.eigs`; the subset only chooses where the Krylov space starts (its Krylov assumption rests on the
+subset solve's random columns). On its own a subset's λ_max is
 off by percents (measured 2–4 % here), which is why it is never returned.
 
 Measured (benchmarks/PEERS.md, CPU): cold λ_max to 1e-4 needs about 40 % fewer full-data passes than a random
@@ -121,7 +124,8 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
             start = start.to(sub_op.device)
         sub = eigs(sub_op, k=k, which=which, tol=sub_tol, block_size=block_size, v0=start, seed=seed,
                    max_iters=sub_max_iters, progress=progress)
-        start, fresh = sub.ritz_vectors.to(op.device), 0  # explored: its top k + 1 Ritz vectors carry the randomness
+        # explored: its top k + 1 Ritz vectors carry the randomness, unless the subset solve stopped unconverged
+        start, fresh = sub.ritz_vectors.to(op.device), 0 if sub.all_converged else 1
     res = eigs(op, k=k, which=which, tol=tol, block_size=block_size, max_iters=max_iters, v0=start, seed=seed + 1,
                progress=progress, random_columns=fresh)
     frac = 0.0 if sub_op is None else sub_op.data.num_examples / op.data.num_examples
