@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 from fasthess._batch import BatchSpec
 from fasthess._ext import backend, build_info
-from fasthess.api import lambda_max
+from fasthess._api import lambda_max
 from fasthess.density import Density, spectral_density
 from fasthess.errors import (DataChangedError, FasthessError, LossContractError, NonFiniteError,
                              StochasticModelError)

@@ -32,9 +32,9 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from fasthess.data import Chunk
+from fasthess._data import Chunk
 from fasthess.errors import StochasticModelError
-from fasthess.model_operator import ModelOperator, PassState
+from fasthess._model_operator import ModelOperator, PassState
 
 
 class GGNOperator(ModelOperator):

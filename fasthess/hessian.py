@@ -14,7 +14,7 @@ block, or one graph of the gradient is differentiated b times (double backward).
 picks by device (:func:`default_hvp_method`); forward mode falls back to double backward, with a
 warning naming why, for models without forward-mode rules. With double backward, inside a solve
 (:meth:`HessianOperator.fixed_weights`) the graphs of the chunk gradients are kept between passes
-(:mod:`fasthess.graph_cache`, within ``graph_memory`` bytes), so every pass after the first runs only the
+(:mod:`fasthess._graph_cache`, within ``graph_memory`` bytes), so every pass after the first runs only the
 second backward.
 
 >>> import torch
@@ -44,10 +44,10 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from fasthess._batch import BatchSpec
-from fasthess.data import Chunk
+from fasthess._data import Chunk
 from fasthess.errors import FasthessError, StochasticModelError
-from fasthess.graph_cache import ChunkGraph, GraphCache, default_budget, gradient_graph, graph_products, saved_bytes
-from fasthess.model_operator import ModelOperator, PassState
+from fasthess._graph_cache import ChunkGraph, GraphCache, default_budget, gradient_graph, graph_products, saved_bytes
+from fasthess._model_operator import ModelOperator, PassState
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -89,7 +89,7 @@ class HessianOperator(ModelOperator):
             data (shards may be uneven); every process gets the products of the Hessian of all shards.
         process_group: like ``distributed=True`` on this group instead of the default one.
         graph_memory: bytes of chunk-gradient graphs kept between the passes of one solve (double backward
-            only; see :mod:`fasthess.graph_cache` and :meth:`fixed_weights`). None: ¼ of the available host memory
+            only; see :mod:`fasthess._graph_cache` and :meth:`fixed_weights`). None: ¼ of the available host memory
             (divided among the processes of a torchrun host) on the CPU, ½ of the free device memory on CUDA,
             taken when the solve starts; 0 keeps none. Never used with ``allow_stochastic=True`` (a kept graph
             would freeze the dropout masks).

@@ -56,7 +56,7 @@ def default_block_size(k: int, device: torch.device | str | None = None, model_o
 
 
 def _is_model_operator(op) -> bool:
-    from fasthess.model_operator import ModelOperator
+    from fasthess._model_operator import ModelOperator
 
     return isinstance(op, ModelOperator)
 

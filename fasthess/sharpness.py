@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fasthess.data import is_tensor_pair
+from fasthess._data import is_tensor_pair
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
 from fasthess.linop import SymmetricOperator, fixed
-from fasthess.model_operator import ModelOperator
+from fasthess._model_operator import ModelOperator
 from fasthess.results import EigResult
 
 

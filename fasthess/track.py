@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fasthess.data import is_batched_iterable
+from fasthess._data import is_batched_iterable
 from fasthess.errors import FasthessError
 
 __all__ = ["SharpnessTracker", "sharpness_mode"]

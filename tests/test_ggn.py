@@ -83,7 +83,7 @@ def test_unreduced_loss_is_averaged_and_a_matrix_valued_loss_refused():
 
 
 def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():
-    from fasthess.api import lambda_max
+    from fasthess._api import lambda_max
 
     model, shape = make_model("tanh_mlp")
     X, y = make_data(shape)

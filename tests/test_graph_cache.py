@@ -1,4 +1,4 @@
-"""Kept chunk-gradient graphs (fasthess.graph_cache): same products, rebuilt on any change, bounded memory."""
+"""Kept chunk-gradient graphs (fasthess._graph_cache): same products, rebuilt on any change, bounded memory."""
 from __future__ import annotations
 
 import contextlib
@@ -141,7 +141,7 @@ def test_bad_graph_memory_is_rejected(bad):
 
 
 def test_saved_bytes_counts_the_graph_of_the_backward_too():
-    from fasthess.graph_cache import default_budget, saved_bytes
+    from fasthess._graph_cache import default_budget, saved_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 10))

@@ -33,10 +33,10 @@ from torch.utils import _pytree as pytree
 from fasthess import ops
 from fasthess._batch import BatchSpec, take_rows
 from fasthess._criteria import contract_of
-from fasthess.data import Chunk, ChunkedData, is_batched_iterable
+from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess.distributed import ShardComm, resolve_group
 from fasthess.errors import FasthessError, LossContractError, NonFiniteError, StochasticModelError
-from fasthess.graph_cache import GraphCache, gradient_graph, graph_products
+from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
 from fasthess.linop import SymmetricOperator
 
 if TYPE_CHECKING:
