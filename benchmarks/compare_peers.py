@@ -255,7 +255,7 @@ def run_paper(p, tol, seed=0, k=6):
 
 
 COLD_TOOLS = {
-    "fasthess eigs": ("fasthess", "Lanczos (b=1 on CPU), default HVP method and kept graphs, residual-certified",
+    "fasthess eigs": ("fasthess", "block Lanczos (k + 1 on CPU), default HVP method and kept graphs, certified",
                       run_fasthess),
     "fasthess eigs, graphs rebuilt": ("fasthess", "as above with graph_memory=0 (every pass rebuilds the graphs)",
                                       lambda p, tol, seed=0: run_fasthess(p, tol, seed, graph_memory=0)),
