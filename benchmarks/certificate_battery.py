@@ -28,22 +28,9 @@ import zlib
 import torch
 
 import fasthess
-from fasthess.linop import SymmetricOperator
+from fasthess.testing import Float32MatrixOperator
 
 GAPS = (1e-2, 1e-3, 3e-4, 1e-4, 1e-5)
-
-
-class Float32Operator(SymmetricOperator):
-    """A dense matrix whose products are computed in float32."""
-
-    dtype = torch.float32
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__()
-        self.A32, self.num_params, self.device = A.float(), A.shape[0], A.device
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return (self.A32 @ V.float()).double()
 
 
 def spectrum(n: int, cluster: int, gap: float, bulk: str, g: torch.Generator) -> torch.Tensor:
@@ -93,7 +80,7 @@ def cases(seeds: int):
                 g = _gen(seed, n, tol)
                 A32 = matrix(spectrum(n, 1, 0.0, "uniform", g), g)[0].float()
                 truth = float(torch.linalg.eigvalsh(A32.double()).max())
-                yield "float32", Float32Operator(A32.double()), dict(seed=seed, tol=tol), truth
+                yield "float32", Float32MatrixOperator(A32.double()), dict(seed=seed, tol=tol), truth
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Test parametrization shared by fasthess's test files: devices, dtypes and tolerances."""
+"""Test parametrization shared by fasthess's test files: devices, dtypes, tolerances, and a float32 operator."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fasthess import _ext
+from fasthess.linop import SymmetricOperator
 
 devices: list[str] = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 dtypes: list[torch.dtype] = [torch.float32, torch.float64]
@@ -39,3 +40,23 @@ def require_native(op: str, device: str) -> None:
         if native_required(device):
             pytest.fail(reason + " although FASTHESS_REQUIRE_NATIVE=1")
         pytest.skip(reason)
+
+
+class Float32MatrixOperator(SymmetricOperator):
+    """A dense symmetric matrix whose products are computed in float32 (``dtype`` tells the solver so): a stand-in
+    for a float32 model when testing the rounding floor of a certificate.
+
+    >>> import torch
+    >>> op = Float32MatrixOperator(torch.eye(3, dtype=torch.float64))
+    >>> op.matvec(torch.ones(3, dtype=torch.float64)).dtype, op.dtype
+    (torch.float64, torch.float32)
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.A32, self.num_params, self.device = A.float(), A.shape[0], A.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return (self.A32 @ V.float()).double()

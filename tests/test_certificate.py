@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fasthess
-from fasthess.linop import SymmetricOperator
+from fasthess.testing import Float32MatrixOperator
 
 HARD = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -145,19 +145,6 @@ def test_tracker_across_eigenvalue_crossings(seed, kind, block):
             assert abs(rec["lambda_max"] - top) <= max(rec["error_bound"], 1e-4 * top) + 1e-12, (step, rec)
 
 
-class Float32Operator(SymmetricOperator):
-    """A dense matrix whose products are computed in float32."""
-
-    dtype = torch.float32
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__()
-        self.A32, self.num_params, self.device = A.float(), A.shape[0], A.device
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return (self.A32 @ V.float()).double()
-
-
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), tol=st.sampled_from([1e-4, 1e-6, 1e-9]))
 def test_float32_products_bound_their_rounding(seed, tol):
@@ -167,7 +154,7 @@ def test_float32_products_bound_their_rounding(seed, tol):
     truth = torch.linalg.eigvalsh(A32.double()).max()  # the matrix the products see, in exact arithmetic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = fasthess.eigs(Float32Operator(A32.double()), k=1, tol=tol, seed=seed)
+        res = fasthess.eigs(Float32MatrixOperator(A32.double()), k=1, tol=tol, seed=seed)
     assert _holds(res, truth[None])
     assert res.rounding_floor >= torch.finfo(torch.float32).eps / 2 * float(truth)
 

@@ -12,11 +12,8 @@ from fasthess.lanczos import eigs
 from conftest import LOSSES, dense_hessian, make_data, make_model
 
 
-def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(1/N) Σᵢ Jᵢᵀ (∇²_o ℓᵢ) Jᵢ with Jᵢ = ∂f(xᵢ)/∂θ and ℓᵢ(o) = loss_fn(o[None], yᵢ[None]).
-
-    For a mean-reduced loss, chunk c contributes (n_c/N)(1/n_c) Σ_{i∈c} = (1/N) Σ_{i∈c}, so chunks drop out.
-    """
+def _flat_outputs(model: nn.Module, X: torch.Tensor):
+    """θ (the trainable parameters as one flat vector) and θ ↦ f_θ(X)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
 
@@ -27,6 +24,15 @@ def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> to
             off += p.numel()
         return functional_call(model, parts, (X,), strict=False)
 
+    return theta, outputs
+
+
+def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σᵢ Jᵢᵀ (∇²_o ℓᵢ) Jᵢ with Jᵢ = ∂f(xᵢ)/∂θ and ℓᵢ(o) = loss_fn(o[None], yᵢ[None]).
+
+    For a mean-reduced loss, chunk c contributes (n_c/N)(1/n_c) Σ_{i∈c} = (1/N) Σ_{i∈c}, so chunks drop out.
+    """
+    theta, outputs = _flat_outputs(model, X)
     out = outputs(theta).detach()
     J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True)  # (N, C, n)
     h = vmap(hessian(lambda o, t: loss_fn(o[None], t[None])))(out, y)  # (N, C, C)
@@ -97,16 +103,7 @@ def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():
 def dense_ggn_of(model: nn.Module, loss_of_outputs, X: torch.Tensor) -> torch.Tensor:
     """Jᵀ (∇²_o L) J for a loss L(o) of all the data's stacked outputs o = f(X) (the loss on all the data as one
     batch), J = ∂o/∂θ."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def outputs(flat: torch.Tensor) -> torch.Tensor:
-        parts, off = {}, 0
-        for name, p in named:
-            parts[name] = flat[off:off + p.numel()].reshape(p.shape)
-            off += p.numel()
-        return functional_call(model, parts, (X,), strict=False)
-
+    theta, outputs = _flat_outputs(model, X)
     out = outputs(theta).detach()
     J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True).reshape(out.numel(), -1)
     Ho = hessian(lambda o: loss_of_outputs(o.reshape(out.shape)))(out.reshape(-1))
