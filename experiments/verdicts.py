@@ -200,22 +200,23 @@ def slope_weights(values: dict[str, float], log: bool) -> dict[str, float]:
     return {k: (v - mean) / ss * span for k, v in x.items()}
 
 
-def improves(ev: Evidence, weights: dict[str, float], claim: str, statistic: str) -> Verdict:
-    rule = "95% interval of the gain above 0 → reproduced; below 0 → contradicted"
+def _sign_test(ev: Evidence, weights: dict[str, float], claim: str, statistic: str, rule: str, decide) -> Verdict:
+    """A verdict on the sign of the weighted accuracy gain: ``decide(interval)`` gives the outcome."""
     if len(weights) < 2:
         return _missing(claim, rule, "needs two configurations with usable runs")
     iv = ev.gain(weights)
-    t = Test(statistic, iv, stats.decide_improves(iv))
+    t = Test(statistic, iv, decide(iv))
     return Verdict(claim, t.outcome, rule, t, [t], "" if iv.defined else "needs ≥ 2 common seeds")
+
+
+def improves(ev: Evidence, weights: dict[str, float], claim: str, statistic: str) -> Verdict:
+    return _sign_test(ev, weights, claim, statistic, "95% interval of the gain above 0 → reproduced; below 0 → "
+                      "contradicted", stats.decide_improves)
 
 
 def hurts(ev: Evidence, weights: dict[str, float], claim: str, statistic: str) -> Verdict:
-    rule = "95% interval of the accuracy change below 0 → reproduced; above 0 → contradicted"
-    if len(weights) < 2:
-        return _missing(claim, rule, "needs two configurations with usable runs")
-    iv = ev.gain(weights)
-    t = Test(statistic, iv, stats.decide_lowers(iv))
-    return Verdict(claim, t.outcome, rule, t, [t], "" if iv.defined else "needs ≥ 2 common seeds")
+    return _sign_test(ev, weights, claim, statistic, "95% interval of the accuracy change below 0 → reproduced; "
+                      "above 0 → contradicted", stats.decide_lowers)
 
 
 def vanishes(ev: Evidence, small: dict[str, float], large: dict[str, float], margin: float, claim: str,
