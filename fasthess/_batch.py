@@ -64,6 +64,23 @@ def take_rows(tree, lo: int, hi: int, rows: int):
                            else t, tree)
 
 
+def join_rows(a, b, rows_a: int, rows_b: int):
+    """Two trees of one structure joined along the rows (tensor leaves whose leading dimensions are ``rows_a`` and
+    ``rows_b``; other leaves from ``a``), or None when the structures differ or nothing can be joined."""
+    leaves_a, spec = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec != spec_b:
+        return None
+
+    def rows(t, n: int) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+
+    joined = [torch.cat([x, y]) if rows(x, rows_a) and rows(y, rows_b) else x for x, y in zip(leaves_a, leaves_b)]
+    if not any(j is not x for j, x in zip(joined, leaves_a)):
+        return None  # nothing had rows to join (an output type pytree cannot open)
+    return pytree.tree_unflatten(joined, spec)
+
+
 def move(tree, device: torch.device):
     """Every tensor leaf on ``device`` (no copy when it is there already); meta tensors are refused."""
     def to(t):

@@ -42,8 +42,10 @@ the first resolved one (‖rₚ‖ ≤ |θₖ − θₚ|/2). If one of them is s
 last wanted θₖ (for ``which="LA"``; mirrored for the others), its Ritz vector may still carry spectral mass beyond
 the wanted values (by Cantelli's inequality up to a fifth of it): the space is still exploring, and nothing is
 certified. The typical case is a warm start that is an exact eigenvector below λ_max, next to random columns that
-have not yet climbed. Unresolved Ritz values below a resolved one are the ordinary frontier of the Krylov space
-and do not count. Together with a minimum depth of three passes before any claim
+have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
+Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
+eigenvectors in v0 are resolved at once and would otherwise hide the random columns' Ritz values below them
+(found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds). Together with a minimum depth of three passes before any claim
 (:data:`fasthess.lanczos.MIN_DEPTH`), this kept every warm start in the test battery from being certified
 before the random columns had found the top.
 
@@ -107,8 +109,10 @@ def _beyond(x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def certify(theta: torch.Tensor, Y: torch.Tensor, order: torch.Tensor, k: int, b: int, Q: torch.Tensor,
-            HQ: torch.Tensor, G: torch.Tensor, floor: float, which: str) -> Certificate:
+            HQ: torch.Tensor, G: torch.Tensor, floor: float, which: str, warm: bool) -> Certificate:
     """Wanted Ritz pairs with residuals, error bounds (floor included) and their kinds (see the module docstring).
+
+    ``warm``: the start block held a v0 next to random columns, so every unwanted Ritz value is scanned.
 
     ``order`` ranks the Ritz values from most to least wanted; ``b`` is the width of the start block.
     """
@@ -142,12 +146,12 @@ def certify(theta: torch.Tensor, Y: torch.Tensor, order: torch.Tensor, k: int, b
     last = theta[want[-1]]
     others = order[k:]
     threatened = False
-    if others.numel():  # scan the unwanted Ritz values from the wanted end down to the first resolved one
+    if others.numel():  # scan the unwanted Ritz values from the wanted end (cold: down to the first resolved one)
         r_all = _all_residuals(theta[others], Y[:, others], G)
         distance = (theta[others] - last).abs()
         reach = theta[others] + REACH * _toward(theta[others], which) * r_all
         resolved = (r_all <= RESOLVED * distance).nonzero()
-        stop = int(resolved[0]) if resolved.numel() else others.numel()
+        stop = int(resolved[0]) if resolved.numel() and not warm else others.numel()
         threatened = bool(_beyond(reach[:stop], last, which).any())
     return Certificate(theta[want], X[w], res[w], torch.stack(bounds).to(theta.device), tuple(kinds), threatened)
 

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess import ops
-from fasthess._batch import BatchSpec, take_rows
+from fasthess._batch import BatchSpec, join_rows, take_rows
 from fasthess._criteria import contract_of
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess.distributed import ShardComm, resolve_group
@@ -189,6 +189,7 @@ class ModelOperator(SymmetricOperator):
                 "track_running_stats=False), so the chunk size is part of the loss; pass batch_size=<the training "
                 "batch size>, or call model.eval() on a BatchNorm with running statistics")
         self._checked = False  # the loss contract is checked on the first pass
+        self._first: tuple | None = None  # (output, chunk) of the first chunk, for a callable's joined-chunk checks
         self._normalizer: float | None = None  # W, counted on the first pass
 
         def build() -> ChunkedData:
@@ -364,18 +365,59 @@ class ModelOperator(SymmetricOperator):
         halves = [(take_rows(out, lo, hi, rows), self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
                   for lo, hi in ((0, h), (h, rows))] if rows >= 2 else None
 
+        if self.loss.kind == "callable":
+            self._first = (out, chunk)
+            self.loss.check(self._value64, out, batch, halves)
+            return
+
         def value_of(o, b):
             with torch.no_grad():
                 return self.loss_fn(o, b.target)
 
-        if self.loss.kind == "callable":
-            def value_of(o, b):  # noqa: F811 - float64 where the loss allows it: the split test is then sharp
-                with torch.no_grad():
-                    try:
-                        return self.loss_fn(_cast_floating(o, torch.float64), _cast_floating(b.target, torch.float64))
-                    except (RuntimeError, TypeError):
-                        return self.loss_fn(o, b.target)
         self.loss.check(value_of, out, batch, halves)
+
+    def _value64(self, out, batch):
+        """The loss of a callable in float64 where it allows it, so that split tests are sharp."""
+        with torch.no_grad():
+            try:
+                return self.loss_fn(_cast_floating(out, torch.float64), _cast_floating(batch.target, torch.float64))
+            except (RuntimeError, TypeError):
+                return self.loss_fn(out, batch.target)
+
+    def _check_joined(self, chunk: Chunk) -> None:
+        """First pass, callable loss: the first chunk and this one, joined, must split as the first chunk did.
+
+        The first chunk's halves can agree with a count-weighted mean by accident (a class-weighted or masked mean
+        whose first chunk holds one class, or no masked rows); two different chunks rarely do. Costs one forward
+        of each chunk on the first pass."""
+        out0, first = self._first
+        before = _generator_states(self.device)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
+        r0, r1 = first.batch.rows, chunk.batch.rows
+        joined_out, joined_raw = join_rows(out0, out, r0, r1), join_rows(first.raw, chunk.raw, r0, r1)
+        if joined_out is None or joined_raw is None:
+            return
+        mode = self.loss.mode
+        try:
+            try:
+                self.loss.check(self._value64, joined_out, self.data.spec.read(joined_raw),
+                                ((out0, first.batch), (out, chunk.batch)))
+            except FasthessError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
+                self.loss.mode = mode  # the loss does not take the joined structure: this extra check cannot run
+                return
+            if self.loss.mode != mode:
+                raise LossContractError(
+                    f"the loss splits over examples as a {mode} on the first chunk but as a {self.loss.mode} over "
+                    f"chunks 0 and {chunk.index} joined: its normalizer depends on the batch (a class-weighted or "
+                    "masked mean, say); pass the torch.nn criterion itself (its weight/ignore_index are read), or "
+                    "return per-example losses (reduction='none')")
+        except LossContractError as exc:
+            self._refuse_random(before, exc)
+            raise
+        self._refuse_random(before, None)
 
     def _check_penalty(self) -> None:
         """The penalty must be a function of the parameters dict it is given, not of the model's own tensors."""
@@ -461,6 +503,7 @@ class ModelOperator(SymmetricOperator):
         return state.stacked_losses(acc)
 
     def _set_normalizer(self, total: float | None) -> None:
+        self._first = None  # the first pass is over: no more joined-chunk checks
         if self.loss.sums:
             self._normalizer = 1.0
         elif not total:
@@ -484,6 +527,8 @@ class ModelOperator(SymmetricOperator):
                         "call model.eval()")
                 if not self._checked:
                     self._check_contract(chunk)
+                elif self._first is not None and self._normalizer is None:
+                    self._check_joined(chunk)
                 if self._normalizer is None and not self.loss.sums:
                     part = self.loss.normalizer(chunk.batch).to(self.device)
                     total = part if total is None else total + part

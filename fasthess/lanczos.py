@@ -192,7 +192,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             theta, Y = torch.linalg.eigh(T)
             order = _order(theta, which)
             floor = rounding_floor(T, skew, b, dtype)
-            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which)
+            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=V0 is not None and not explored)
+            basis, ritz_rows = Q, Y[:, order[: min(k + 1, order.shape[0])]]  # before a restart replaces Q
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
@@ -221,7 +222,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                 Yk = Y[:, keep]
                 Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
-    ritz = Y[:, order[: min(k + 1, order.shape[0])]].T @ Q
+    ritz = ritz_rows.T @ basis
     return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
                      error_bounds=cert.bounds, converged=conv, num_hvps=op.num_hvps - start_hvps,
                      num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,

@@ -140,8 +140,9 @@ class SharpnessTracker:
                 v0 = None
             if v0 is not None:
                 v0 = v0.to(device=getattr(op, "device", v0.device), dtype=torch.float64)
-            return fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress,
-                                 **self.eigs_kwargs)
+            kw = dict(self.eigs_kwargs)  # a new random column every update: the same one could miss the same crossing
+            kw["seed"] = kw.get("seed", 0) + len(self.history)
+            return fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress, **kw)
 
     def _check_batchnorm_chunks(self, model: torch.nn.Module) -> None:
         """Train mode normalizes each chunk by its own statistics, so the chunk size must be chosen."""

@@ -193,3 +193,43 @@ def test_random_columns_argument_is_checked():
     A = fasthess.MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
     with pytest.raises(fasthess.FasthessError, match="random_columns"):
         fasthess.eigs(A, random_columns=-1)
+
+
+# ---- found by a red-team battery (each failed before its fix) -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_lower_eigenvectors_as_warm_start_do_not_hide_the_random_columns(seed):
+    """v0 = the exact eigenvectors of λ₂ and λ₃: resolved at once, they used to end the exploration scan."""
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.rand(150, generator=g, dtype=torch.float64) * 0.9
+    lam[-1], lam[-2] = 1.0, 0.99
+    R = _rotation(150, g)
+    order = torch.argsort(lam, descending=True)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, v0=R[:, order[1:3]], seed=seed)
+    assert _holds(res, lam.max()[None])
+
+
+def test_tracker_sees_a_bulk_eigenvalue_rising_past_an_exact_warm_eigenvector():
+    d, g = 20, torch.Generator().manual_seed(1)
+    X, y = _isotropic_data(d, 2 * d, g)
+    lam = torch.rand(d, generator=g, dtype=torch.float64) * 0.5
+    lam[-1], lam[-2] = 1.0, 0.8
+    R, model = _rotation(d, g), LinearHessianModel(d)
+    tracker = fasthess.SharpnessTracker(_mse, (X, y))
+    for step in range(4):
+        current = lam.clone()
+        current[0] = 0.3 + 0.25 * step  # 0.3, 0.55, 0.8, 1.05: past the top at the last step
+        model.set_hessian(R, current)
+        rec = tracker.update(model, step)
+        if rec["converged"]:
+            assert abs(rec["lambda_max"] - current.max().item()) <= max(rec["error_bound"], 1e-4) + 1e-12
+
+
+def test_the_last_pass_ending_in_a_thick_restart_still_returns_ritz_vectors():
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(40, generator=g, dtype=torch.float64) * 0.5
+    lam[-5:] = torch.tensor([1 - 4e-5, 1 - 3e-5, 1 - 2e-5, 1 - 1e-5, 1.0], dtype=torch.float64)
+    R = _rotation(40, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-6, max_basis=8, max_iters=5)
+    assert res.ritz_vectors.shape == (40, 2) and res.num_passes == 5

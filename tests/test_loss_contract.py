@@ -352,3 +352,35 @@ def test_gradient_is_that_of_the_loss_on_all_the_data(loss_fn):
     op = fasthess.HessianOperator(model, loss_fn, (X, y), batch_size=CHUNK, penalty=penalty)
     torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in expected]), rtol=1e-12, atol=1e-14)
     assert op.num_passes == 0 and all(p.grad is None for p in model.parameters())
+
+
+# ---- callables whose first chunk splits like a plain mean by accident (found by a red-team battery) -----------
+
+
+def test_class_weighted_callable_on_class_sorted_data_is_refused():
+    """The first chunk holds one class, so its halves look like a count-weighted mean; chunk 0 joined with another
+    chunk does not."""
+    torch.manual_seed(0)
+    X, y = torch.randn(24, 4, dtype=torch.float64), torch.arange(24) // 8
+    cw = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    model = nn.Linear(4, 3).double()
+    with pytest.raises(fasthess.LossContractError, match="torch.nn criterion itself"):
+        fasthess.lambda_max(model, lambda o, t: F.cross_entropy(o, t, weight=cw), (X, y), batch_size=8)
+    # the supported form: the criterion itself, whose weights are read
+    res = fasthess.lambda_max(model, nn.CrossEntropyLoss(weight=cw), (X, y), batch_size=8, tol=1e-8)
+    full = fasthess.lambda_max(model, nn.CrossEntropyLoss(weight=cw), (X, y), tol=1e-8)
+    torch.testing.assert_close(res.eigenvalues, full.eigenvalues, rtol=1e-9, atol=0)
+
+
+def test_masked_mean_callable_with_an_unmasked_first_chunk_is_refused():
+    torch.manual_seed(0)
+    X, Y = torch.randn(24, 4, dtype=torch.float64), torch.randn(24, 3, dtype=torch.float64)
+    M = torch.ones(24, 3, dtype=torch.float64)
+    M[12:, 0] = 0
+
+    def masked_mse(o, t):
+        return ((o - t[:, :3]) ** 2 * t[:, 3:]).sum() / t[:, 3:].sum()
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.raises(fasthess.LossContractError):
+        fasthess.lambda_max(model, masked_mse, (X, torch.cat([Y, M], 1)), batch_size=8)
