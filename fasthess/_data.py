@@ -17,6 +17,7 @@ detected instead of silently producing a wrong operator.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,14 @@ def is_tensor_pair(data) -> bool:
 def is_tensor_tuple(data) -> bool:
     """True for a tuple/list ``(X, y)`` or ``(X, y, w)`` of tensors: data held in memory."""
     return isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _has_remainder(loader: DataLoader) -> bool:
+    """A loader over a sized dataset whose length is not a multiple of its batch size (True when unknown)."""
+    try:
+        return loader.batch_size is None or len(loader.dataset) % loader.batch_size != 0
+    except TypeError:
+        return True
 
 
 def is_batched_iterable(data) -> bool:
@@ -116,6 +125,10 @@ class ChunkedData:
                 raise FasthessError(
                     "batch_size was given together with an iterable of batches; the iterable's own batches are the "
                     "chunks. Drop batch_size, or pass a Dataset or a tuple (X, y) instead")
+            if isinstance(data, DataLoader) and data.drop_last and _has_remainder(data):
+                warnings.warn("the DataLoader drops its last, incomplete batch (drop_last=True), so the Hessian is "
+                              "that of the examples it yields, not of the whole data set; pass a loader with "
+                              "drop_last=False (and shuffle=False) for the whole data set", RuntimeWarning, stacklevel=4)
             self._source, self.batch_size, self.num_examples = data, None, None
         else:
             if len(data) == 0:

@@ -98,6 +98,11 @@ def _generator_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
+def _finite(value) -> bool:
+    """Every element of a tensor loss value is finite (non-tensors count as finite)."""
+    return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
+
+
 def _cast_floating(tree, dtype: torch.dtype):
     return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                            tree)
@@ -396,8 +401,8 @@ class ModelOperator(SymmetricOperator):
             out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
         r0, r1 = first.batch.rows, chunk.batch.rows
         joined_out, joined_raw = join_rows(out0, out, r0, r1), join_rows(first.raw, chunk.raw, r0, r1)
-        if joined_out is None or joined_raw is None:
-            return
+        if joined_out is None or joined_raw is None or not _finite(self._value64(out, chunk.batch)):
+            return  # nothing to join, or a non-finite loss, which the pass's own finiteness check names
         mode = self.loss.mode
         try:
             try:

@@ -69,7 +69,7 @@ class SharpnessTracker:
         tol: relative tolerance for :func:`fasthess.eigs`.
         every: ``maybe_update(model, step)`` computes when ``step % every == 0``.
         mode, disable_dropout: see :func:`sharpness_mode`.
-        warm_start: start each solve from the previous eigenvectors (plus a fresh random column).
+        warm_start: start each solve from the previous top k + 1 Ritz vectors (plus a fresh random column).
         lr: default learning rate; records carry ``two_over_lr = 2/lr`` (edge-of-stability line).
         distributed, process_group: passed to :class:`fasthess.HessianOperator`: each process of the group
             passes its own shard as ``data`` and every process must call ``update``/``compute`` at the same
@@ -111,7 +111,7 @@ class SharpnessTracker:
         self.loggers = list(loggers)
         self.operator_kwargs = {"batch": batch, "penalty": penalty, "graph_memory": graph_memory}
         self.history: list[dict[str, Any]] = []
-        self._vectors: torch.Tensor | None = None  # (n, k) float64 on CPU
+        self._vectors: torch.Tensor | None = None  # (n, k + 1) float64 on CPU
 
     # ------------------------------------------------------------------ computing
     def should_update(self, step: int) -> bool:
@@ -162,7 +162,7 @@ class SharpnessTracker:
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
         res = self.compute(model, v0=v0)
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
-        self._vectors = res.eigenvectors.detach().to("cpu", torch.float64).clone()
+        self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
         lr = self.lr if lr is None else lr
         ev = res.eigenvalues.detach().cpu().double()
         rec: dict[str, Any] = {
@@ -198,10 +198,10 @@ class SharpnessTracker:
 
     @property
     def eigenvectors(self) -> torch.Tensor | None:
-        """The eigenvectors of the last update (n, k), float64 on the CPU: the next warm start, to which
-        :func:`fasthess.eigs` adds a fresh random column so that a crossing is seen (measured on
-        benchmarks/tracking_overhead.py: also starting from the previous neighbour cost 20 % more products and
-        changed no certificate in the crossing tests)."""
+        """The top k + 1 Ritz vectors of the last update (n, k + 1), float64 on the CPU: the eigenvectors and their
+        neighbour, the next warm start, to which :func:`fasthess.eigs` adds a fresh random column. The neighbour
+        makes a swap of the top two exact: with the eigenvectors alone the random column had to find the new top,
+        and missed it at a 2 % gap (tests/test_certificate.py); it costs about 20 % more products."""
         return self._vectors
 
     def reset(self) -> None:

@@ -384,3 +384,14 @@ def test_masked_mean_callable_with_an_unmasked_first_chunk_is_refused():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     with pytest.raises(fasthess.LossContractError):
         fasthess.lambda_max(model, masked_mse, (X, torch.cat([Y, M], 1)), batch_size=8)
+
+
+def test_a_loader_that_drops_its_last_batch_is_named():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    model = nn.Linear(4, 3).double()
+    with pytest.warns(RuntimeWarning, match="drop_last"):
+        fasthess.HessianOperator(model, nn.CrossEntropyLoss(), DataLoader(TensorDataset(X, y), batch_size=4,
+                                                                         drop_last=True))

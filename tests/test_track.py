@@ -56,7 +56,8 @@ def test_lambda_max_matches_dense_hessian_and_logs_record():
     for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged", "certificates"):
         assert key in rec
     assert rec["num_hvps"] > 0 and rec["warm_started"] is False
-    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 1)
+    # the warm start for the next update: the eigenvector and its neighbour
+    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 2)
 
 
 def test_warm_start_every_and_state_dict_roundtrip():
