@@ -37,6 +37,15 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, legend_title: str, title: str, path: Path) -> Path:
+    """Axis labels, a legend that says what the marks are, the claim as title; saved to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, loc="best", title=legend_title, title_fontsize=6)
+    _title(fig, title)
+    return _save(fig, path)
+
+
 def _title(fig, title: str) -> None:
     width = fig.get_size_inches()[0]
     fig.suptitle("\n".join(textwrap.wrap(title, int(12 * width))), fontsize=9)
@@ -99,11 +108,8 @@ def scatter_plot(ev: Evidence, label: Callable[[dict], str], title: str, path: P
                    [100 * stats.summarize([acc[s] for s in seeds]).mean], color=col, s=70, marker="D",
                    edgecolor="k", label=f"{label(c.cfg)} (n={len(seeds)})")
     ax.set_xscale("log")
-    ax.set_xlabel("λ_max (final; between iterates where computed)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=6, loc="best", title="small dots: one per seed; diamonds: means", title_fontsize=6)
-    _title(fig, title)
-    return _save(fig, path)
+    return _finish(fig, ax, "λ_max (final; between iterates where computed)", "test accuracy (%)",
+                   "small dots: one per seed; diamonds: means", title, path)
 
 
 def training_plot(ev: Evidence, label: Callable[[dict], str], title: str,
@@ -127,11 +133,7 @@ def training_plot(ev: Evidence, label: Callable[[dict], str], title: str,
         plt.close(fig)
         return None
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("λ_max   (dashed: 2/η)")
-    ax.legend(fontsize=6, loc="best", title="one line per seed", title_fontsize=6)
-    _title(fig, title)
-    return _save(fig, path)
+    return _finish(fig, ax, "step", "λ_max   (dashed: 2/η)", "one line per seed", title, path)
 
 
 def _save(fig, path: Path) -> Path:
