@@ -45,15 +45,16 @@ certified. The typical case is a warm start that is an exact eigenvector below �
 have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
 Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
 eigenvectors in v0 are resolved at once and would otherwise hide the random columns' Ritz values below them
-(found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds). Together with a minimum depth of three passes before any claim
-(:data:`fasthess.lanczos.MIN_DEPTH`), this kept every warm start in the test battery from being certified
-before the random columns had found the top.
+(found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds).
+Together with a minimum depth of three passes before a claim that rests on random columns
+(:data:`fasthess.lanczos.MIN_DEPTH`), this kept every warm start of benchmarks/certificate_battery.py from being
+certified before the random columns had found the top.
 
 Rounding: the products are computed in the operator's dtype, so the matrix the solver sees differs from H by a
 perturbation E, and every eigenvalue may move by ‖E‖ (Weyl). Each bound therefore adds a floor
 ω = max(√b·u·‖T‖, 4·‖skew(T)‖) where u is the unit roundoff of the operator's dtype and skew(T) is the
 antisymmetric part of the projected matrix as computed from both sides (qᵢ·H qⱼ against qⱼ·H qᵢ), a direct
-measurement of the products' rounding that is free (both sides are stored). For float64 operators ω is
+measurement of the products' rounding from stored blocks (one extra block product per pass, no operator product). For float64 operators ω is
 negligible; for float32 models it is what keeps a bound at tol 1e-9 true.
 """
 from __future__ import annotations
@@ -112,9 +113,9 @@ def certify(theta: torch.Tensor, Y: torch.Tensor, order: torch.Tensor, k: int, b
             HQ: torch.Tensor, G: torch.Tensor, floor: float, which: str, warm: bool) -> Certificate:
     """Wanted Ritz pairs with residuals, error bounds (floor included) and their kinds (see the module docstring).
 
-    ``warm``: the start block held a v0 next to random columns, so every unwanted Ritz value is scanned.
-
-    ``order`` ranks the Ritz values from most to least wanted; ``b`` is the width of the start block.
+    ``order`` ranks the Ritz values from most to least wanted; ``b`` is the current block width (the start block's,
+    plus the columns a saturated block has gained). ``warm``: the start block held a v0 next to random columns, so
+    every unwanted Ritz value is scanned.
     """
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.shape[0], device=order.device)

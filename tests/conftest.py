@@ -111,19 +111,26 @@ def spawn_ranks(worker, world: int, tmp, attempts: int = 3) -> Path:
     raise AssertionError("unreachable")
 
 
-def dense_hessian_of(model: nn.Module, loss_of, params: list[nn.Parameter] | None = None) -> torch.Tensor:
-    """The n×n Hessian of ``loss_of(parameters by name)`` (any full-data loss, e.g. the loss called on all the data
-    as one batch, plus a penalty) over ``params`` (default: those with ``requires_grad``), by autograd."""
+def flat_parameters(model: nn.Module, params: list[nn.Parameter] | None = None):
+    """θ, the chosen parameters (default: those with ``requires_grad``) as one flat vector, and the map from such a
+    vector back to the parameters by name."""
     named = [(n, p) for n, p in model.named_parameters() if (p.requires_grad if params is None else
                                                               any(p is q for q in params))]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
 
-    def flat_loss(flat: torch.Tensor) -> torch.Tensor:
+    def by_name(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         parts, off = {}, 0
         for name, p in named:
             parts[name] = flat[off:off + p.numel()].reshape(p.shape)
             off += p.numel()
-        return loss_of(parts)
+        return parts
 
-    H = torch.autograd.functional.hessian(flat_loss, theta)
+    return theta, by_name
+
+
+def dense_hessian_of(model: nn.Module, loss_of, params: list[nn.Parameter] | None = None) -> torch.Tensor:
+    """The n×n Hessian of ``loss_of(parameters by name)`` (any full-data loss, e.g. the loss called on all the data
+    as one batch, plus a penalty) over ``params`` (default: those with ``requires_grad``), by autograd."""
+    theta, by_name = flat_parameters(model, params)
+    H = torch.autograd.functional.hessian(lambda flat: loss_of(by_name(flat)), theta)
     return (H + H.T) / 2

@@ -9,22 +9,13 @@ from torch.func import functional_call, hessian, vmap
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess.ggn import GGNOperator
 from fasthess.lanczos import eigs
-from conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_hessian, flat_parameters, make_data, make_model
 
 
 def _flat_outputs(model: nn.Module, X: torch.Tensor):
     """θ (the trainable parameters as one flat vector) and θ ↦ f_θ(X)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def outputs(flat: torch.Tensor) -> torch.Tensor:
-        parts, off = {}, 0
-        for name, p in named:
-            parts[name] = flat[off:off + p.numel()].reshape(p.shape)
-            off += p.numel()
-        return functional_call(model, parts, (X,), strict=False)
-
-    return theta, outputs
+    theta, by_name = flat_parameters(model)
+    return theta, lambda flat: functional_call(model, by_name(flat), (X,), strict=False)
 
 
 def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
