@@ -16,6 +16,14 @@ rounding; :mod:`fasthess._certificate` states when each is trusted and why. The 
 undefined), no unresolved unwanted Ritz value reaches into the wanted range, and, for a gap-based claim, one
 more pass has confirmed it. A start block always holds at least one fresh random column, warm starts included;
 ``EigResult.ritz_vectors`` (the top k + 1 Ritz vectors) is the warm start for a later, nearby solve.
+
+Narrow passes: once every wanted θᵢ has a usable gap and the solve is past its exploration (no threat, depth met),
+only the wanted residuals still have to shrink, so the next block is the k residual rows rᵢ = Hxᵢ − θᵢxᵢ (built
+from HQ, no product) instead of b rows; after a warm start the random rows' own chain is kept in the block until
+MIN_DEPTH, so they go on climbing. In exact arithmetic every Ritz residual lies in the span of the next block
+Lanczos step, so a narrow block is a k-dimensional part of that step, and the pass after a narrow one (the
+confirming pass of a gap claim is always full) takes the residuals of the b most wanted Ritz pairs, a full step.
+On the benchmark MLP this cut a cold λ_max from 16 to 13 products with the same 8 passes.
 """
 from __future__ import annotations
 
@@ -170,6 +178,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
 
     Q = torch.empty(0, n, dtype=torch.float64, device=device)
     HQ = torch.empty_like(Q)
+    rows = _Rows(Q, min(cap + b, 32)), _Rows(HQ, min(cap + b, 32))  # grown in place (see _Rows)
     T = torch.empty(0, 0, dtype=torch.float64, device=device)
     G = torch.empty_like(T)  # HQ·HQᵀ: the residual of every Ritz pair without forming its vector
     start = _random_rows(b, n, gen, device)
@@ -177,8 +186,11 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         start[: V0.shape[0]] = V0
     P = _orthonormal_rows(start, Q, gen)
     explored = V0 is not None and V0.shape[0] >= b  # no random column: the start was explored by an earlier solve
+    warm = V0 is not None and not explored
+    fresh = b - V0.shape[0] if warm else 0  # the random rows, last in every block of a warm start
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = None
+    was_narrow = False  # the last block held only the wanted residuals
     with fixed(op):
         for it in range(max_iters):
             W = op.matmat(P.T).T
@@ -188,16 +200,17 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             HW = HQ @ W.T
             T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
             G = torch.cat([torch.cat([G, HW], 1), torch.cat([HW.T, W @ W.T], 1)], 0)
-            Q, HQ = torch.cat([Q, P]), torch.cat([HQ, W])
+            Q, HQ = rows[0].append(P), rows[1].append(W)
             theta, Y = torch.linalg.eigh(T)
             order = _order(theta, which)
             floor = rounding_floor(T, skew, b, dtype)
-            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=V0 is not None and not explored)
+            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=warm)
             basis, ritz_rows = Q, Y[:, order[: min(k + 1, order.shape[0])]]  # before a restart replaces Q
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
-            ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
+            deep = explored or it + 1 >= MIN_DEPTH
+            ready = exhausted or (not cert.threatened and deep)
             # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
             # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
             confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
@@ -211,9 +224,20 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                       f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
             if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
                 break
-            if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
+            saturated = _saturated(theta[order], k, b)
+            if saturated and b < min(n - Q.shape[0], MAX_BLOCK):
                 b += 1  # the block is one tight cluster, which may have more members than columns: add a column
+                fresh += warm
                 W = torch.cat([W, _random_rows(1, n, gen, device)])
+            # Narrow pass: every wanted θ already has a usable gap and only its residual must shrink, so the next
+            # block is the wanted Ritz vectors' residuals (k products instead of b), plus, after a warm start and
+            # until MIN_DEPTH, the random rows' own chain, which must go on climbing.
+            chain = fresh if warm and not deep else 0
+            narrow = (not saturated and not cert.threatened and not meets.all() and (ready or chain > 0)
+                      and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
+            if narrow or was_narrow:
+                W = _next_block(W, theta, Y, order[: k if narrow else b - chain], chain, Q, HQ)
+            was_narrow = narrow
             P = _orthonormal_rows(W, Q, gen)
             if P.shape[0] == 0:
                 break
@@ -221,6 +245,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                 keep = order[: max(k + b, (cap - b) // 2)]
                 Yk = Y[:, keep]
                 Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
+                rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = ritz_rows.T @ basis
     return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
@@ -228,6 +253,37 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                      num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,
                      tol=float(tol), certificates=kinds, rounding_floor=floor,
                      ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
+
+
+class _Rows:
+    """A stack of rows that grows in place: appends copy only the new rows, into a buffer of ``capacity`` rows that
+    doubles when full (concatenating the basis anew every pass cost 7 % of an MLP solve, mostly fresh memory)."""
+
+    def __init__(self, rows: torch.Tensor, capacity: int) -> None:
+        self._buf = rows.new_empty(max(capacity, rows.shape[0]), rows.shape[1])
+        self._m = rows.shape[0]
+        self._buf[: self._m] = rows
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Add ``new`` below the stored rows; returns a view of all of them."""
+        m = self._m + new.shape[0]
+        if m > self._buf.shape[0]:
+            buf = self._buf.new_empty(max(m, 2 * self._buf.shape[0]), self._buf.shape[1])
+            buf[: self._m] = self._buf[: self._m]
+            self._buf = buf
+        self._buf[self._m: m] = new
+        self._m = m
+        return self._buf[:m]
+
+
+def _next_block(W: torch.Tensor, theta: torch.Tensor, Y: torch.Tensor, sel: torch.Tensor, chain: int,
+                Q: torch.Tensor, HQ: torch.Tensor) -> torch.Tensor:
+    """The residual rows H xᵢ − θᵢ xᵢ of the Ritz pairs ``sel`` (from the stored images, no operator product),
+    followed by the last ``chain`` rows of W (the random rows' chain). In exact arithmetic every Ritz residual lies
+    in the span of the next block Lanczos step, so the residuals of the b most wanted pairs are such a step and
+    those of the k wanted ones a k-dimensional part of it."""
+    Ys = Y[:, sel].T
+    return torch.cat([Ys @ HQ - theta[sel][:, None] * (Ys @ Q), W[W.shape[0] - chain:]])
 
 
 def _saturated(ordered: torch.Tensor, k: int, b: int) -> bool:

@@ -234,3 +234,29 @@ def test_the_last_pass_ending_in_a_thick_restart_still_returns_ritz_vectors():
     R = _rotation(40, g)
     res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-6, max_basis=8, max_iters=5)
     assert res.ritz_vectors.shape == (40, 2) and res.num_passes == 5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_largest_magnitude_across_a_sign_near_tie(seed):
+    """LM with λ_min = −(1 + 5·10⁻⁶) and λ_max = 1: the Ritz value at the other end was called resolved by its
+    algebraic distance (≈ 2), so the solve certified +1 (found by a red-team battery, 1 of 3085 solves before narrow
+    passes, 3 of 3121 with them)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 20 + 20 * (seed % 4)
+    lam = torch.rand(n, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    lam[0], lam[1] = -(1 + 5e-6), 1.0
+    R = _rotation(n, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, which="LM", tol=1e-6, seed=seed)
+    assert _holds(res, lam[:1])
+
+
+def test_narrow_passes_spend_fewer_products_and_stay_exact():
+    """Once the wanted value has a usable gap, each pass extends only its residual: fewer products than b per pass,
+    and the answer still agrees with the dense eigenvalue."""
+    g = torch.Generator().manual_seed(3)
+    lam = torch.rand(300, generator=g, dtype=torch.float64)
+    lam[-1] = 1.5
+    R = _rotation(300, g)
+    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-10, block_size=4)
+    assert res.all_converged and res.num_hvps < 4 * res.num_passes
+    assert abs(res.eigenvalues[0].item() - 1.5) <= 1e-10 * 1.5 + 1e-13
