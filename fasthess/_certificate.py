@@ -72,7 +72,7 @@ import torch
 KINDS = ("gap", "residual", "exhausted")
 RESOLVED = 0.5  # a neighbour is resolved when its residual is at most this share of the distance
 SKEW_FACTOR = 4.0  # ω ≥ this × the measured antisymmetric part of T
-REACH = 2.0  # an unresolved unwanted θₚ threatens when θₚ + REACH·‖rₚ‖ reaches the last wanted θ
+REACH = 3.0  # an unresolved unwanted θₚ threatens when θₚ + REACH·‖rₚ‖ reaches the last wanted θ
 
 
 @dataclass(frozen=True)

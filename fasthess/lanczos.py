@@ -23,6 +23,9 @@ from HQ, no product) instead of b rows; after a warm start the random rows' own 
 MIN_DEPTH, so they go on climbing. In exact arithmetic every Ritz residual lies in the span of the next block
 Lanczos step, so a narrow block is a k-dimensional part of that step, and the pass after a narrow one (the
 confirming pass of a gap claim is always full) takes the residuals of the b most wanted Ritz pairs, a full step.
+Never after a thick restart: the restart keeps only the best Ritz vectors, and the members of a near-degenerate
+cluster that the block had captured may be gone, which only full blocks recover (a red-team battery found a pair
+10⁻³ apart certified as one eigenvalue with ``max_basis=8``).
 On the benchmark MLP this cut a cold λ_max from 16 to 13 products with the same 8 passes.
 """
 from __future__ import annotations
@@ -191,6 +194,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = None
     was_narrow = False  # the last block held only the wanted residuals
+    restarted = False  # a thick restart dropped part of the space the block had explored: no narrow passes after it
     with fixed(op):
         for it in range(max_iters):
             W = op.matmat(P.T).T
@@ -233,8 +237,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             # block is the wanted Ritz vectors' residuals (k products instead of b), plus, after a warm start and
             # until MIN_DEPTH, the random rows' own chain, which must go on climbing.
             chain = fresh if warm and not deep else 0
-            narrow = (not saturated and not cert.threatened and not meets.all() and (ready or chain > 0)
-                      and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
+            narrow = (not saturated and not restarted and not cert.threatened and not meets.all()
+                      and (ready or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
             if narrow or was_narrow:
                 W = _next_block(W, theta, Y, order[: k if narrow else b - chain], chain, Q, HQ)
             was_narrow = narrow
@@ -246,6 +250,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                 Yk = Y[:, keep]
                 Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
                 rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
+                restarted = True
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = ritz_rows.T @ basis
     return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,

@@ -102,7 +102,7 @@ def subsample_operator(op, fraction: float, seed: int = 0):
 
 
 def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,
-                    sub_tol: float = 1e-3, v0: torch.Tensor | None = None, seed: int = 0,
+                    sub_tol: float = 1e-2, v0: torch.Tensor | None = None, seed: int = 0,
                     block_size: int | None = None, max_iters: int | None = None, sub_max_iters: int = 40,
                     progress: bool = False) -> SubsampledEigResult:
     """:func:`fasthess.eigs` started from a solve on a random ``fraction`` of the data (see the module docstring).
@@ -111,7 +111,8 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
         op: a :class:`fasthess.HessianOperator` on an ``(X, y)`` pair (other operators are solved directly).
         k, which, tol, block_size, max_iters, seed, progress: as in :func:`fasthess.eigs` (the final solve).
         fraction: share of the examples in the subset (at least 64 examples, at most half the data).
-        sub_tol: relative tolerance of the subset solve; it only has to point in the right direction.
+        sub_tol: relative tolerance of the subset solve; it only has to point in the right direction (the subset's own
+            λ_max lies 2–3 % from the full one on the benchmark problems, so 1e-2 is already below its bias).
         v0: start of the subset solve (e.g. the previous eigenvectors).
         sub_max_iters: most passes over the subset.
     """
