@@ -229,8 +229,9 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
                 break
             saturated = _saturated(theta[order], k, b)
-            if saturated and b < min(n - Q.shape[0], MAX_BLOCK):
-                b += 1  # the block is one tight cluster, which may have more members than columns: add a column
+            grown = int(saturated and b < min(n - Q.shape[0], MAX_BLOCK))
+            if grown:  # the block is one tight cluster, which may have more members than columns: add a column
+                b += 1
                 fresh += warm
                 W = torch.cat([W, _random_rows(1, n, gen, device)])
             # Narrow pass: every wanted θ already has a usable gap and only its residual must shrink, so the next
@@ -239,8 +240,9 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             chain = fresh if warm and not deep else 0
             narrow = (not saturated and not restarted and not cert.threatened and not meets.all()
                       and (ready or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
-            if narrow or was_narrow:
-                W = _next_block(W, theta, Y, order[: k if narrow else b - chain], chain, Q, HQ)
+            if narrow or was_narrow:  # (a narrow pass is never saturated; a column just added stays in the tail)
+                tail = chain or grown
+                W = _next_block(W, theta, Y, order[: k if narrow else b - tail], tail, Q, HQ)
             was_narrow = narrow
             P = _orthonormal_rows(W, Q, gen)
             if P.shape[0] == 0:
@@ -281,14 +283,14 @@ class _Rows:
         return self._buf[:m]
 
 
-def _next_block(W: torch.Tensor, theta: torch.Tensor, Y: torch.Tensor, sel: torch.Tensor, chain: int,
+def _next_block(W: torch.Tensor, theta: torch.Tensor, Y: torch.Tensor, sel: torch.Tensor, tail: int,
                 Q: torch.Tensor, HQ: torch.Tensor) -> torch.Tensor:
     """The residual rows H xᵢ − θᵢ xᵢ of the Ritz pairs ``sel`` (from the stored images, no operator product),
-    followed by the last ``chain`` rows of W (the random rows' chain). In exact arithmetic every Ritz residual lies
-    in the span of the next block Lanczos step, so the residuals of the b most wanted pairs are such a step and
-    those of the k wanted ones a k-dimensional part of it."""
+    followed by the last ``tail`` rows of W (the random rows' chain, or a column just added). In exact arithmetic
+    every Ritz residual lies in the span of the next block Lanczos step, so the residuals of the b most wanted
+    pairs are such a step and those of the k wanted ones a k-dimensional part of it."""
     Ys = Y[:, sel].T
-    return torch.cat([Ys @ HQ - theta[sel][:, None] * (Ys @ Q), W[W.shape[0] - chain:]])
+    return torch.cat([Ys @ HQ - theta[sel][:, None] * (Ys @ Q), W[max(W.shape[0] - tail, 0):]])
 
 
 def _saturated(ordered: torch.Tensor, k: int, b: int) -> bool:
