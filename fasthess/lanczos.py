@@ -23,7 +23,9 @@ from HQ, no product) instead of b rows; after a warm start the random rows' own 
 MIN_DEPTH, so they go on climbing. In exact arithmetic every Ritz residual lies in the span of the next block
 Lanczos step, so a narrow block is a k-dimensional part of that step, and the pass after a narrow one (the
 confirming pass of a gap claim is always full) takes the residuals of the b most wanted Ritz pairs, a full step.
-Never after a thick restart: the restart keeps only the best Ritz vectors, and the members of a near-degenerate
+Never from an explored start (``random_columns=0``): there the full block is the only exploration of the
+operator itself, and a subset whose Hessian misleads (its λ_max twice the full one) left narrow passes refining a
+bulk eigenvalue 10⁻³ below λ_max. Never after a thick restart: the restart keeps only the best Ritz vectors, and the members of a near-degenerate
 cluster that the block had captured may be gone, which only full blocks recover (a red-team battery found a pair
 10⁻³ apart certified as one eigenvalue with ``max_basis=8``).
 On the benchmark MLP this cut a cold λ_max from 16 to 13 products with the same 8 passes.
@@ -238,7 +240,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             # block is the wanted Ritz vectors' residuals (k products instead of b), plus, after a warm start and
             # until MIN_DEPTH, the random rows' own chain, which must go on climbing.
             chain = fresh if warm and not deep else 0
-            narrow = (not saturated and not restarted and not cert.threatened and not meets.all()
+            narrow = (not saturated and not restarted and not explored and not cert.threatened and not meets.all()
                       and (ready or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
             if narrow or was_narrow:  # (a narrow pass is never saturated; a column just added stays in the tail)
                 tail = chain or grown
