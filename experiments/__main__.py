@@ -81,7 +81,8 @@ def _list() -> None:
         if p["base"].get("device", "cpu").startswith("cuda"):
             wall = "needs a GPU and the data set, not measured"
         else:
-            wall = f"measured wall time (2 shared CPU cores, --jobs 1): {p['measured'] or 'not measured yet'}"
+            wall = ("measured wall time (2 shared CPU cores, --jobs 1 unless stated): "
+                    f"{p['measured'] or 'not measured yet'}")
         print(f"{name:16s} finding {p['finding']}: {p['claim']}\n{'':16s} {n_cfg} configurations x "
               f"{len(p['seeds'])} seeds; {wall}.\n{'':16s} {p['description']}")
         if p.get("grid_note"):

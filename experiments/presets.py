@@ -269,13 +269,15 @@ for _name, _p in _PRESETS.items():
     if _name.endswith("-paper"):
         _p["seeds"] = [0, 1, 2]
 
-# wall times measured on this project's 2-core CPU (OMP_NUM_THREADS=1, --jobs 1), filled in from real runs
-# (2026-12-01, load average 6-10 from other jobs on the same 2 cores: an idle machine is faster)
+# wall times measured on this project's 2-core CPU (OMP_NUM_THREADS=1, --jobs 1 unless an entry says otherwise),
+# filled in from real runs (2026-12-01, load average 2-10 from other jobs on the same 2 cores: an idle machine is
+# faster)
 MEASURED: dict[str, str] = {
     "finding1-quick": "255 s (12 runs)", "finding2-quick": "127 s (6 runs)", "finding3-quick": "461 s (12 runs)",
     "finding4-quick": "119 s (6 runs)", "finding5-quick": "233 s (12 runs)",
     "finding2-cpu": "175 s with seeds 0-4, 275 s with seeds 10-14, both with --jobs 2 (25 runs)",
     "finding4-cpu": "1664 s with seeds 0-4, 932 s with seeds 10-14 on a less loaded machine (20 runs)",
+    "finding3-cpu": "876 s with seeds 0-4 and --jobs 2 (30 runs)",
     "finding1-cpu": "1444 s with seeds 0-4 and --jobs 2, load 3-4 from other work (30 runs)",
     "finding5-cpu": "about 2660 s with seeds 0-4 and --jobs 2, load 3-4 from other work (40 runs; BN λ_max in "
                     "train mode takes ghost batches of 32, 125 chunks a pass)",
