@@ -277,7 +277,7 @@ MEASURED: dict[str, str] = {
     "finding4-quick": "119 s (6 runs)", "finding5-quick": "233 s (12 runs)",
     "finding2-cpu": "175 s with seeds 0-4, 275 s with seeds 10-14, both with --jobs 2 (25 runs)",
     "finding4-cpu": "1664 s with seeds 0-4, 932 s with seeds 10-14 on a less loaded machine (20 runs)",
-    "finding3-cpu": "876 s with seeds 0-4 and --jobs 2 (30 runs)",
+    "finding3-cpu": "876 s with seeds 0-4, 732 s with seeds 10-14, both with --jobs 2 (30 runs)",
     "finding1-cpu": "1444 s with seeds 0-4, 1345 s with seeds 10-14, both with --jobs 2 and load 3-4 from other "
                     "work (30 runs)",
     "finding5-cpu": "about 2660 s with seeds 0-4 and --jobs 2, load 3-4 from other work (40 runs; BN λ_max in "
