@@ -281,8 +281,7 @@ MEASURED: dict[str, str] = {
     "finding1-cpu": "1444 s with seeds 0-4, 1345 s with seeds 10-14, both with --jobs 2 and load 3-4 from other "
                     "work (30 runs)",
     "finding5-cpu": "about 2660 s with seeds 0-4 (load 3-4 from other work), 1532 s with seeds 10-14, both with "
-                    "--jobs 2 (40 runs; BN λ_max in "
-                    "train mode takes ghost batches of 32, 125 chunks a pass)",
+                    "--jobs 2 (40 runs; BN λ_max in train mode takes ghost batches of 32, 125 chunks a pass)",
 }
 
 

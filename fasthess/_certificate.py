@@ -43,8 +43,8 @@ last wanted θₖ (for ``which="LA"``; mirrored for the others), its Ritz vector
 the wanted values (by Cantelli's inequality up to a tenth of it): the space is still exploring, and nothing is
 certified. (With a reach of 2‖rₚ‖, a fifth, a red-team tracker battery found one certified miss in 7362 updates:
 a bulk eigenvalue rising 5 % past an exact pair of warm eigenvectors; a reach of 3 costs the MLP tracker one
-product in its median update.) The typical case is a warm start that is an exact eigenvector below λ_max, next to random columns that
-have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
+product in its median update.) The typical case is a warm start that is an exact eigenvector below λ_max, next to
+random columns that have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
 Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
 eigenvectors in v0 are resolved at once and would otherwise hide the random columns' Ritz values below them
 (found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds).
@@ -61,8 +61,8 @@ Rounding: the products are computed in the operator's dtype, so the matrix the s
 perturbation E, and every eigenvalue may move by ‖E‖ (Weyl). Each bound therefore adds a floor
 ω = max(√b·u·‖T‖, 4·‖skew(T)‖) where u is the unit roundoff of the operator's dtype and skew(T) is the
 antisymmetric part of the projected matrix as computed from both sides (qᵢ·H qⱼ against qⱼ·H qᵢ), a direct
-measurement of the products' rounding from stored blocks (one extra block product per pass, no operator product). For float64 operators ω is
-negligible; for float32 models it is what keeps a bound at tol 1e-9 true.
+measurement of the products' rounding from stored blocks (one extra block product per pass, no operator
+product). For float64 operators ω is negligible; for float32 models it is what keeps a bound at tol 1e-9 true.
 """
 from __future__ import annotations
 

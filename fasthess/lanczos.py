@@ -25,9 +25,9 @@ Lanczos step, so a narrow block is a k-dimensional part of that step, and the pa
 confirming pass of a gap claim is always full) takes the residuals of the b most wanted Ritz pairs, a full step.
 Never from an explored start (``random_columns=0``): there the full block is the only exploration of the
 operator itself, and a subset whose Hessian misleads (its λ_max twice the full one) left narrow passes refining a
-bulk eigenvalue 10⁻³ below λ_max. Never after a thick restart: the restart keeps only the best Ritz vectors, and the members of a near-degenerate
-cluster that the block had captured may be gone, which only full blocks recover (a red-team battery found a pair
-10⁻³ apart certified as one eigenvalue with ``max_basis=8``).
+bulk eigenvalue 10⁻³ below λ_max. Never after a thick restart: the restart keeps only the best Ritz vectors, and
+the members of a near-degenerate cluster that the block had captured may be gone, which only full blocks recover
+(a red-team battery found a pair 10⁻³ apart certified as one eigenvalue with ``max_basis=8``).
 On the benchmark MLP this cut a cold λ_max from 16 to 13 products with the same 8 passes.
 """
 from __future__ import annotations
@@ -183,7 +183,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
 
     Q = torch.empty(0, n, dtype=torch.float64, device=device)
     HQ = torch.empty_like(Q)
-    rows = _Rows(Q, min(cap + b, 32)), _Rows(HQ, min(cap + b, 32))  # grown in place (see _Rows)
+    first_rows = min(cap + b, 32)
+    rows = _Rows(Q, first_rows), _Rows(HQ, first_rows)  # grown in place (see _Rows)
     T = torch.empty(0, 0, dtype=torch.float64, device=device)
     G = torch.empty_like(T)  # HQ·HQᵀ: the residual of every Ritz pair without forming its vector
     start = _random_rows(b, n, gen, device)
@@ -241,7 +242,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             # until MIN_DEPTH, the random rows' own chain, which must go on climbing.
             chain = fresh if warm and not deep else 0
             narrow = (not saturated and not restarted and not explored and not cert.threatened and not meets.all()
-                      and (ready or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
+                      and (deep or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
             if narrow or was_narrow:  # (a narrow pass is never saturated; a column just added stays in the tail)
                 tail = chain or grown
                 W = _next_block(W, theta, Y, order[: k if narrow else b - tail], tail, Q, HQ)
