@@ -440,6 +440,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="threads of numpy's and scipy's own BLAS (ARPACK's vector work in the eigsh peers); 0 keeps "
+                         "their default. Default 1: on 2 cores their threads spin against torch's and slowed the eigsh "
+                         "peers 1.5-2.2x (measured), which would flatter fasthess")
     ap.add_argument("--repeats", type=int, default=1, help="round-robin repetitions of the cold runs (min kept)")
     ap.add_argument("--warm-updates", type=int, default=3)
     ap.add_argument("--sgd-steps", type=int, default=10)
@@ -452,11 +456,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=a.blas_threads, user_api="blas")
     problems = a.problems or (list(P.PROBLEMS) + (list(P.GPU_PROBLEMS) if a.device == "cuda" else []))
     t_start = time.perf_counter()
     all_cold, warm_md = [], []
     meta = (f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {a.device}, "
-            f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads (numpy/scipy BLAS: {a.blas_threads or 'default'}), "
+            f"{platform.processor() or platform.machine()}, "
             f"load average {os.getloadavg()[0]:.1f} at start")
     print(meta, flush=True)
     warm_up_autograd(a.device)
