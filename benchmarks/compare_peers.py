@@ -163,7 +163,7 @@ def reference(p: P.Problem, quiet: bool = False, dtype: torch.dtype = torch.floa
     model = copy.deepcopy(p.model).to(dtype)
     op = fasthess.HessianOperator(model, p.loss_fn, (p.X.to(dtype), p.y), batch_size=p.batch_size)
     tol = 1e-10 if dtype == torch.float64 else 1e-6
-    r = fasthess.eigs(op, k=2, tol=tol, block_size=1, seed=1, max_iters=300)
+    r = fasthess.eigs(op, k=2, tol=tol, block_size=3, seed=1, max_iters=300)
     out = {"lambda_max": float(r.eigenvalues[0]), "lambda_2": float(r.eigenvalues[1]),
            "bound": float(r.error_bounds[0]), "hvps": r.num_hvps, "key": key, "dtype": str(dtype)}
     CACHE.mkdir(exist_ok=True)

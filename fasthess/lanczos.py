@@ -155,13 +155,15 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         k: number of eigenpairs.
         which: ``"LA"`` largest algebraic (λ_max), ``"SA"`` smallest, ``"LM"`` largest magnitude.
         tol: certified relative accuracy of each eigenvalue.
-        block_size: products per data pass (default :func:`default_block_size`); always at least v0's column
-            count plus ``random_columns``.
+        block_size: products per data pass, at least k + 1 (default :func:`default_block_size`); always at least
+            v0's column count plus ``random_columns``.
         max_iters: most data passes (default: until the Krylov space is exhausted, at most 1000).
         v0: warm start, (n,) or (n, j), e.g. ``previous_result.ritz_vectors``.
         seed: seed of the random start and refill directions.
         progress: print one line per pass to stderr.
-        max_basis: most basis vectors kept before a thick restart (default from a 2 GiB budget).
+        max_basis: most basis vectors kept before a thick restart (default from a 2 GiB budget); raised to
+            k + 3·block_size, so that a restart keeps k + b Ritz vectors with room for two more blocks (with
+            room for one, a red-team battery found a member of a cluster 10⁻³ wide certified as λ_max).
         random_columns: fresh random columns added to v0 (the Krylov assumption of the certificate rests on them,
             :mod:`fasthess._certificate`). 0 only for a v0 that a random-started solve has already explored, such
             as the Ritz vectors of a subset solve (:func:`fasthess.warm.eigs_subsampled`).
@@ -177,8 +179,13 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     V0 = _check_v0(v0, n, device) if v0 is not None else None
     b = block_size or default_block_size(k, device, _is_model_operator(op))
     b = min(n, max(b, V0.shape[0] + random_columns if V0 is not None else 0))
+    if b < k + 1:
+        raise FasthessError(f"block_size={block_size} is below k + 1 = {k + 1}: a block of k columns cannot tell a "
+                            "near-degenerate cluster from fewer eigenvalues, so no certificate would hold (its "
+                            "residual bound can name the wrong member); pass block_size ≥ k + 1, or None for the "
+                            "default (docs/guides/certificate.md, rule 1)")
     cap = max_basis or max(min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n)), 2 * k + 2 * b)
-    cap = min(max(cap, k + 2 * b), n + b)
+    cap = min(max(cap, k + 3 * b), n + b)
     max_iters = max_iters or 1000
 
     Q = torch.empty(0, n, dtype=torch.float64, device=device)

@@ -275,6 +275,19 @@ def test_no_narrow_passes_after_a_thick_restart():
     assert _holds(res, lam.max()[None])
 
 
+def test_tiny_max_basis_keeps_room_for_two_blocks():
+    """max_basis=6 with a block of 3 restarted with room for one block: the member 0.998 of a cluster {1, 0.999,
+    0.998} was certified as the largest magnitude at tol 1e-3, 1.7·10⁻³ off (found by a red-team battery)."""
+    g = torch.Generator().manual_seed(885223)
+    lam = torch.rand(40, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    lam[-3:] = torch.tensor([0.998, 0.999, 1.0], dtype=torch.float64)
+    R = _rotation(40, g)
+    A = (R * lam) @ R.T
+    res = fasthess.eigs(fasthess.MatrixOperator((A + A.T) / 2), k=1, which="LM", tol=1e-3, seed=885223,
+                        max_basis=6, block_size=3)
+    assert _holds(res, lam.max()[None])
+
+
 def test_subsampled_solve_is_not_misled_by_an_unrepresentative_subset():
     """A linear model on 1024 examples whose 1/8 subset has λ_max ≈ 2 while the full Hessian's is 1, with a bulk
     from 0.95 to 0.9997: narrow passes from the subset's vectors refined a bulk eigenvalue, 0.99897, certified

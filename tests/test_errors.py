@@ -116,6 +116,7 @@ def test_loss_that_is_neither_scalar_nor_per_example_is_refused():
     ({"k": 0}, "k=0"), ({"k": 10_000}, "k=10000"), ({"k": 1.5}, "k=1.5"),
     ({"tol": 0}, "tol=0"), ({"tol": -1e-3}, "tol="), ({"tol": float("nan")}, "tol="),
     ({"which": "BE"}, "which="), ({"block_size": 0}, "block_size"), ({"max_iters": -1}, "max_iters"),
+    ({"block_size": 1}, "below k [+] 1 = 2"), ({"k": 3, "block_size": 3}, "below k [+] 1 = 4"),
     ({"v0": torch.zeros(7, dtype=torch.float64)}, "shape"), ({"v0": torch.zeros(1, 1)}, "shape"),
     ({"v0": "start"}, "torch.Tensor"),
 ])
