@@ -99,13 +99,12 @@ def _check_v0(v0, n: int, device: torch.device) -> torch.Tensor:
     return v0.T.to(torch.float64)
 
 
-def _check_args(op, k, which, tol, block_size, max_iters, max_basis) -> int:
-    if not hasattr(op, "matmat") or not hasattr(op, "num_params"):
-        raise FasthessError(f"op must be a fasthess operator (e.g. HessianOperator), got {type(op).__name__}")
-    n = op.num_params
-    if not isinstance(k, int) or k < 1 or k >= n:
-        raise FasthessError(f"k={k!r} must be an integer with 1 ≤ k < n = {n}; for all eigenvalues of a small "
-                            "problem build the dense matrix instead")
+def check_options(k, which: str = "LA", tol=1e-4, block_size=None, max_iters=None, max_basis=None,
+                  random_columns=1) -> None:
+    """Refuse the solver options that no operator would make valid, before any product (:func:`eigs`, and
+    :class:`fasthess.SharpnessTracker` when it is built, not at its first update)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise FasthessError(f"k={k!r} must be an integer ≥ 1 (the number of eigenpairs)")
     if which not in WHICH:
         raise FasthessError(f"which={which!r} must be one of {WHICH} (largest algebraic, smallest algebraic, "
                             "largest magnitude)")
@@ -114,6 +113,27 @@ def _check_args(op, k, which, tol, block_size, max_iters, max_basis) -> int:
     for name, val, lo in (("block_size", block_size, 1), ("max_iters", max_iters, 1), ("max_basis", max_basis, 2)):
         if val is not None and (not isinstance(val, int) or val < lo):
             raise FasthessError(f"{name}={val!r} must be an integer ≥ {lo} (or None for the default)")
+    if isinstance(random_columns, bool) or not isinstance(random_columns, int) or random_columns < 0:
+        raise FasthessError(f"random_columns={random_columns!r} must be an integer ≥ 0 (fresh random columns added "
+                            "to v0; keep the default 1 unless v0 comes from a random-started solve)")
+
+
+def check_block(b: int, k: int, block_size: int | None) -> None:
+    """A block of b columns (``block_size`` as given, raised for a v0) must hold at least k + 1."""
+    if b < k + 1:
+        raise FasthessError(f"block_size={block_size} is below k + 1 = {k + 1}: a block of k columns cannot tell a "
+                            "near-degenerate cluster from fewer eigenvalues, so no certificate would hold (its "
+                            "residual bound can name the wrong member); pass block_size ≥ k + 1, or None for the "
+                            "default (docs/guides/certificate.md, rule 1)")
+
+
+def _check_operator(op, k: int) -> int:
+    if not hasattr(op, "matmat") or not hasattr(op, "num_params"):
+        raise FasthessError(f"op must be a fasthess operator (e.g. HessianOperator), got {type(op).__name__}")
+    n = op.num_params
+    if k >= n:
+        raise FasthessError(f"k={k!r} must be below n = {n}; for all eigenvalues of a small problem build the dense "
+                            "matrix instead")
     return n
 
 
@@ -168,10 +188,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             :mod:`fasthess._certificate`). 0 only for a v0 that a random-started solve has already explored, such
             as the Ritz vectors of a subset solve (:func:`fasthess.warm.eigs_subsampled`).
     """
-    n = _check_args(op, k, which, tol, block_size, max_iters, max_basis)
-    if isinstance(random_columns, bool) or not isinstance(random_columns, int) or random_columns < 0:
-        raise FasthessError(f"random_columns={random_columns!r} must be an integer ≥ 0 (fresh random columns added "
-                            "to v0; keep the default 1 unless v0 comes from a random-started solve)")
+    check_options(k, which, tol, block_size, max_iters, max_basis, random_columns)
+    n = _check_operator(op, k)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
     device = op.device
     dtype = getattr(op, "dtype", torch.float64)
@@ -179,11 +197,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     V0 = _check_v0(v0, n, device) if v0 is not None else None
     b = block_size or default_block_size(k, device, _is_model_operator(op))
     b = min(n, max(b, V0.shape[0] + random_columns if V0 is not None else 0))
-    if b < k + 1:
-        raise FasthessError(f"block_size={block_size} is below k + 1 = {k + 1}: a block of k columns cannot tell a "
-                            "near-degenerate cluster from fewer eigenvalues, so no certificate would hold (its "
-                            "residual bound can name the wrong member); pass block_size ≥ k + 1, or None for the "
-                            "default (docs/guides/certificate.md, rule 1)")
+    check_block(b, k, block_size)
     cap = max_basis or max(min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n)), 2 * k + 2 * b)
     cap = min(max(cap, k + 3 * b), n + b)
     max_iters = max_iters or 1000

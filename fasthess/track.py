@@ -32,6 +32,30 @@ from fasthess.errors import FasthessError
 __all__ = ["SharpnessTracker", "sharpness_mode"]
 
 
+#: eigs arguments the tracker sets itself on every update
+_OWN_EIGS_ARGS = ("op", "k", "which", "tol", "v0", "progress")
+
+
+def _check_eigs_kwargs(k: int, tol: float, eigs_kwargs: dict[str, Any]) -> None:
+    """Refuse, when the tracker is built, what :func:`fasthess.eigs` would refuse at the first update (possibly hours
+    of training later): unknown or reserved names and invalid values; the first update is cold, so its block is
+    ``block_size`` as given."""
+    import inspect
+
+    from fasthess.lanczos import check_block, check_options, eigs
+
+    known = set(inspect.signature(eigs).parameters) - set(_OWN_EIGS_ARGS)
+    bad = sorted(set(eigs_kwargs) - known)
+    if bad:
+        raise FasthessError(f"SharpnessTracker got unknown argument(s) {bad}; it passes to fasthess.eigs only "
+                            f"{sorted(known)} (k, tol and progress are its own arguments)")
+    opts = {name: eigs_kwargs[name] for name in ("block_size", "max_iters", "max_basis", "random_columns")
+            if name in eigs_kwargs}
+    check_options(k, "LA", tol, **opts)
+    if opts.get("block_size") is not None:
+        check_block(opts["block_size"], k, opts["block_size"])
+
+
 @contextlib.contextmanager
 def sharpness_mode(model: torch.nn.Module, mode: str = "train", disable_dropout: bool = True):
     """Put ``model`` in ``mode`` ("train" or "eval"), dropout off if asked, and restore every module's flag after."""
@@ -89,10 +113,9 @@ class SharpnessTracker:
                  **eigs_kwargs: Any) -> None:
         if every < 1:
             raise FasthessError(f"every must be >= 1, got {every}")
-        if k < 1:
-            raise FasthessError(f"k must be >= 1, got {k}")
         if mode not in ("train", "eval"):
             raise FasthessError(f"mode must be 'train' or 'eval', got {mode!r}")
+        _check_eigs_kwargs(k, tol, eigs_kwargs)
         self.loss_fn = loss_fn
         self.data = data
         self.batch_size = batch_size

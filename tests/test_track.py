@@ -8,6 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+import fasthess
 from fasthess.track import SharpnessTracker, sharpness_mode
 
 
@@ -107,6 +108,18 @@ def test_bad_arguments():
         SharpnessTracker(F.cross_entropy, (X, y), mode="test")
     tr = SharpnessTracker(F.cross_entropy, (X, y))
     assert tr.latest is None and math.isnan(tr.lambda_max)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_size": 1}, "below k [+] 1 = 2"), ({"k": 2, "block_size": 2}, "below k [+] 1 = 3"),
+    ({"max_iter": 10}, r"unknown argument\(s\) \['max_iter'\]"), ({"which": "SA"}, "unknown argument"),
+    ({"tol": 0.0}, "tol=0.0"), ({"k": 0}, "k=0"), ({"max_basis": 1}, "max_basis=1"),
+])
+def test_solver_options_are_refused_when_the_tracker_is_built(kwargs, match):
+    """Not at the first update, after the first ``every`` steps of somebody's training."""
+    model, X, y = _setup()
+    with pytest.raises(fasthess.FasthessError, match=match):
+        SharpnessTracker(F.cross_entropy, (X, y), **kwargs)
 
 
 def test_batchnorm_without_batch_size_names_the_tracker_fix():
