@@ -198,7 +198,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     b = block_size or default_block_size(k, device, _is_model_operator(op))
     b = min(n, max(b, V0.shape[0] + random_columns if V0 is not None else 0))
     check_block(b, k, block_size)
-    cap = max_basis or max(min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n)), 2 * k + 2 * b)
+    cap = max_basis or min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n))
     cap = min(max(cap, k + 3 * b), n + b)
     max_iters = max_iters or 1000
 
