@@ -183,7 +183,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         progress: print one line per pass to stderr.
         max_basis: most basis vectors kept before a thick restart (default from a 2 GiB budget); raised to
             k + 3·block_size, so that a restart keeps k + b Ritz vectors with room for two more blocks (with
-            room for one, a red-team battery found a member of a cluster 10⁻³ wide certified as λ_max).
+            room for one, a red-team battery found a member of a cluster 10⁻³ wide certified as the largest).
         random_columns: fresh random columns added to v0 (the Krylov assumption of the certificate rests on them,
             :mod:`fasthess._certificate`). 0 only for a v0 that a random-started solve has already explored, such
             as the Ritz vectors of a subset solve (:func:`fasthess.warm.eigs_subsampled`).
