@@ -17,18 +17,11 @@ undefined), no unresolved unwanted Ritz value reaches into the wanted range, and
 more pass has confirmed it. A start block always holds at least one fresh random column, warm starts included;
 ``EigResult.ritz_vectors`` (the top k + 1 Ritz vectors) is the warm start for a later, nearby solve.
 
-Narrow passes: once every wanted θᵢ has a usable gap and the solve is past its exploration (no threat, depth met),
-only the wanted residuals still have to shrink, so the next block is the k residual rows rᵢ = Hxᵢ − θᵢxᵢ (built
-from HQ, no product) instead of b rows; after a warm start the random rows' own chain is kept in the block until
-MIN_DEPTH, so they go on climbing. In exact arithmetic every Ritz residual lies in the span of the next block
-Lanczos step, so a narrow block is a k-dimensional part of that step, and the pass after a narrow one (the
-confirming pass of a gap claim is always full) takes the residuals of the b most wanted Ritz pairs, a full step.
-Never from an explored start (``random_columns=0``): there the full block is the only exploration of the
-operator itself, and a subset whose Hessian misleads (its λ_max twice the full one) left narrow passes refining a
-bulk eigenvalue 10⁻³ below λ_max. Never after a thick restart: the restart keeps only the best Ritz vectors, and
-the members of a near-degenerate cluster that the block had captured may be gone, which only full blocks recover
-(a red-team battery found a pair 10⁻³ apart certified as one eigenvalue with ``max_basis=8``).
-On the benchmark MLP this cut a cold λ_max from 16 to 13 products with the same 8 passes.
+Every pass applies the operator to a full block. Narrow passes (only the k wanted residuals once a gap was
+usable, one product instead of two) cut a cold MLP λ_max from 16 to 13 products, and were removed: they stop the
+block's other columns from climbing, and a red-team battery found a top pair 10⁻³ apart above a dense bulk
+certified as one eigenvalue, 2.6·10⁻⁴ below λ_max at tol 10⁻⁴ (2 false certificates in 4825 model solves; the
+full block resolves the pair).
 """
 from __future__ import annotations
 
@@ -214,11 +207,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     P = _orthonormal_rows(start, Q, gen)
     explored = V0 is not None and V0.shape[0] >= b  # no random column: the start was explored by an earlier solve
     warm = V0 is not None and not explored
-    fresh = b - V0.shape[0] if warm else 0  # the random rows, last in every block of a warm start
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = None
-    was_narrow = False  # the last block held only the wanted residuals
-    restarted = False  # a thick restart dropped part of the space the block had explored: no narrow passes after it
     with fixed(op):
         for it in range(max_iters):
             W = op.matmat(P.T).T
@@ -237,8 +227,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
-            deep = explored or it + 1 >= MIN_DEPTH
-            ready = exhausted or (not cert.threatened and deep)
+            ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
             # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
             # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
             confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
@@ -252,22 +241,9 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                       f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
             if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
                 break
-            saturated = _saturated(theta[order], k, b)
-            grown = int(saturated and b < min(n - Q.shape[0], MAX_BLOCK))
-            if grown:  # the block is one tight cluster, which may have more members than columns: add a column
-                b += 1
-                fresh += warm
+            if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
+                b += 1  # the block is one tight cluster, which may have more members than columns: add a column
                 W = torch.cat([W, _random_rows(1, n, gen, device)])
-            # Narrow pass: every wanted θ already has a usable gap and only its residual must shrink, so the next
-            # block is the wanted Ritz vectors' residuals (k products instead of b), plus, after a warm start and
-            # until MIN_DEPTH, the random rows' own chain, which must go on climbing.
-            chain = fresh if warm and not deep else 0
-            narrow = (not saturated and not restarted and not explored and not cert.threatened and not meets.all()
-                      and (deep or chain > 0) and all(kd == "gap" for kd in cert.kinds) and k + chain < b)
-            if narrow or was_narrow:  # (a narrow pass is never saturated; a column just added stays in the tail)
-                tail = chain or grown
-                W = _next_block(W, theta, Y, order[: k if narrow else b - tail], tail, Q, HQ)
-            was_narrow = narrow
             P = _orthonormal_rows(W, Q, gen)
             if P.shape[0] == 0:
                 break
@@ -276,7 +252,6 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                 Yk = Y[:, keep]
                 Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
                 rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
-                restarted = True
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = ritz_rows.T @ basis
     return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
@@ -305,16 +280,6 @@ class _Rows:
         self._buf[self._m: m] = new
         self._m = m
         return self._buf[:m]
-
-
-def _next_block(W: torch.Tensor, theta: torch.Tensor, Y: torch.Tensor, sel: torch.Tensor, tail: int,
-                Q: torch.Tensor, HQ: torch.Tensor) -> torch.Tensor:
-    """The residual rows H xᵢ − θᵢ xᵢ of the Ritz pairs ``sel`` (from the stored images, no operator product),
-    followed by the last ``tail`` rows of W (the random rows' chain, or a column just added). In exact arithmetic
-    every Ritz residual lies in the span of the next block Lanczos step, so the residuals of the b most wanted
-    pairs are such a step and those of the k wanted ones a k-dimensional part of it."""
-    Ys = Y[:, sel].T
-    return torch.cat([Ys @ HQ - theta[sel][:, None] * (Ys @ Q), W[max(W.shape[0] - tail, 0):]])
 
 
 def _saturated(ordered: torch.Tensor, k: int, b: int) -> bool:
