@@ -42,8 +42,8 @@ the first resolved one (‖rₚ‖ ≤ |θₖ − θₚ|/2). If one of them is s
 last wanted θₖ (for ``which="LA"``; mirrored for the others), its Ritz vector may still carry spectral mass beyond
 the wanted values (by Cantelli's inequality up to a tenth of it): the space is still exploring, and nothing is
 certified. (With a reach of 2‖rₚ‖, a fifth, a red-team tracker battery found one certified miss in 7362 updates:
-a bulk eigenvalue rising 5 % past an exact pair of warm eigenvectors; a reach of 3 costs the MLP tracker one
-product in its median update.) The typical case is a warm start that is an exact eigenvector below λ_max, next to
+a bulk eigenvalue rising 5 % past an exact pair of warm eigenvectors; with full blocks a reach of 3 leaves the
+MLP tracker's updates at 15, 12, 12, 15, 12, 12, 12 products, as with 2.) The typical case is a warm start that is an exact eigenvector below λ_max, next to
 random columns that have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
 Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
 eigenvectors in v0 are resolved at once and would otherwise hide the random columns' Ritz values below them
@@ -54,8 +54,8 @@ certified before the random columns had found the top.
 
 For ``which="LM"`` the scan measures distance in magnitude, ||θₚ| − |θₖ||: a Ritz value near −1.00001 is the
 neighbour of a wanted +1, and is resolved only when its residual is small next to 10⁻⁵, not next to 2 (a red-team
-battery found +1 certified as the largest magnitude in 1 of 3085 solves, 3 of 3121 with narrow passes, which stop
-refining the far end).
+battery found +1 certified as the largest magnitude in 1 of 3085 solves, and 3 of 3121 while the solver had
+narrow passes, which stopped refining the far end).
 
 Rounding: the products are computed in the operator's dtype, so the matrix the solver sees differs from H by a
 perturbation E, and every eigenvalue may move by ‖E‖ (Weyl). Each bound therefore adds a floor
