@@ -156,15 +156,15 @@ def certify(theta: torch.Tensor, Y: torch.Tensor, order: torch.Tensor, k: int, b
     threatened = False
     if others.numel():  # scan the unwanted Ritz values from the wanted end (cold: down to the first resolved one)
         r_all = _all_residuals(theta[others], Y[:, others], G)
-        distance = _distance(theta[others], last, which)
+        dist = distance(theta[others], last, which)
         reach = theta[others] + REACH * _toward(theta[others], which) * r_all
-        resolved = (r_all <= RESOLVED * distance).nonzero()
+        resolved = (r_all <= RESOLVED * dist).nonzero()
         stop = int(resolved[0]) if resolved.numel() and not warm else others.numel()
         threatened = bool(_beyond(reach[:stop], last, which).any())
     return Certificate(theta[want], X[w], res[w], torch.stack(bounds).to(theta.device), tuple(kinds), threatened)
 
 
-def _distance(x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:
+def distance(x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:
     """How far x lies from y along the order of ``which``: |x − y|, or ||x| − |y|| for LM, where −1.00001 and
     +1 are neighbours (a Ritz value at the other end is resolved only when its residual is small next to that)."""
     return (x.abs() - y.abs()).abs() if which == "LM" else (x - y).abs()

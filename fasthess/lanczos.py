@@ -15,7 +15,8 @@ rounding; :mod:`fasthess._certificate` states when each is trusted and why. The 
 ≤ max(tol·|θᵢ|, 10³ε·max|θ|) (the roundoff term only matters for eigenvalues at zero, whose relative accuracy is
 undefined), no unresolved unwanted Ritz value reaches into the wanted range, and, for a gap-based claim, one
 more pass has confirmed it. A start block always holds at least one fresh random column, warm starts included;
-``EigResult.ritz_vectors`` (the top k + 1 Ritz vectors) is the warm start for a later, nearby solve.
+``EigResult.ritz_vectors`` (the top k + 1 Ritz vectors, and any tied with the (k+1)-th) is the warm start for a
+later, nearby solve.
 
 Every pass applies the operator to a full block. Narrow passes (only the k wanted residuals once a gap was
 usable, one product instead of two) cut a cold MLP λ_max from 16 to 13 products, and were removed: they stop the
@@ -33,7 +34,7 @@ import warnings
 import torch
 
 from fasthess import ops
-from fasthess._certificate import certify, rounding_floor
+from fasthess._certificate import certify, distance, rounding_floor
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -45,6 +46,7 @@ ROUNDOFF = 1e3 * torch.finfo(torch.float64).eps  # an error this small relative 
 SATURATION = 0.1  # a cluster this much tighter than its distance to the next Ritz value saturates the block
 MAX_BLOCK = 16  # the block grows by one column per saturated pass, up to this width
 MIN_DEPTH = 3  # passes before a claim that rests on random columns: they must have had the chance to climb
+MAX_WARM_EXTRA = 2  # Ritz vectors tied with the (k+1)-th that ritz_vectors carries beyond the top k + 1
 
 
 def default_block_size(k: int, device: torch.device | str | None = None, model_operator: bool = False) -> int:
@@ -223,7 +225,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             order = _order(theta, which)
             floor = rounding_floor(T, skew, b, dtype)
             cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=warm)
-            basis, ritz_rows = Q, Y[:, order[: min(k + 1, order.shape[0])]]  # before a restart replaces Q
+            basis, ritz_rows = Q, Y[:, order[: _warm_count(theta[order], k, which)]]  # before a restart replaces Q
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
@@ -280,6 +282,20 @@ class _Rows:
         self._buf[self._m: m] = new
         self._m = m
         return self._buf[:m]
+
+
+def _warm_count(ordered: torch.Tensor, k: int, which: str) -> int:
+    """How many of the most wanted Ritz vectors a later solve starts from: the top k + 1, and the next ones while
+    they and the (k+1)-th form a cluster far tighter than the distance to the Ritz value after them (at most
+    MAX_WARM_EXTRA more). The eigenvectors of a near-tie are defined only as a span: a red-team tracker battery found
+    the tracker carrying one member of a tie at the second eigenvalue while the other rose past the top in one
+    update, and the old top certified (1 in 24288 updates); carrying the tied vector found the new top."""
+    c = min(k + 1, ordered.shape[0])
+    edge = ordered[c - 1]
+    while (c + 1 < ordered.shape[0] and c < k + 1 + MAX_WARM_EXTRA
+           and bool(distance(edge, ordered[c], which) <= SATURATION * distance(ordered[c], ordered[c + 1], which))):
+        c += 1
+    return c
 
 
 def _saturated(ordered: torch.Tensor, k: int, b: int) -> bool:

@@ -23,8 +23,8 @@ class EigResult:
     survived one confirming pass. ``rounding_floor`` is ω, the error the products' rounding alone may cause
     (included in every bound). That θᵢ is the i-th *wanted* eigenvalue (not another one) is the Krylov
     assumption, which the random columns of every start block make hold with high probability.
-    ``ritz_vectors`` (n, k + 1) are the most wanted Ritz vectors, converged or not: the warm start ``v0`` of a
-    later solve on a nearby operator.
+    ``ritz_vectors`` (n, k + 1), or a few more columns when the (k+1)-th is tied with the next ones, are the most
+    wanted Ritz vectors, converged or not: the warm start ``v0`` of a later solve on a nearby operator.
     """
 
     eigenvalues: torch.Tensor
