@@ -443,7 +443,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="threads of numpy's and scipy's own BLAS (ARPACK's vector work in the eigsh peers); 0 keeps "
                          "their default. Default 1: on 2 cores their threads spin against torch's and slowed the eigsh "
-                         "peers 1.5-2.2x (measured), which would flatter fasthess")
+                         "peers 1.5-3x (measured), which would flatter fasthess")
     ap.add_argument("--repeats", type=int, default=1, help="round-robin repetitions of the cold runs (min kept)")
     ap.add_argument("--warm-updates", type=int, default=3)
     ap.add_argument("--sgd-steps", type=int, default=10)

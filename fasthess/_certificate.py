@@ -43,9 +43,9 @@ last wanted θₖ (for ``which="LA"``; mirrored for the others), its Ritz vector
 the wanted values (by Cantelli's inequality up to a tenth of it): the space is still exploring, and nothing is
 certified. (With a reach of 2‖rₚ‖, a fifth, a red-team tracker battery found one certified miss in 7362 updates:
 a bulk eigenvalue rising 5 % past an exact pair of warm eigenvectors; with full blocks a reach of 3 leaves the
-MLP tracker's updates at 15, 12, 12, 15, 12, 12, 12 products, as with 2.) The typical case is a warm start that is an exact eigenvector below λ_max, next to
-random columns that have not yet climbed. In a cold solve, unresolved Ritz values below a resolved one are the ordinary frontier of the
-Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
+MLP tracker's updates at 15, 12, 12, 15, 12, 12, 12 products, as with 2.) The typical case is a warm start that is
+an exact eigenvector below λ_max, next to random columns that have not yet climbed. In a cold solve, unresolved
+Ritz values below a resolved one are the ordinary frontier of the Krylov space and do not count; after a warm start every unwanted Ritz value counts, because exact lower
 eigenvectors in v0 are resolved at once and would otherwise hide the random columns' Ritz values below them
 (found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds).
 Together with a minimum depth of three passes before a claim that rests on random columns

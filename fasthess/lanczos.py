@@ -225,7 +225,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
             order = _order(theta, which)
             floor = rounding_floor(T, skew, b, dtype)
             cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=warm)
-            basis, ritz_rows = Q, Y[:, order[: _warm_count(theta[order], k, which)]]  # before a restart replaces Q
+            basis = Q  # the basis of this pass's Ritz pairs, before a restart replaces Q
             exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
             target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
             meets = cert.bounds <= target
@@ -255,7 +255,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
                 Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
                 rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
-    ritz = ritz_rows.T @ basis
+    ritz = Y[:, order[: _warm_count(theta[order], k, which)]].T @ basis
     return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
                      error_bounds=cert.bounds, converged=conv, num_hvps=op.num_hvps - start_hvps,
                      num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,

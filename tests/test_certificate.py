@@ -279,13 +279,12 @@ def test_pair_above_a_dense_bulk_is_not_certified_as_one_value(seed, d):
     and certified 0.999 or a mix of the pair, 2–10·10⁻⁴ off at tol 1e-4, in these seeds (found by a red-team
     battery); full blocks resolve the pair."""
     g = torch.Generator().manual_seed(seed)
-    N = 2 * d
-    X = torch.linalg.qr(torch.randn(N, d, generator=g, dtype=torch.float64))[0] * math.sqrt(N / 2)
+    data = _isotropic_data(d, 2 * d, g)
     lam = torch.rand(d, generator=g, dtype=torch.float64) * 0.9
     lam[-1], lam[-2] = 1.0, 0.999
     model = LinearHessianModel(d)
     model.set_hessian(_rotation(d, g), lam)
-    res = fasthess.lambda_max(model, _mse, (X, torch.zeros(N, dtype=torch.float64)), tol=1e-4, seed=seed)
+    res = fasthess.lambda_max(model, _mse, data, tol=1e-4, seed=seed)
     assert _holds(res, lam.max()[None])
 
 
@@ -322,13 +321,13 @@ def test_subsampled_solve_is_not_misled_by_an_unrepresentative_subset():
     from fasthess.warm import eigs_subsampled
 
     g = torch.Generator().manual_seed(531968)
-    d, N = 30, 1024
-    X = torch.linalg.qr(torch.randn(N, d, generator=g, dtype=torch.float64))[0] * math.sqrt(N / 2)
+    d = 30
+    data = _isotropic_data(d, 1024, g)
     lam = 1 - 3e-4 - torch.rand(d, generator=g, dtype=torch.float64) * 0.05
     lam[-1] = 1.0
     R = _rotation(d, g)
     model = LinearHessianModel(d)
     model.set_hessian(R, lam)
-    op = fasthess.HessianOperator(model, _mse, (X, torch.zeros(N, dtype=torch.float64)))
+    op = fasthess.HessianOperator(model, _mse, data)
     res = eigs_subsampled(op, k=1, tol=1e-3, v0=R[:, [d - 2]], seed=531968).result
     assert _holds(res, lam.max()[None])
