@@ -30,11 +30,13 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 
 from fasthess import ops
-from fasthess._certificate import certify, distance, rounding_floor
+from fasthess._certificate import Certificate, certify, distance, rounding_floor
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -186,13 +188,56 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     check_options(k, which, tol, block_size, max_iters, max_basis, random_columns)
     n = _check_operator(op, k)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
-    device = op.device
-    dtype = getattr(op, "dtype", torch.float64)
+    steps = lanczos_steps(n, op.device, getattr(op, "dtype", torch.float64), k=k, which=which, tol=tol,
+                          block_size=block_size or default_block_size(k, op.device, _is_model_operator(op)),
+                          requested_block=block_size, max_iters=max_iters, v0=v0, seed=seed, progress=progress,
+                          max_basis=max_basis, random_columns=random_columns)
+    with fixed(op):
+        out = drive(steps, lambda P: op.matmat(P.T).T)
+    return out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
+
+
+def drive(steps, apply):
+    """Run a :func:`lanczos_steps` solve: each block P (rows) it yields is answered with ``apply(P)`` = (H Pᵀ)ᵀ;
+    returns its :class:`Outcome`. Several solves can be driven in lockstep by answering their blocks together."""
+    try:
+        P = next(steps)
+        while True:
+            P = steps.send(apply(P))
+    except StopIteration as stop:
+        return stop.value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final state of a solve, before the operator's counters are read into an :class:`EigResult`."""
+
+    cert: Certificate
+    converged: torch.Tensor
+    kinds: tuple[str, ...]
+    floor: float
+    ritz_vectors: torch.Tensor
+    which: str
+    tol: float
+
+    def result(self, num_hvps: int, num_passes: int, seconds: float) -> EigResult:
+        return EigResult(eigenvalues=self.cert.values, eigenvectors=self.cert.vectors.T.contiguous(),
+                         residuals=self.cert.residuals, error_bounds=self.cert.bounds, converged=self.converged,
+                         num_hvps=num_hvps, num_passes=num_passes, seconds=seconds, which=self.which, tol=self.tol,
+                         certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors)
+
+
+def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,
+                  block_size: int, requested_block: int | None = None, max_iters: int | None = None,
+                  v0: torch.Tensor | None = None, seed: int = 0, progress: bool = False,
+                  max_basis: int | None = None, random_columns: int = 1) -> Generator[torch.Tensor, torch.Tensor, Outcome]:
+    """The block Lanczos iteration of :func:`eigs` as a generator: it yields each block P (b, n) float64 rows and is
+    sent back W = (H Pᵀ)ᵀ; its return value is the :class:`Outcome`. ``dtype`` is the precision of the products
+    (sizes the rounding floor); ``requested_block`` is the user's block_size, for the error message."""
     gen = torch.Generator().manual_seed(seed)
     V0 = _check_v0(v0, n, device) if v0 is not None else None
-    b = block_size or default_block_size(k, device, _is_model_operator(op))
-    b = min(n, max(b, V0.shape[0] + random_columns if V0 is not None else 0))
-    check_block(b, k, block_size)
+    b = min(n, max(block_size, V0.shape[0] + random_columns if V0 is not None else 0))
+    check_block(b, k, requested_block)
     cap = max_basis or min(MAX_BASIS, BASIS_BUDGET_BYTES // (16 * n))
     cap = min(max(cap, k + 3 * b), n + b)
     max_iters = max_iters or 1000
@@ -211,56 +256,52 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     warm = V0 is not None and not explored
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = None
-    with fixed(op):
-        for it in range(max_iters):
-            W = op.matmat(P.T).T
-            C, D = Q @ W.T, P @ W.T
-            skew = max(skew, _skew(C, HQ @ P.T, D))
-            D = (D + D.T) / 2
-            HW = HQ @ W.T
-            T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
-            G = torch.cat([torch.cat([G, HW], 1), torch.cat([HW.T, W @ W.T], 1)], 0)
-            Q, HQ = rows[0].append(P), rows[1].append(W)
-            theta, Y = torch.linalg.eigh(T)
-            order = _order(theta, which)
-            floor = rounding_floor(T, skew, b, dtype)
-            cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=warm)
-            basis = Q  # the basis of this pass's Ritz pairs, before a restart replaces Q
-            exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
-            target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
-            meets = cert.bounds <= target
-            ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
-            # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
-            # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
-            confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
-                last_claim is not None and bool(((cert.values - last_claim[0]).abs()
-                                                 <= last_claim[1] + 1e-13 * cert.values.abs()).all())))
-            conv = meets & confirmed
-            last_claim = (cert.values, cert.bounds) if bool(meets.all()) else None
-            if progress:
-                print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={cert.values.tolist()}, "
-                      f"rel. bound={(cert.bounds / cert.values.abs().clamp_min(1e-300)).max().item():.2e} "
-                      f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
-            if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
-                break
-            if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
-                b += 1  # the block is one tight cluster, which may have more members than columns: add a column
-                W = torch.cat([W, _random_rows(1, n, gen, device)])
-            P = _orthonormal_rows(W, Q, gen)
-            if P.shape[0] == 0:
-                break
-            if Q.shape[0] + P.shape[0] > cap:
-                keep = order[: max(k + b, (cap - b) // 2)]
-                Yk = Y[:, keep]
-                Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
-                rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
+    for it in range(max_iters):
+        W = yield P
+        C, D = Q @ W.T, P @ W.T
+        skew = max(skew, _skew(C, HQ @ P.T, D))
+        D = (D + D.T) / 2
+        HW = HQ @ W.T
+        T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, D], 1)], 0)
+        G = torch.cat([torch.cat([G, HW], 1), torch.cat([HW.T, W @ W.T], 1)], 0)
+        Q, HQ = rows[0].append(P), rows[1].append(W)
+        theta, Y = torch.linalg.eigh(T)
+        order = _order(theta, which)
+        floor = rounding_floor(T, skew, b, dtype)
+        cert = certify(theta, Y, order, k, b, Q, HQ, G, floor, which, warm=warm)
+        basis = Q  # the basis of this pass's Ritz pairs, before a restart replaces Q
+        exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
+        target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
+        meets = cert.bounds <= target
+        ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
+        # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
+        # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
+        confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
+            last_claim is not None and bool(((cert.values - last_claim[0]).abs()
+                                             <= last_claim[1] + 1e-13 * cert.values.abs()).all())))
+        conv = meets & confirmed
+        last_claim = (cert.values, cert.bounds) if bool(meets.all()) else None
+        if progress:
+            print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={cert.values.tolist()}, "
+                  f"rel. bound={(cert.bounds / cert.values.abs().clamp_min(1e-300)).max().item():.2e} "
+                  f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
+        if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
+            break
+        if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
+            b += 1  # the block is one tight cluster, which may have more members than columns: add a column
+            W = torch.cat([W, _random_rows(1, n, gen, device)])
+        P = _orthonormal_rows(W, Q, gen)
+        if P.shape[0] == 0:
+            break
+        if Q.shape[0] + P.shape[0] > cap:
+            keep = order[: max(k + b, (cap - b) // 2)]
+            Yk = Y[:, keep]
+            Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
+            rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = Y[:, order[: _warm_count(theta[order], k, which)]].T @ basis
-    return EigResult(eigenvalues=cert.values, eigenvectors=cert.vectors.T.contiguous(), residuals=cert.residuals,
-                     error_bounds=cert.bounds, converged=conv, num_hvps=op.num_hvps - start_hvps,
-                     num_passes=op.num_passes - start_passes, seconds=time.perf_counter() - t0, which=which,
-                     tol=float(tol), certificates=kinds, rounding_floor=floor,
-                     ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
+    return Outcome(cert=cert, converged=conv, kinds=kinds, floor=floor, which=which, tol=float(tol),
+                   ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
 
 
 class _Rows:
