@@ -1,10 +1,16 @@
-"""Command line: ``python -m experiments list | run PRESET [--out DIR] [--seeds S,S,...] [--jobs N]
-[--paper-lambda-subset] [--set key=value ...] | report DIR``.
+"""fasthess-experiments: rerun the five findings of Kaur, Cohen & Lipton (2023) with λ_max tracked by fasthess.
 
-Data-parallel: ``torchrun --nproc-per-node N -m experiments run PRESET ...`` trains each run with
-DistributedDataParallel over N processes (see :mod:`experiments.ddp`); only rank 0 writes and prints.
+The same command is "python -m fasthess_experiments" (in a checkout's venv or installed).
+
+  fasthess-experiments list                      the presets, their grids and measured wall times
+  fasthess-experiments run PRESET [options]      train a preset's sweep and decide its claims
+  fasthess-experiments report DIR                rebuild a sweep's report, plots and verdicts
+
+Data-parallel: "torchrun --nproc-per-node N -m fasthess_experiments run PRESET ..." trains each run with
+DistributedDataParallel over N processes; only rank 0 writes and prints.
 Every user error (unknown preset or key, malformed value, missing directory or data, unavailable device)
-prints ``error: ...`` and exits with status 2."""
+prints "error: ..." and exits with status 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +95,15 @@ def _list() -> None:
             print(f"{'':16s} Note: {p['grid_note']}.")
 
 
+def _set_keys_help() -> str:
+    """The --set keys, one line each with its default."""
+    from .config import DEFAULTS, HELP
+
+    width = max(map(len, DEFAULTS))
+    lines = [f"  {k:{width}s}  {HELP[k]} (default {json.dumps(v)})" for k, v in DEFAULTS.items()]
+    return "config keys for --set KEY=VALUE (values are JSON; plain words are strings):\n" + "\n".join(lines)
+
+
 def _error(exc: BaseException) -> int:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     print(f"error: {msg}", file=sys.stderr)
@@ -96,10 +111,12 @@ def _error(exc: BaseException) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    plain = argparse.RawDescriptionHelpFormatter  # the texts below are laid out by hand
+    ap = argparse.ArgumentParser(prog="fasthess-experiments", description=__doc__, formatter_class=plain)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="show the presets")
-    r = sub.add_parser("run", help="run a preset's sweep (finished runs are skipped, interrupted ones resumed)")
+    r = sub.add_parser("run", help="run a preset's sweep (finished runs are skipped, interrupted ones resumed)",
+                       formatter_class=plain, epilog=_set_keys_help())
     r.add_argument("preset")
     r.add_argument("--out", default=None, help="sweep directory (default runs/PRESET)")
     r.add_argument("--seeds", default=None, help="seeds replacing the preset's, e.g. 10,11,12,13,14 or 10-14")

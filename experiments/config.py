@@ -2,6 +2,7 @@
 data-set arguments a config selects. Nothing here trains or touches files."""
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from typing import Any
@@ -32,6 +33,60 @@ DEFAULTS: dict[str, Any] = {
     "threads": 1,  # CPU threads (0 = torch's default); small models run fastest on one
     "tensorboard": False,  # TensorBoard event files of every λ_max record in <run>/tensorboard
 }
+
+# one line per key, printed by `fasthess-experiments run --help`
+HELP: dict[str, str] = {
+    "dataset": "data set: digits, mnist1d, cifar10, fashion_mnist or synthetic",
+    "data_root": "folder holding the -paper data sets (torchvision layout)",
+    "verify": "check the md5 sums of the CIFAR-10 / Fashion-MNIST files",
+    "train_subset": "use only the first N training examples",
+    "train_stride": "use every k-th training example",
+    "test_subset": "use only the first N test examples",
+    "test_stride": "use every k-th test example",
+    "data_kwargs": "extra keyword arguments of the data loader (a JSON object)",
+    "model": "architecture: mlp, cnn, resnet or vgg11",
+    "hidden": "hidden layer widths of the MLP, e.g. [256,256]",
+    "channels": "convolution channels of the CNN, e.g. [32,64]",
+    "width": "width multiplier of the model",
+    "batch_norm": "BatchNorm after each hidden layer or convolution",
+    "dropout": "dropout probability after each hidden layer",
+    "optimizer": "sgd, gd (full batch), sam or asam",
+    "lr": "learning rate η",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay of the optimizer",
+    "batch_size": "minibatch size B (ignored by gd)",
+    "chunk_size": "examples per forward pass of a training step (memory only; null = the batch)",
+    "rho": "SAM / ASAM neighbourhood radius ρ",
+    "asam_eta": "ASAM's η (adaptive scale offset)",
+    "init_seed": "seed of the initialization",
+    "data_seed": "seed of the data order and dropout noise",
+    "target_train_acc": "stop when train accuracy reaches this (0.99)",
+    "max_steps": "step cap; a run that hits it is excluded from the verdicts",
+    "eval_every_epochs": "epochs between evaluations (train/test loss and accuracy)",
+    "eval_chunk_size": "examples per forward pass when evaluating",
+    "stop_check_every": "steps between train-accuracy stopping checks (0 = at each evaluation)",
+    "track_every_evals": "evaluations between λ_max computations (0 = only at the end)",
+    "lambda_subset": "λ_max on the first N training examples only",
+    "lambda_stride": "λ_max on every k-th training example only",
+    "lambda_tol": "relative tolerance of the certified λ_max",
+    "lambda_k": "number of top eigenvalues tracked",
+    "lambda_batch_size": "chunk size of the Hessian operator (ghost batch size for train-mode BatchNorm)",
+    "lambda_max_iters": "cap on eigensolver iterations (null = the solver's default)",
+    "between_iterates": "points between the last two iterates at which λ is taken, the max kept (0 = off)",
+    "track_extra": "more curvature measures logged next to λ_max, e.g. [\"trace\"]",
+    "device": "cpu or cuda[:i]",
+    "deterministic": "deterministic torch algorithms",
+    "checkpoint_every_evals": "evaluations between checkpoints",
+    "threads": "CPU threads per run (0 = torch's default)",
+    "tensorboard": "write TensorBoard event files of every λ_max record",
+}
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 # the keys that select and preprocess the data set (the same data for every run that agrees on them)
 DATA_KEYS = ("dataset", "data_root", "verify", "train_subset", "train_stride", "test_subset", "test_stride",
@@ -98,7 +153,8 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and checked; unknown keys are an error (catches typos in --set)."""
     unknown = sorted(set(cfg) - set(DEFAULTS) - {"name", "group"})
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(DEFAULTS)}")
+        hints = "".join(did_you_mean(k, DEFAULTS) for k in unknown)
+        raise ValueError(f"unknown config keys {unknown}{hints}; 'fasthess-experiments run --help' lists the keys")
     out = dict(DEFAULTS)
     out.update(cfg)
     _check_types(out)

@@ -20,6 +20,8 @@ import copy
 import itertools
 from typing import Any
 
+from .config import did_you_mean
+
 FINDINGS = {
     1: "A larger learning rate lowers λ_max, but its test-accuracy gain vanishes at large batch size (incl. GD).",
     2: "Scaling learning rate and batch size together (η/B constant) changes λ_max but not test accuracy.",
@@ -298,7 +300,8 @@ def list_presets() -> list[str]:
 
 def get_preset(name: str) -> dict[str, Any]:
     if name not in _PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+        raise KeyError(f"unknown preset {name!r}{did_you_mean(name, _PRESETS)}; "
+                       f"available: {', '.join(list_presets())}")
     p = copy.deepcopy(_PRESETS[name])
     p["name"] = name
     p["claim"] = FINDINGS[p["finding"]]

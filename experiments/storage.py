@@ -129,6 +129,11 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, records) -> None:
+    """One JSON object per line (e.g. a run's metrics.jsonl), replacing the file atomically."""
+    atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     import torch
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -34,7 +33,8 @@ from .config import data_args, resolve_config
 from .data import DataSplit, load_dataset, subset_indices
 from .evaluation import bitstring, evaluate
 from .models import build_model
-from .storage import _jsonable, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .storage import (_jsonable, atomic_torch_save, atomic_write_json, atomic_write_jsonl, load_checkpoint,
+                      save_checkpoint)
 
 
 def has_batchnorm(model) -> bool:
@@ -326,7 +326,7 @@ class Trainer:
             elif run_dir and evals_done % cfg["checkpoint_every_evals"] == 0:
                 state = self.state_dict()  # (a collective when data-parallel)
                 if main:
-                    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
+                    atomic_write_jsonl(run_dir / "metrics.jsonl", self.metrics)
                     save_checkpoint(state, ckpt_path(run_dir))
         if bar is not None:
             bar.close()
@@ -373,7 +373,7 @@ class Trainer:
         }
 
     def _write_final(self, run_dir: Path, summary: dict[str, Any]) -> None:
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(_jsonable(m)) + "\n" for m in self.metrics))
+        atomic_write_jsonl(run_dir / "metrics.jsonl", self.metrics)
         atomic_torch_save(self.model.state_dict(), run_dir / "final_model.pt")
         atomic_write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
 

@@ -429,6 +429,14 @@ def test_two_runners_on_one_directory_share_the_work(tmp_path, reference):
         _same(ref[n], got[n], where=n)
 
 
+def test_metrics_jsonl_is_one_json_object_per_line(tmp_path):
+    records = [{"step": 1, "lambda_max": 2.5, "top_k": (2.5, 1.0)}, {"step": 2, "lambda_max": float("nan")}]
+    storage.atomic_write_jsonl(tmp_path / "metrics.jsonl", records)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "lambda_max": 2.5, "top_k": [2.5, 1.0]},
+                                                    {"step": 2, "lambda_max": None}]  # non-finite: null
+
+
 def test_run_lock_skip_error_and_wait(tmp_path):
     d = tmp_path / "run"
     cfg = dict(RUN_CFG, max_steps=10, between_iterates=0)
