@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,11 +31,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess import ops
-from fasthess._batch import BatchSpec, join_rows, take_rows
+from fasthess._batch import Batch, BatchSpec, join_rows, take_rows
 from fasthess._criteria import contract_of
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
+from fasthess._model_split import check_model_splits
 from fasthess.distributed import ShardComm, resolve_group
-from fasthess.errors import FasthessError, LossContractError, NonFiniteError, StochasticModelError
+from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
+                             StochasticModelError)
 from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
 from fasthess.linop import SymmetricOperator
 
@@ -360,6 +362,8 @@ class ModelOperator(SymmetricOperator):
         if self.penalty is not None:
             self._check_penalty()
         rows = batch.rows
+        if not self.data.spec.batch_loss:
+            self._check_model_splits(batch, out)
         if self.loss.kind == "callable" and self.loss.mode is not None:
             return
         if self.loss.kind == "callable" and rows < 2:
@@ -380,6 +384,22 @@ class ModelOperator(SymmetricOperator):
                 return self.loss_fn(o, b.target)
 
         self.loss.check(value_of, out, batch, halves)
+
+    def _check_model_splits(self, batch: Batch, out) -> None:
+        """The forward's output rows on the first chunk are those of its halves (:mod:`fasthess._model_split`);
+        a forward that draws random numbers cannot be judged this way when ``allow_stochastic`` accepts it."""
+        before = _generator_states(self.device)
+        params = dict(zip(self.names, self._primals()))
+        batch_stats = [m for m in self._batchnorms if m.training or m.running_mean is None]
+        with sdpa_kernel(SDPBackend.MATH):
+            try:
+                check_model_splits(lambda a, k: self._forward(params, replace(batch, args=a, kwargs=k)), batch.args,
+                                   batch.kwargs, batch.rows, out, batch_stats, self.compute_dtype)
+            except BatchDependentModelError:
+                if self.allow_stochastic and not all(
+                        torch.equal(a, b) for a, b in zip(before, _generator_states(self.device))):
+                    return  # random outputs differ anyway; allow_stochastic accepts a random operator
+                raise
 
     def _value64(self, out, batch):
         """The loss of a callable in float64 where it allows it, so that split tests are sharp."""

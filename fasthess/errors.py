@@ -25,3 +25,8 @@ class StochasticModelError(FasthessError):
 class LossContractError(FasthessError):
     """The loss is not the Hessian's loss contract: an average (or sum) over examples of a function of the model's
     output alone (it depends on the batch, reads the parameters outside the forward, or is an unsupported form)."""
+
+
+class BatchDependentModelError(LossContractError):
+    """The model's forward mixes the examples of a batch (an example's output depends on the other examples of its
+    chunk), so the chunked operator would be a ghost-batch Hessian, not that of the loss on the whole data."""
