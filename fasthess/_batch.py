@@ -64,9 +64,24 @@ def take_rows(tree, lo: int, hi: int, rows: int):
                            else t, tree)
 
 
+IGNORE_INDEX = -100  # the padding label of torch.nn's class-indexed criteria and of Hugging Face collators
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` padded at the end of each trailing dimension to ``shape[1:]``: floats with 0, integers with
+    ``IGNORE_INDEX``, booleans with False (what a padded language-model batch holds there)."""
+    if tuple(t.shape[1:]) == tuple(shape[1:]):
+        return t
+    fill = 0.0 if t.is_floating_point() else (False if t.dtype == torch.bool else IGNORE_INDEX)
+    out = t.new_full((t.shape[0], *shape[1:]), fill)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
 def join_rows(a, b, rows_a: int, rows_b: int):
     """Two trees of one structure joined along the rows (tensor leaves whose leading dimensions are ``rows_a`` and
-    ``rows_b``; other leaves from ``a``), or None when the structures differ or nothing can be joined."""
+    ``rows_b``; other leaves from ``a``), ragged trailing dimensions padded to the longer (see :func:`_pad_to`), or
+    None when the structures or a joined pair's ranks differ, or nothing can be joined."""
     leaves_a, spec = pytree.tree_flatten(a)
     leaves_b, spec_b = pytree.tree_flatten(b)
     if spec != spec_b:
@@ -75,7 +90,15 @@ def join_rows(a, b, rows_a: int, rows_b: int):
     def rows(t, n: int) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
 
-    joined = [torch.cat([x, y]) if rows(x, rows_a) and rows(y, rows_b) else x for x, y in zip(leaves_a, leaves_b)]
+    joined = []
+    for x, y in zip(leaves_a, leaves_b):
+        if not (rows(x, rows_a) and rows(y, rows_b)):
+            joined.append(x)
+            continue
+        if x.dim() != y.dim():
+            return None
+        shape = (0, *(max(m, n) for m, n in zip(x.shape[1:], y.shape[1:])))
+        joined.append(torch.cat([_pad_to(x, shape), _pad_to(y, shape)]))
     if not any(j is not x for j, x in zip(joined, leaves_a)):
         return None  # nothing had rows to join (an output type pytree cannot open)
     return pytree.tree_unflatten(joined, spec)

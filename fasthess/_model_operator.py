@@ -105,6 +105,14 @@ def _finite(value) -> bool:
     return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
 
 
+def _same(a, b) -> bool:
+    """Two loss values (scalars or per-example tensors) agree to float64 roundoff of the loss's dtype."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    rtol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=0.0))
+
+
 def _cast_floating(tree, dtype: torch.dtype):
     return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                            tree)
@@ -413,21 +421,32 @@ class ModelOperator(SymmetricOperator):
         """First pass, callable loss: the first chunk and this one, joined, must split as the first chunk did.
 
         The first chunk's halves can agree with a count-weighted mean by accident (a class-weighted or masked mean
-        whose first chunk holds one class, or no masked rows); two different chunks rarely do. Costs one forward
-        of each chunk on the first pass."""
+        whose first chunk holds one class, or no masked rows); two different chunks rarely do. Chunks of different
+        widths (each batch padded to its own longest sequence) are padded to the longer (:func:`join_rows`); the
+        test runs only if that padding leaves each chunk's own loss unchanged, i.e. the loss ignores it. Costs one
+        forward of each chunk on the first pass."""
         out0, first = self._first
         before = _generator_states(self.device)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
-        r0, r1 = first.batch.rows, chunk.batch.rows
-        joined_out, joined_raw = join_rows(out0, out, r0, r1), join_rows(first.raw, chunk.raw, r0, r1)
-        if joined_out is None or joined_raw is None or not _finite(self._value64(out, chunk.batch)):
+        b0, b1 = first.batch, chunk.batch
+        rows = b0.rows + b1.rows
+        joined_out, target = join_rows(out0, out, b0.rows, b1.rows), join_rows(b0.target, b1.target, b0.rows, b1.rows)
+        if joined_out is None or target is None or (b0.weight is None) != (b1.weight is None) \
+                or not _finite(self._value64(out, b1)):
             return  # nothing to join, or a non-finite loss, which the pass's own finiteness check names
+        weight = None if b0.weight is None else torch.cat([b0.weight, b1.weight])
+        joined = Batch((), {}, target, weight, b0.count + b1.count, rows)
+        parts = [(take_rows(joined_out, lo, hi, rows), replace(b, target=take_rows(target, lo, hi, rows),
+                                                               weight=None if weight is None else weight[lo:hi]))
+                 for b, lo, hi in ((b0, 0, b0.rows), (b1, b0.rows, rows))]
         mode = self.loss.mode
         try:
             try:
-                self.loss.check(self._value64, joined_out, self.data.spec.read(joined_raw),
-                                ((out0, first.batch), (out, chunk.batch)))
+                if not all(_same(self._value64(o, b), self._value64(po, pb))
+                           for (o, b), (po, pb) in zip(((out0, b0), (out, b1)), parts)):
+                    return  # the loss reads the padding: the joined chunks are not a batch it was given
+                self.loss.check(self._value64, joined_out, joined, parts)
             except FasthessError:
                 raise
             except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):

@@ -173,3 +173,111 @@ def test_sequence_first_lstm_is_not_taken_for_a_mixing_forward():
     def full(p):
         return sum(loss(functional_call(model, p, (x,)), t) * 6 for x, t in batches) / 18
     _check(op, dense_hessian_of(model, full))
+
+
+# ---- ragged batches with a callable loss (each batch padded to its own longest sequence) -------------------------
+VOCAB = 11
+
+
+def _padded_batches(widths, n=4, seed=0):
+    """Hugging Face collator style: token ids, attention mask and labels (-100 on padding), one width per batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in widths:
+        ids = torch.randint(1, VOCAB, (n, T), generator=g)
+        lens = torch.randint(2, T + 1, (n,), generator=g)
+        lens[0] = T
+        mask = (torch.arange(T)[None] < lens[:, None]).long()
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+class AttentionLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        causal = torch.triu(torch.ones(h.shape[1], h.shape[1], dtype=torch.bool), 1)
+        a, _ = self.att(h, h, h, attn_mask=causal, key_padding_mask=~attention_mask.bool(), need_weights=False)
+        return self.out(h + a)
+
+
+class TokenLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(VOCAB, 6), nn.LSTM(6, 5, batch_first=True), nn.Linear(5, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        return self.out(self.rnn(self.emb(input_ids))[0])
+
+
+def _token_mean(out, labels):
+    logits = getattr(out, "logits", out)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+TOKENS = fasthess.BatchSpec(count=lambda b: (b["labels"][:, 1:] != -100).sum())
+
+
+def _token_mean_hessian(model, batches, params):
+    """The token mean over every batch as one data set: Σ_c count_c · loss_c / Σ_c count_c (right padding is
+    ignored by a causal model with its mask, so this is the loss on all the data padded to one width)."""
+    counts = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
+
+    def full(p):
+        return sum(n * _token_mean(functional_call(model, p, (), {k: v for k, v in b.items() if k != "labels"}),
+                                   b["labels"]) for n, b in zip(counts, batches)) / sum(counts)
+    return dense_hessian_of(model, full, params)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+@pytest.mark.parametrize("make", [AttentionLM, TokenLSTM, _gpt2], ids=["attention_lm", "lstm", "gpt2"])
+def test_ragged_batches_with_a_callable_loss_match_the_dense_token_mean_hessian(make):
+    torch.manual_seed(0)
+    model = make().double()
+    batches = _padded_batches((5, 7, 6))
+    params = [p for n, p in model.named_parameters() if "out" in n or "ln_f" in n or "mlp.c_proj" in n]
+    op = fasthess.HessianOperator(model, _token_mean, batches, batch=TOKENS, params=params)
+    _check(op, _token_mean_hessian(model, batches, params))
+
+
+def test_ragged_lstm_over_a_dataloader_answers():
+    torch.manual_seed(0)
+    model = TokenLSTM().double()
+    rows = [{k: v[i, :int(b["attention_mask"][i].sum())] for k, v in b.items()}
+            for b in _padded_batches((5, 7, 6)) for i in range(4)]
+
+    def collate(items):
+        pad = torch.nn.utils.rnn.pad_sequence
+        return {k: pad([it[k] for it in items], batch_first=True, padding_value=-100 if k == "labels" else 0)
+                for k in items[0]}
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collate)
+    op = fasthess.HessianOperator(model, _token_mean, loader, batch=TOKENS, params=list(model.out.parameters()))
+    _check(op, _token_mean_hessian(model, list(loader), list(model.out.parameters())))
+
+
+def test_ragged_batches_still_refuse_a_normalizer_that_depends_on_the_batch():
+    """A class-weighted token mean whose first batch holds one class agrees with a count-weighted mean there; the
+    second, wider batch joined to it shows the difference."""
+    torch.manual_seed(0)
+    model = AttentionLM().double()
+    batches = _padded_batches((5, 7))
+    batches[0]["labels"] = batches[0]["labels"].where(batches[0]["labels"] == -100, torch.tensor(3))
+    cw = torch.rand(VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.1
+
+    def weighted(out, labels):
+        return F.cross_entropy(out[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), weight=cw,
+                               ignore_index=-100)
+    op = fasthess.HessianOperator(model, weighted, batches, batch=TOKENS)
+    with pytest.raises(fasthess.LossContractError, match="chunk of 8 examples.*depends on the batch"):  # 4 + 4 joined
+        op.matvec(torch.zeros(op.num_params, dtype=torch.float64))
