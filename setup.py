@@ -45,9 +45,9 @@ def extensions():
 
 
 setup(
-    # The checkout keeps the runner in experiments/ (`python -m experiments`); it installs as fasthess_experiments
-    # (console script fasthess-experiments), so it neither collides with PyPI's `experiments` nor is shadowed by
-    # a user's own experiments/ folder.
+    # The checkout keeps the runner in experiments/; it installs (the editable install too) as fasthess_experiments,
+    # with the console script fasthess-experiments, so it neither collides with PyPI's `experiments` nor is shadowed
+    # by a user's own experiments/ folder. Its one name: fasthess-experiments / python -m fasthess_experiments.
     packages=find_packages(include=["fasthess", "fasthess.*"]) + ["fasthess_experiments"],
     package_dir={"fasthess_experiments": "experiments"},
     ext_modules=extensions(),

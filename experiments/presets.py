@@ -275,7 +275,7 @@ for _name, _p in _PRESETS.items():
 # filled in from real runs (2026-12-01, load average 2-10 from other jobs on the same 2 cores: an idle machine is
 # faster)
 MEASURED: dict[str, str] = {
-    "finding1-quick": "255 s (12 runs)", "finding2-quick": "127 s (6 runs)", "finding3-quick": "461 s (12 runs)",
+    "finding1-quick": "112 s at load 1, 405 s at load 5 (12 runs)", "finding2-quick": "127 s (6 runs)", "finding3-quick": "461 s (12 runs)",
     "finding4-quick": "119 s (6 runs)", "finding5-quick": "233 s (12 runs)",
     "finding2-cpu": "175 s with seeds 0-4, 275 s with seeds 10-14, both with --jobs 2 (25 runs)",
     "finding4-cpu": "1664 s with seeds 0-4, 932 s with seeds 10-14 on a less loaded machine (20 runs)",

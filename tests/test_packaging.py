@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import fasthess
 from fasthess import _ext
 
 PACKAGE = Path(fasthess.__file__).parent
+SOURCE = Path(__file__).resolve().parents[1]  # the checkout, or the unpacked sdist in .ci/package_check.sh
 
 
 def test_version_and_typing_marker_are_installed() -> None:
@@ -35,6 +37,26 @@ def test_console_script_points_at_the_namespaced_runner() -> None:
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts["fasthess-experiments"] == "fasthess_experiments.__main__:main"
     assert callable(importlib.import_module("fasthess_experiments.__main__").main)
+
+
+def _requirement_names(path: Path) -> set[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {re.split(r"[<>=;\[ ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
+
+
+def test_make_demo_installs_the_runner_extra_and_the_build_tools_only() -> None:
+    demo, dev = SOURCE / "requirements-demo.txt", SOURCE / "requirements-dev.txt"
+    assert "torch==" in demo.read_text()  # an unpinned torch would pull a multi-GB CUDA build
+    assert "-r requirements-demo.txt" in dev.read_text().splitlines()  # make test adds the rest on top
+    requires = importlib.metadata.metadata("fasthess").get_all("Requires-Dist")
+    extra = {re.split(r"[<>=;\[ ]", r)[0].lower() for r in requires if 'extra == "experiments"' in r}
+    assert _requirement_names(demo) == extra | {"torch", "numpy", "ninja", "setuptools", "wheel"}
+
+
+def test_readme_is_a_first_screen_naming_the_runner_once() -> None:
+    text = (SOURCE / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    assert "fasthess-experiments" in text and "python -m experiments" not in text
 
 
 def test_public_names_import_from_where_the_docs_say() -> None:
