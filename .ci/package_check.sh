@@ -3,8 +3,9 @@
 #   1. `python -m build` makes the sdist and, from the unpacked sdist, the wheel;
 #   2. a fresh venv holding only the pinned torch builds the sdist itself (`pip install --no-build-isolation`);
 #   3. the wheel, installed there with the [test] and [experiments] extras, reports the native backend, runs
-#      the console script, and passes the sdist's own kernel and packaging tests run from outside any checkout
-#      (native kernels required: a skipped opcheck is a failure).
+#      the runner under its one name (fasthess-experiments, python -m fasthess_experiments), and passes the
+#      sdist's own kernel and packaging tests run from outside any checkout (native kernels required: a skipped
+#      opcheck is a failure).
 # Usage: .ci/package_check.sh [python-of-the-dev-venv]   (torch pin: TORCH_PIN, default torch==2.13.0)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -36,8 +37,10 @@ say "the wheel with [test,experiments], $pin in the same command"
 "$v" -m fasthess | tee "$work/info.txt"
 grep -q "backend: cpu\|backend: cuda" "$work/info.txt" || { echo "the installed wheel did not load its native extension"; exit 1; }
 "$v" -c 'import fasthess, sys; sys.exit(0 if "site-packages" in fasthess.__file__ else f"imported {fasthess.__file__}")'
-"$work/venv/bin/fasthess-experiments" list > "$work/list.txt"
-grep -q "^finding1-quick" "$work/list.txt" || { cat "$work/list.txt"; echo "fasthess-experiments list failed"; exit 1; }
+for runner in "$work/venv/bin/fasthess-experiments" "$v -m fasthess_experiments"; do  # the runner's one name
+    $runner list > "$work/list.txt"
+    grep -q "^finding1-quick" "$work/list.txt" || { cat "$work/list.txt"; echo "$runner list failed"; exit 1; }
+done
 
 say "the sdist's tests against the installed wheel"
 mkdir "$work/src" && tar -xzf "${sdist[0]}" -C "$work/src" --strip-components=1
