@@ -13,6 +13,12 @@ matrix V and ``HessianOperator.matmat(V)`` is called once, so the round is one d
 one kept gradient graph per chunk for all blocks. Each solve gets the rows of its own block from its own
 columns. Every solve keeps the certificate rules of :func:`fasthess.eigs` (Cauchy interlacing also gives
 λ_max(H_bb) ≤ λ_max(H), a check the tests use).
+
+With double-backward products (the CPU default) a column of block b is differentiated only from block b's
+gradients to block b's parameters, H_bb v_b = ∂(g_b · v_b)/∂θ_b, so autograd runs only the part of the kept graph
+between them (:class:`BlockDiagonalHessian`): the embedded product of the whole H costs one full second backward
+per column, which made a lockstep of the benchmark CNN's 4 blocks twice as slow as 5 separate solves. With
+forward-over-reverse products (accelerators) the b tangents share one vmapped pass and the embedded product is used.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 import torch
 from torch import nn
 
+from fasthess._data import Chunk
+from fasthess._graph_cache import ChunkGraph
+from fasthess._model_operator import PassState
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import Outcome, check_options, default_block_size, lanczos_steps
@@ -81,20 +90,63 @@ def _split_options(options: dict) -> tuple[dict, dict]:
             {k: v for k, v in options.items() if k in SOLVER_OPTIONS})
 
 
-def _layout_indices(op: HessianOperator, params: list[torch.Tensor]) -> torch.Tensor:
-    """Positions of ``params`` in the operator's flat parameter vector."""
-    offsets, off = {}, 0
-    for p, numel in zip(op.params, op.numels):
-        offsets[id(p)] = (off, numel)
-        off += numel
-    return torch.cat([torch.arange(o, o + m) for o, m in (offsets[id(p)] for p in params)]).to(op.device)
+def _layout(op: HessianOperator, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """The positions of ``params`` among the operator's parameter tensors, and their entries' positions in its flat
+    parameter vector."""
+    order = {id(p): i for i, p in enumerate(op.params)}
+    starts = [0, *torch.tensor(op.numels).cumsum(0).tolist()]
+    support = [order[id(p)] for p in params]
+    index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in support]).to(op.device)
+    return support, index
+
+
+def _block_products(graph: ChunkGraph, tangents: list[torch.Tensor], keep: bool,
+                    supports: list[list[int]]) -> list[torch.Tensor]:
+    """Column j of ``tangents`` (one (b, *shape) tensor per parameter) times the diagonal block of ∇²value on the
+    parameters ``supports[j]``: ∂(g_s · v_s)/∂θ_s, zeros outside s; one backward over the graph between g_s and θ_s."""
+    hv = [torch.zeros_like(t) for t in tangents]
+    live = set(graph.live)
+    with torch.enable_grad():
+        for j, support in enumerate(supports):
+            outputs = [i for i in support if i in live]
+            if not outputs:
+                continue
+            cols = torch.autograd.grad([graph.grads[i] for i in outputs], [graph.leaves[i] for i in support],
+                                       [tangents[i][j] for i in outputs], retain_graph=keep or j + 1 < len(supports),
+                                       allow_unused=True)
+            for i, c in zip(support, cols):
+                if c is not None:
+                    hv[i][j] = c
+    return hv
+
+
+class BlockDiagonalHessian(HessianOperator):
+    """The Hessian operator with one more product, :meth:`block_matmat`: each column times its own diagonal block."""
+
+    _supports: list[list[int]] | None = None
+
+    def block_matmat(self, V: torch.Tensor, supports: list[list[int]]) -> torch.Tensor:
+        """H_{s_j s_j} V[:, j] for each column j, with s_j = ``supports[j]`` (indices into :attr:`params`), embedded
+        in the full vector; V must be zero outside each column's block. One data pass, like :meth:`matmat`."""
+        self._supports = supports
+        try:
+            return self.matmat(V)
+        finally:
+            self._supports = None
+
+    def _chunk_products(self, chunk: Chunk, state: PassState):
+        if self._supports is None or self.hvp_method != "double-backward":
+            return super()._chunk_products(chunk, state)  # the full product has the block's rows too
+        graph, keep = self._chunk_graph(chunk, state.graphs)
+        return _block_products(graph, state.tangents, keep, self._supports), graph.loss
 
 
 class _Solve:
-    """One block's Lanczos generator, its rows of the full vector and its counters."""
+    """One block's Lanczos generator, its parameter tensors and entries in the operator's layout, its counters."""
 
-    def __init__(self, index: torch.Tensor, steps: Generator[torch.Tensor, torch.Tensor, Outcome]) -> None:
-        self.index, self.steps = index, steps
+    def __init__(self, layout: tuple[list[int], torch.Tensor],
+                 steps: Generator[torch.Tensor, torch.Tensor, Outcome]) -> None:
+        (self.support, self.index), self.steps = layout, steps
         self.block = next(steps)  # runs the generator's own checks, before any product
         self.num_hvps = self.num_passes = 0
         self.result: EigResult | None = None
@@ -108,8 +160,8 @@ class _Solve:
             self.result = stop.value.result(self.num_hvps, self.num_passes, seconds)
 
 
-def _lockstep(op, solves: dict[str, _Solve]) -> dict[str, EigResult]:
-    """Answer every live solve's block from one ``op.matmat`` per round until all have returned."""
+def _lockstep(op: BlockDiagonalHessian, solves: dict[str, _Solve]) -> dict[str, EigResult]:
+    """Answer every live solve's block from one ``op.block_matmat`` per round until all have returned."""
     t0 = time.perf_counter()
     with fixed(op):
         while live := [s for s in solves.values() if s.result is None]:
@@ -118,14 +170,14 @@ def _lockstep(op, solves: dict[str, _Solve]) -> dict[str, EigResult]:
             V = torch.zeros(op.num_params, sum(widths), dtype=torch.float64, device=op.device)
             for s, cols in zip(live, columns):
                 V[s.index[:, None], cols] = s.block.T
-            HV = op.matmat(V)
+            HV = op.block_matmat(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
     return {name: s.result for name, s in solves.items()}
 
 
 def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mapping[str, Sequence[torch.Tensor]]
-                     | None = None, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
+                     | None = None, batch_size: int | None = None, k: int = 1, tol: float = 1e-4, full: bool = True,
                      **options) -> dict[str, EigResult]:
     """Certified top-k eigenvalues of every diagonal block H_bb of the Hessian and of H itself (module docstring).
 
@@ -133,12 +185,14 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
         blocks: ``{name: [parameters]}``; None makes one block per module that owns trainable parameters
             (:func:`module_blocks`). The full Hessian is that of all the blocks' parameters together.
         k, tol: as :func:`fasthess.eigs` (``which="LA"``), for every block and for the full Hessian.
+        full: solve the full Hessian too, in the same lockstep (its products cost a whole second backward each).
         options: :class:`HessianOperator` options (``allow_stochastic``, ``hvp``, ``graph_memory``, ``batch``,
             ``penalty``, ``distributed``, ``process_group``) and :func:`fasthess.eigs` options (``block_size``,
             ``max_iters``, ``seed``, ``progress``, ``max_basis``), shared by every solve.
 
     Returns:
-        ``{name: EigResult}`` for each block, in the order of ``blocks``, and the full Hessian's under ``"full"``.
+        ``{name: EigResult}`` for each block, in the order of ``blocks``, and the full Hessian's under ``"full"``
+        (unless ``full=False``).
         A result's ``num_hvps`` counts its own columns and ``num_passes`` the rounds it took part in; every round
         is one data pass shared by all the solves still running, so the data passes of the whole call are the
         largest ``num_passes``, and ``seconds`` is the time from the first round to the end of the solve's last.
@@ -147,19 +201,20 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
     check_options(k, "LA", tol, solver.get("block_size"), solver.get("max_iters"), solver.get("max_basis"))
     chosen = module_blocks(model) if blocks is None else _checked_blocks(blocks)
     union = list({id(p): p for params in chosen.values() for p in params}.values())
-    op = HessianOperator(model, loss_fn, data, batch_size=batch_size, params=union, **op_options)
+    op = BlockDiagonalHessian(model, loss_fn, data, batch_size=batch_size, params=union, **op_options)
     # The one operator over the union of the blocks is what shares the pass: B operators with params= each block
     # would each run their own forward, gradient graph and data pass per round.
-    indices = {name: _layout_indices(op, params) for name, params in chosen.items()}
-    indices[FULL] = torch.arange(op.num_params, device=op.device)
-    for name, index in indices.items():
+    layouts = {name: _layout(op, params) for name, params in chosen.items()}
+    if full:
+        layouts[FULL] = _layout(op, op.params)
+    for name, (_, index) in layouts.items():
         if index.numel() <= k:
             raise FasthessError(f"block {name!r} has {index.numel()} parameter(s), not more than k = {k}, so its top-k "
                                 "eigenvalues are all of them and no Krylov certificate applies; merge it into another "
                                 "block with blocks={name: [parameters]}, or lower k")
     block_size = solver.pop("block_size", None)
     width = block_size or default_block_size(k, op.device, model_operator=True)
-    solves = {name: _Solve(index, lanczos_steps(index.numel(), op.device, op.dtype, k=k, which="LA", tol=tol,
-                                                block_size=width, requested_block=block_size, **solver))
-              for name, index in indices.items()}
+    solves = {name: _Solve(layout, lanczos_steps(layout[1].numel(), op.device, op.dtype, k=k, which="LA", tol=tol,
+                                                 block_size=width, requested_block=block_size, **solver))
+              for name, layout in layouts.items()}
     return _lockstep(op, solves)

@@ -52,14 +52,16 @@ def _check_against_dense(results, blocks, H, positions, k):
     assert all(float(r.eigenvalues[0]) <= float(top) + 1e-10 for r in results.values())  # Cauchy interlacing
 
 
-@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("kind, hvp", [("cnn", "double-backward"), ("transformer", "double-backward"),
+                                       ("cnn", "forward-over-reverse")])
 @pytest.mark.parametrize("k", [1, 2])
-def test_every_module_block_matches_dense(kind, k):
+def test_every_module_block_matches_dense(kind, hvp, k):
+    """Double backward differentiates each block on its own (BlockDiagonalHessian); forward mode embeds."""
     model, shape = _transformer() if kind == "transformer" else make_model("cnn")
     X, y = make_data(shape, n=23)
     blocks = module_blocks(model)
     assert len(blocks) >= (7 if kind == "transformer" else 2)
-    results = block_lambda_max(model, LOSSES["ce"], (X, y), batch_size=10, k=k)
+    results = block_lambda_max(model, LOSSES["ce"], (X, y), batch_size=10, k=k, hvp=hvp)
     assert list(results) == [*blocks, "full"]
     with sdpa_kernel(SDPBackend.MATH):  # the only attention kernel with a double backward on the CPU
         H = dense_hessian(model, LOSSES["ce"], X, y, 10)
