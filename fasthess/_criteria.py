@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fasthess._batch import Batch
+from fasthess._unsupported import CTC_FIX
 from fasthess.errors import FasthessError, LossContractError
 
 __all__ = ["Criterion", "LossCallable", "contract_of"]
@@ -36,7 +37,7 @@ _ELEMENTWISE = (nn.L1Loss, nn.MSELoss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss
 _PER_ROW = (nn.MultiLabelSoftMarginLoss,)
 _NO_SECOND_DERIVATIVE = (nn.MultiMarginLoss, nn.MultiLabelMarginLoss)  # PyTorch has no double backward for them
 _CLASS_INDEXED = (nn.CrossEntropyLoss, nn.NLLLoss)
-_REFUSED = (nn.GaussianNLLLoss, nn.CTCLoss, nn.CosineEmbeddingLoss, nn.MarginRankingLoss, nn.TripletMarginLoss,
+_REFUSED = (nn.GaussianNLLLoss, nn.CosineEmbeddingLoss, nn.MarginRankingLoss, nn.TripletMarginLoss,
             nn.TripletMarginWithDistanceLoss)
 _FUNCTIONAL = {F.cross_entropy: nn.CrossEntropyLoss, F.nll_loss: nn.NLLLoss, F.mse_loss: nn.MSELoss,
                F.l1_loss: nn.L1Loss, F.smooth_l1_loss: nn.SmoothL1Loss, F.huber_loss: nn.HuberLoss,
@@ -216,6 +217,8 @@ def contract_of(loss_fn: Callable, batch_loss: bool = False) -> Criterion | Loss
     their count)."""
     if not callable(loss_fn):
         raise FasthessError(f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
+    if loss_fn is F.ctc_loss or isinstance(loss_fn, nn.CTCLoss):
+        raise LossContractError(f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)}: {CTC_FIX}")
     kind = _FUNCTIONAL.get(loss_fn)
     if batch_loss:
         return LossCallable(loss_fn, batch_loss=True)

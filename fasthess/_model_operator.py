@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from fasthess import ops
 from fasthess._batch import Batch, BatchSpec, join_rows, take_rows
 from fasthess._criteria import contract_of
+from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative, translated_errors
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess._model_split import check_model_splits
 from fasthess.distributed import ShardComm, resolve_group
@@ -341,7 +342,7 @@ class ModelOperator(SymmetricOperator):
     def _check_chunk(self, chunk: Chunk) -> None:
         batch = chunk.batch
         names_primals = dict(zip(self.names, self._primals()))
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
             try:
                 out = self._forward(names_primals, batch)
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
@@ -350,15 +351,19 @@ class ModelOperator(SymmetricOperator):
                     f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
                     "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
                     "inputs with batch=fasthess.BatchSpec(inputs=...)") from exc
+        # the output as leaves with gradients: the loss's own graph shows ops without a second derivative
+        probe = pytree.tree_map(lambda t: t.detach().requires_grad_(True).clone() if isinstance(t, torch.Tensor)
+                                and t.is_floating_point() else t, out)
         with torch.enable_grad():
             try:
-                value = self.loss_fn(out, batch.target)
+                value = self.loss_fn(probe, batch.target)
             except (TypeError, AttributeError, RuntimeError, ValueError, IndexError) as exc:
                 raise FasthessError(
                     f"loss_fn(output, target) failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}); the "
                     f"model's output is a {type(out).__name__} and the target a {type(batch.target).__name__}. Pass a "
                     "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
                     "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
+        refuse_without_second_derivative(value)
         reached = self._reads_parameters(value)
         if reached:
             raise LossContractError(
@@ -578,7 +583,7 @@ class ModelOperator(SymmetricOperator):
                     total = part if total is None else total + part
                 if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:
                     continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
-                with self._product_scope(chunk.index):
+                with self._product_scope(chunk.index), translated_errors():
                     products, loss = per_chunk(chunk)
                 ops.accumulate_dot(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
                                          for p in products], 1.0)

@@ -30,3 +30,8 @@ class LossContractError(FasthessError):
 class BatchDependentModelError(LossContractError):
     """The model's forward mixes the examples of a batch (an example's output depends on the other examples of its
     chunk), so the chunked operator would be a ghost-batch Hessian, not that of the loss on the whole data."""
+
+
+class UnsupportedModelError(FasthessError):
+    """The model's forward uses a construct whose second derivatives PyTorch does not give (correctly), e.g.
+    ``torch.utils.checkpoint(..., use_reentrant=True)``."""

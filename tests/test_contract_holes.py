@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 import fasthess
 from conftest import dense_hessian, dense_hessian_of
-from fasthess.errors import BatchDependentModelError
+from fasthess.errors import BatchDependentModelError, UnsupportedModelError
 
 N, CHUNK = 40, 10
 
@@ -281,3 +281,64 @@ def test_ragged_batches_still_refuse_a_normalizer_that_depends_on_the_batch():
     op = fasthess.HessianOperator(model, weighted, batches, batch=TOKENS)
     with pytest.raises(fasthess.LossContractError, match="chunk of 8 examples.*depends on the batch"):  # 4 + 4 joined
         op.matvec(torch.zeros(op.num_params, dtype=torch.float64))
+
+
+# ---- CTC: no second derivative in PyTorch ------------------------------------------------------------------------
+def _ctc_problem():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 5).double()
+    g = torch.Generator().manual_seed(0)
+    return model, (torch.randn(8, 6, 3, generator=g, dtype=torch.float64), torch.randint(1, 5, (8, 3), generator=g))
+
+
+def _wrapped_ctc(out, y):
+    lengths = torch.full((out.shape[0],), out.shape[1]), torch.full((out.shape[0],), y.shape[1])
+    return F.ctc_loss(out.log_softmax(-1).transpose(0, 1), y, *lengths, reduction="none")
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CTCLoss(), F.ctc_loss, _wrapped_ctc], ids=["module", "functional", "wrapped"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_ctc_is_refused_by_name_before_any_product(loss_fn, curvature):
+    model, data = _ctc_problem()
+    with pytest.raises(fasthess.LossContractError, match="no second derivative for ctc_loss.*framewise"):
+        fasthess.lambda_max(model, loss_fn, data, curvature=curvature)
+
+
+# ---- activation checkpointing ------------------------------------------------------------------------------------
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(4, 5), nn.Linear(5, 3), reentrant
+
+    def forward(self, x):
+        inner = torch.utils.checkpoint.checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=self.reentrant)
+        return self.b(inner)
+
+
+@pytest.mark.parametrize("hvp", ["double-backward", "forward-over-reverse"])
+def test_non_reentrant_checkpointing_is_exact(hvp):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=False).double()
+    X, y = _data()
+    loss = nn.CrossEntropyLoss()
+    _check(fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK, hvp=hvp),
+           dense_hessian(model, loss, X, y, batch_size=N))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_reentrant_checkpointing_is_refused_before_any_product(curvature):
+    """use_reentrant=True drops the checkpointed parameters' curvature silently; it must never answer."""
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(UnsupportedModelError, match="use_reentrant=True.*use_reentrant=False"):
+        fasthess.lambda_max(Checkpointed(reentrant=True).double(), nn.CrossEntropyLoss(), (X, y),
+                            batch_size=CHUNK, curvature=curvature)
+
+
+def test_ggn_with_saved_tensor_hooks_names_the_hessian_operator():
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(UnsupportedModelError, match="saved-tensor hooks.*curvature='hessian'"):
+        fasthess.lambda_max(Checkpointed(reentrant=False).double(), nn.CrossEntropyLoss(), (X, y),
+                            batch_size=CHUNK, curvature="ggn")
