@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fasthess import ops
-from fasthess._certificate import Certificate, certify, distance, rounding_floor
+from fasthess._certificate import SKEW_FACTOR, Certificate, certify, distance, rounding_floor
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -230,10 +230,16 @@ class Outcome:
 def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,
                   block_size: int, requested_block: int | None = None, max_iters: int | None = None,
                   v0: torch.Tensor | None = None, seed: int = 0, progress: bool = False,
-                  max_basis: int | None = None, random_columns: int = 1) -> Generator[torch.Tensor, torch.Tensor, Outcome]:
+                  max_basis: int | None = None, random_columns: int = 1,
+                  threshold: float | None = None) -> Generator[torch.Tensor, torch.Tensor, Outcome]:
     """The block Lanczos iteration of :func:`eigs` as a generator: it yields each block P (b, n) float64 rows and is
     sent back W = (H Pᵀ)ᵀ; its return value is the :class:`Outcome`. ``dtype`` is the precision of the products
-    (sizes the rounding floor); ``requested_block`` is the user's block_size, for the error message."""
+    (sizes the rounding floor); ``requested_block`` is the user's block_size, for the error message.
+
+    ``threshold`` c (``which="LA"`` only, :func:`fasthess.compare_lambda_max`): stop as soon as the certified
+    interval excludes c. Above: θ₁ − ω > c, since a Ritz value is a Rayleigh quotient, a lower bound on λ_max up to
+    the rounding floor ω, whatever the Krylov space has missed. Below: the bound only has to reach c − θ₁ (looser
+    than tol when c is far), under every rule of a converged claim."""
     gen = torch.Generator().manual_seed(seed)
     V0 = _check_v0(v0, n, device) if v0 is not None else None
     b = min(n, max(block_size, V0.shape[0] + random_columns if V0 is not None else 0))
@@ -272,6 +278,8 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
         basis = Q  # the basis of this pass's Ritz pairs, before a restart replaces Q
         exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
         target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
+        if threshold is not None:
+            target = torch.maximum(target, threshold - cert.values)
         meets = cert.bounds <= target
         ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
         # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
@@ -285,7 +293,8 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
             print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={cert.values.tolist()}, "
                   f"rel. bound={(cert.bounds / cert.values.abs().clamp_min(1e-300)).max().item():.2e} "
                   f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
-        if confirmed or exhausted or _below_floor(cert.bounds, floor, target, dtype, tol):
+        above = threshold is not None and float(cert.values[0]) - floor > threshold
+        if confirmed or exhausted or above or _below_floor(cert.bounds, floor, target, dtype, tol, skew):
             break
         if _saturated(theta[order], k, b) and b < min(n - Q.shape[0], MAX_BLOCK):
             b += 1  # the block is one tight cluster, which may have more members than columns: add a column
@@ -356,12 +365,21 @@ def _skew(C: torch.Tensor, C_other: torch.Tensor, D: torch.Tensor) -> float:
     return float(max(parts))
 
 
-def _below_floor(bounds: torch.Tensor, floor: float, target: torch.Tensor, dtype: torch.dtype, tol: float) -> bool:
+def _below_floor(bounds: torch.Tensor, floor: float, target: torch.Tensor, dtype: torch.dtype, tol: float,
+                 skew: float) -> bool:
     """The rounding floor exceeds what tol asks for and already dominates the bounds, so more passes cannot
-    certify the result: warn and stop."""
+    certify the result: warn and stop. The warning names the floor's source: the dtype's roundoff, or (when
+    SKEW_FACTOR·skew dominates) products that are measurably asymmetric, which a float64 model does not cure."""
     if floor <= float(target.min()) or float((bounds - floor).max()) > floor:
         return False
-    warnings.warn(f"tol={tol:g} is below what {dtype} products can certify here (rounding floor {floor:.2e} of the "
-                  "eigenvalues); the result is not converged. Use a float64 model (model.double()) or a looser tol",
-                  RuntimeWarning, stacklevel=3)
+    if SKEW_FACTOR * skew >= floor:
+        cause = (f"the products are not symmetric: q·Hp and p·Hq differ by {skew:.2e} (measured skew), which a "
+                 "Hessian's products should not; it can come from double backward through a reparametrization "
+                 "(weight_norm, spectral_norm), a loss that upcasts part of the graph (.float() inside a float64 "
+                 "model), or a nondeterministic kernel. Make the forward pass one dtype and deterministic, or use a "
+                 "looser tol")
+    else:
+        cause = f"{dtype} products cannot resolve it. Use a float64 model (model.double()) or a looser tol"
+    warnings.warn(f"tol={tol:g} is below what can be certified here (rounding floor {floor:.2e} of the eigenvalues); "
+                  f"the result is not converged: {cause}", RuntimeWarning, stacklevel=3)
     return True

@@ -15,8 +15,12 @@ subset solve's random columns). On its own a subset's λ_max is
 off by percents (measured 2–4 % here), which is why it is never returned.
 
 Measured (benchmarks/PEERS.md, CPU): cold λ_max to 1e-4 needs about 40 % fewer full-data passes than a random
-start. For a warm start during training (``v0`` = the previous eigenvectors) the subset step did not help: the
-previous vector is already better than the subset's, so :class:`SharpnessTracker` keeps the plain warm start.
+start. For a warm start during training (``v0`` = the previous eigenvectors) the previous vector is better than the
+subset's, so with ``keep_v0=True`` (what :class:`fasthess.SharpnessTracker` does) step 2 starts from the top k
+columns of ``v0`` together with the subset's top k Ritz vectors: the carried vectors make the full-data step
+converge in two or three passes, the subset's vectors bring what its exploration found (a direction that rose past
+the top shows in the subset's top Ritz vectors), and no fresh random column has to be taken to depth on the full
+data.
 
 >>> import torch
 >>> from torch import nn
@@ -101,10 +105,18 @@ def subsample_operator(op, fraction: float, seed: int = 0):
     return op.with_data(op.data.take(idx), batch_size=op.data.batch_size, params=op.params, hvp=op.hvp_method)
 
 
+def _fraction(sub_op, op, fraction: float) -> float:
+    """Share of a full pass that one subset pass reads: the example ratio, or ``fraction`` for a stand-in."""
+    try:
+        return sub_op.data.num_examples / op.data.num_examples
+    except AttributeError:
+        return fraction
+
+
 def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,
                     sub_tol: float = 1e-2, v0: torch.Tensor | None = None, seed: int = 0,
                     block_size: int | None = None, max_iters: int | None = None, sub_max_iters: int = 40,
-                    progress: bool = False) -> SubsampledEigResult:
+                    progress: bool = False, keep_v0: bool = False, sub_op=None) -> SubsampledEigResult:
     """:func:`fasthess.eigs` started from a solve on a random ``fraction`` of the data (see the module docstring).
 
     Args:
@@ -115,9 +127,13 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
             λ_max lies 2–3 % from the full one on the benchmark problems, so 1e-2 is already below its bias).
         v0: start of the subset solve (e.g. the previous eigenvectors).
         sub_max_iters: most passes over the subset.
+        keep_v0: start the full-data step from the top k columns of ``v0`` and the subset's top k Ritz vectors
+            (a block of 2k columns, k + 1 at least), instead of the subset's top k + 1 alone.
+        sub_op: the operator the exploration runs on (default: :func:`subsample_operator` of ``op``); a stand-in
+            for a subset in tests and batteries that have no examples to draw.
     """
     t0 = time.perf_counter()
-    sub_op = subsample_operator(op, fraction, seed)
+    sub_op = subsample_operator(op, fraction, seed) if sub_op is None else sub_op
     sub = None
     start, fresh = v0, 1
     if sub_op is not None:  # the exploration (random columns, a block that resolves pairs) runs on the cheap subset
@@ -125,9 +141,12 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
             start = start.to(sub_op.device)
         sub = eigs(sub_op, k=k, which=which, tol=sub_tol, block_size=block_size, v0=start, seed=seed,
                    max_iters=sub_max_iters, progress=progress)
-        # explored: its top k + 1 Ritz vectors carry the randomness, unless the subset solve stopped unconverged
+        # explored: its top Ritz vectors carry the randomness, unless the subset solve stopped unconverged
         start, fresh = sub.ritz_vectors.to(op.device), 0 if sub.all_converged else 1
+        if keep_v0 and v0 is not None:
+            start = torch.cat([v0[:, :k].to(op.device, torch.float64), start[:, :k].to(torch.float64)], 1) \
+                if v0.dim() == 2 else torch.stack([v0.to(op.device, torch.float64), start[:, 0]], 1)
     res = eigs(op, k=k, which=which, tol=tol, block_size=block_size, max_iters=max_iters, v0=start, seed=seed + 1,
                progress=progress, random_columns=fresh)
-    frac = 0.0 if sub_op is None else sub_op.data.num_examples / op.data.num_examples
+    frac = 0.0 if sub_op is None else _fraction(sub_op, op, fraction)
     return SubsampledEigResult(result=res, sub_result=sub, fraction=frac, seconds=time.perf_counter() - t0)

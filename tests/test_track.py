@@ -52,7 +52,7 @@ def test_lambda_max_matches_dense_hessian_and_logs_record():
     rec = tr.update(model, step=0, epoch=0)
     assert logged == [rec] and rec["certificate"] in ("gap", "residual", "exhausted")
     assert rec["lambda_max"] == pytest.approx(_dense_top(model, X, y), rel=1e-6)
-    assert rec["two_over_lr"] == pytest.approx(20.0)
+    assert rec["threshold"] == pytest.approx(20.0) and rec["threshold_rule"] == "gd: 2/lr"
     assert rec["epoch"] == 0 and rec["step"] == 0
     for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged", "certificates"):
         assert key in rec
