@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from fasthess import ops
 from fasthess._batch import Batch, BatchSpec, join_rows, take_rows
+from fasthess._buffers import KeptBuffers
 from fasthess._criteria import contract_of
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative, translated_errors
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
@@ -197,6 +198,7 @@ class ModelOperator(SymmetricOperator):
         #: are cast for the products; the model is not changed), else the model's
         self.compute_dtype = torch.float32 if self.dtype in _HALF else self.dtype
         self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        self._buffers = KeptBuffers(model)  # a pass leaves running statistics and other buffers as it found them
         self._dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
         self._check_mode()
         if batch_size is None and self._batch_stat_bn() and not is_batched_iterable(data):
@@ -534,22 +536,27 @@ class ModelOperator(SymmetricOperator):
         (counted on the first pass); returns the chunk sums."""
         self._check_mode()
         try:
-            if self.comm is None:
-                local = self._accumulate(acc, state, per_chunk)
-                if self._normalizer is None:
-                    self._set_normalizer(None if local is None else float(local))
-            else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
-                def local() -> tuple[torch.Tensor, torch.Tensor | None]:
-                    part = self._accumulate(acc, state, per_chunk)
-                    return state.stacked_losses(acc), part
-                self.comm.run_pass(acc, local, lambda: self.data.num_examples)
-                if self._normalizer is None:
-                    self._set_normalizer(self.comm.normalizer)
+            with self._buffers.kept():
+                self._pass(acc, state, per_chunk)
         except BaseException:
             state.abort()
             raise
         acc /= self._normalizer
         return state.stacked_losses(acc)
+
+    def _pass(self, acc: torch.Tensor, state: PassState, per_chunk: Callable) -> None:
+        """The pass of :meth:`_run_pass` before the division by W; counts W on the first pass."""
+        if self.comm is None:
+            local = self._accumulate(acc, state, per_chunk)
+            if self._normalizer is None:
+                self._set_normalizer(None if local is None else float(local))
+        else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
+            def local() -> tuple[torch.Tensor, torch.Tensor | None]:
+                part = self._accumulate(acc, state, per_chunk)
+                return state.stacked_losses(acc), part
+            self.comm.run_pass(acc, local, lambda: self.data.num_examples)
+            if self._normalizer is None:
+                self._set_normalizer(self.comm.normalizer)
 
     def _set_normalizer(self, total: float | None) -> None:
         self._first = None  # the first pass is over: no more joined-chunk checks

@@ -6,8 +6,9 @@
   and parameters inside the checkpointed region are not differentiated at all when its inputs do not require grad,
   so second derivatives through it are silently wrong (not an error). Found by watching its autograd Function
   while the first chunk's forward runs. ``use_reentrant=False`` is exact for the Hessian.
-* saved-tensor hooks (``use_reentrant=False`` checkpointing, activation offloading) under ``torch.func``, which the
-  GGN operator's products use: PyTorch's raw error is replaced by one that names the fix.
+* saved-tensor hooks (``use_reentrant=False`` checkpointing, activation offloading) and in-place writes to buffers
+  under ``torch.func``, which the GGN operator's products use: PyTorch's raw error is replaced by one that names the
+  fix.
 """
 from __future__ import annotations
 
@@ -89,4 +90,10 @@ def translated_errors() -> Iterator[None]:
                 "offloading), which the torch.func transforms of the Gauss-Newton products do not support; use "
                 "curvature='hessian' / HessianOperator (exact with use_reentrant=False checkpointing), or turn "
                 "checkpointing off for the curvature") from exc
+        if "mutate a captured Tensor" in str(exc):
+            raise UnsupportedModelError(
+                "the forward writes a tensor it does not take as input in place (a buffer such as a counter, or a "
+                "cache), which the torch.func transforms of the Gauss-Newton products do not allow; use "
+                "curvature='hessian' / HessianOperator (the buffer is restored after each pass), or make the write "
+                "depend on model.training and call model.eval()") from exc
         raise

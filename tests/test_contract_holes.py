@@ -342,3 +342,69 @@ def test_ggn_with_saved_tensor_hooks_names_the_hessian_operator():
     with pytest.raises(UnsupportedModelError, match="saved-tensor hooks.*curvature='hessian'"):
         fasthess.lambda_max(Checkpointed(reentrant=False).double(), nn.CrossEntropyLoss(), (X, y),
                             batch_size=CHUNK, curvature="ggn")
+
+
+# ---- running statistics and other buffers are never changed -------------------------------------------------------
+class StatefulNet(nn.Module):
+    """A train-mode InstanceNorm with running statistics, a BatchNorm, and a buffer the forward writes in place."""
+
+    def __init__(self, count: bool = True) -> None:
+        super().__init__()
+        self.count = count
+        self.conv, self.inorm = nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True, affine=True)
+        self.bn, self.fc = nn.BatchNorm1d(18), nn.Linear(18, 3)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        if self.count:
+            self.seen.add_(x.shape[0])
+        return self.fc(torch.tanh(self.bn(torch.tanh(self.inorm(self.conv(x))).flatten(1))))
+
+
+def _stateful(count: bool = True):
+    torch.manual_seed(0)
+    model = StatefulNet(count).double().train()
+    g = torch.Generator().manual_seed(3)
+    return model, (torch.randn(N, 2, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g))
+
+
+def _run_every_path(model, data):
+    loss = nn.CrossEntropyLoss()
+    op = fasthess.HessianOperator(model, loss, data, batch_size=CHUNK)
+    yield "hessian", lambda: op.matmat(torch.randn(op.num_params, 2, dtype=torch.float64))
+    yield "gradient", op.gradient
+    if not model.count:  # torch.func's transforms refuse in-place writes to buffers: test_ggn_refuses_...
+        ggn = fasthess.GGNOperator(model, loss, data, batch_size=CHUNK)
+        yield "ggn", lambda: ggn.matmat(torch.randn(ggn.num_params, 2, dtype=torch.float64))
+    yield "lambda_max", lambda: fasthess.lambda_max(model, loss, data, batch_size=CHUNK)
+    yield "trace", lambda: fasthess.trace(op, num_matvecs=6)
+    yield "density", lambda: fasthess.spectral_density(op, num_probes=2, lanczos_steps=4)
+    tracker = fasthess.SharpnessTracker(loss, data, batch_size=CHUNK)
+    yield "tracker", lambda: (tracker.update(model), tracker.update(model))
+
+
+@pytest.mark.parametrize("count", [True, False])
+def test_no_path_changes_running_statistics_or_buffers_written_in_place(count):
+    model, data = _stateful(count)
+    for path, run in _run_every_path(model, data):
+        before = {n: b.clone() for n, b in model.named_buffers()}
+        run()
+        for name, b in model.named_buffers():
+            assert torch.equal(b, before[name]), f"{path} changed {name}"
+        assert model.training, path
+
+
+def test_train_mode_instance_norm_with_running_statistics_is_exact():
+    model, (X, y) = _stateful()
+    loss = nn.CrossEntropyLoss()
+    H = dense_hessian(model, loss, X, y, batch_size=CHUNK)  # BatchNorm: ghost batches of CHUNK
+    op = fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK)
+    _check(op, H)
+    _check(op, H)  # a second pass, after the first restored the buffers
+
+
+def test_ggn_refuses_a_forward_that_writes_a_buffer_and_names_the_hessian():
+    model, data = _stateful()
+    with pytest.raises(UnsupportedModelError, match="in place.*curvature='hessian'"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), data, batch_size=CHUNK, curvature="ggn")
+    assert float(model.seen) == 0.0
