@@ -28,6 +28,11 @@ def lambda_max(model: nn.Module, loss_fn: Callable, data, *, batch_size: int | N
     ``hvp``, ``distributed``, ``process_group``, ``graph_memory``, ``batch``, ``penalty``) are theirs; the rest
     (``tol``, ``v0``, ``block_size``, ``max_iters``, ``seed``, ``progress``) go to :func:`eigs`.
     """
+    fixed = sorted(set(eigs_kwargs) & {"k", "which"})
+    if fixed:
+        raise FasthessError(f"lambda_max computes the largest eigenvalue only (k=1, which='LA'), so {fixed} cannot be "
+                            "given; for several eigenvalues call fasthess.eigs(fasthess.HessianOperator(model, loss_fn, "
+                            "data, ...), k=2) (or GGNOperator), which takes k and which")
     if curvature not in CURVATURES:
         raise FasthessError(f"curvature={curvature!r} must be one of {CURVATURES}")
     common = dict(batch_size=batch_size, params=params, allow_stochastic=allow_stochastic,

@@ -104,6 +104,22 @@ def join_rows(a, b, rows_a: int, rows_b: int):
     return pytree.tree_unflatten(joined, spec)
 
 
+def nonfinite_data(batch: Batch) -> str | None:
+    """Where a batch's floating data holds NaN/Inf ("the inputs of example 3 hold NaN"), or None when it is finite.
+    One host sync per part (inputs, targets, weights)."""
+    for part, tree in (("inputs", (batch.args, batch.kwargs)), ("targets", batch.target), ("weights", batch.weight)):
+        for t in tensors_of(tree):
+            if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+                continue
+            bad = ~torch.isfinite(t)
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            if t.dim() > 0 and t.shape[0] == batch.rows:
+                row = int(bad.reshape(batch.rows, -1).any(1).nonzero()[0, 0])
+                return f"the {part} of example {row} of the chunk hold {kind}"
+            return f"the {part} hold {kind}"
+    return None
+
+
 def move(tree, device: torch.device):
     """Every tensor leaf on ``device`` (no copy when it is there already); meta tensors are refused."""
     def to(t):

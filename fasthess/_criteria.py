@@ -113,6 +113,29 @@ class Criterion:
         D = self._denominators(batch)
         return (D if batch.weight is None else D * _rows_weight(batch.weight, D).double()).sum()
 
+    def check_shapes(self, out, target) -> None:
+        """Refuse an output and target whose shapes the criterion would broadcast or misread (before calling it)."""
+        if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)) or out.dim() < 1:
+            return
+        indexed = isinstance(self.loss, _CLASS_INDEXED) and not target.is_floating_point()
+        expected = out.shape[:1] + out.shape[2:] if indexed else out.shape
+        if target.shape == expected:
+            return
+        if indexed:
+            fix = (f"class indices need shape {tuple(expected)} (one index per example); pass y.squeeze(1)"
+                   if target.shape == expected + (1,) or target.shape[1:2] == (1,) else
+                   f"pass class indices of shape {tuple(expected)}")
+            raise LossContractError(f"{self.name} got class-index targets of shape {tuple(target.shape)} for outputs "
+                                    f"of shape {tuple(out.shape)}: {fix}")
+        try:
+            joint = f", which broadcast to {tuple(torch.broadcast_shapes(out.shape, target.shape))}"
+        except RuntimeError:
+            joint = ""
+        raise LossContractError(
+            f"{self.name} got outputs of shape {tuple(out.shape)} and targets of shape {tuple(target.shape)}{joint}; "
+            "the targets must have the output's shape, e.g. y.view_as(out) (y.unsqueeze(1) for a (N,) target and "
+            "(N, 1) outputs) or out.squeeze(1) in the model")
+
     def check(self, value_of: Callable, out, batch: Batch, halves) -> None:
         """The chunk sum and normalizer reproduce the criterion itself on this chunk (``value_of(out, batch)``)."""
         plain = Batch(batch.args, batch.kwargs, batch.target, None, batch.count, batch.rows)

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess import ops
-from fasthess._batch import Batch, BatchSpec, join_rows, take_rows
+from fasthess._batch import Batch, BatchSpec, join_rows, nonfinite_data, take_rows
 from fasthess._buffers import KeptBuffers
 from fasthess._criteria import contract_of
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative, translated_errors
@@ -343,6 +343,9 @@ class ModelOperator(SymmetricOperator):
 
     def _check_chunk(self, chunk: Chunk) -> None:
         batch = chunk.batch
+        bad = nonfinite_data(batch)
+        if bad is not None:  # before the split tests, whose refusals would name the loss instead
+            raise NonFiniteError(f"chunk {chunk.index}: {bad}; clean the data (the Hessian is undefined there)")
         names_primals = dict(zip(self.names, self._primals()))
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
             try:
@@ -353,6 +356,8 @@ class ModelOperator(SymmetricOperator):
                     f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
                     "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
                     "inputs with batch=fasthess.BatchSpec(inputs=...)") from exc
+        if self.loss.kind == "criterion":
+            self.loss.check_shapes(out, batch.target)
         # the output as leaves with gradients: the loss's own graph shows ops without a second derivative
         probe = pytree.tree_map(lambda t: t.detach().requires_grad_(True).clone() if isinstance(t, torch.Tensor)
                                 and t.is_floating_point() else t, out)
@@ -616,19 +621,22 @@ class ModelOperator(SymmetricOperator):
                                  "losses are finite: another rank met a non-finite loss, changed data or an error in "
                                  "this pass (its own exception names the cause), or the products overflowed")
         if bad is None:
-            raise NonFiniteError("the Hessian-vector products overflowed to Inf/NaN although every chunk loss is "
-                                 "finite; use a float64 model (model.double()) or rescale the loss")
+            data = self._nonfinite_data()
+            if data is not None:
+                raise NonFiniteError(f"the Hessian-vector products are Inf/NaN: {data}; clean the data")
+            raise NonFiniteError("the Hessian-vector products overflowed to Inf/NaN although every chunk loss and "
+                                 "the data are finite; use a float64 model (model.double()) or rescale the loss")
         index = indices[bad]
-        x_bad = self._chunk_inputs_nonfinite(index)
-        where = "its inputs contain NaN/Inf; clean the data" if x_bad else \
+        where = self._nonfinite_data(index)
+        where = f"{where}; clean the data" if where else \
             "check the inputs and weights for NaN/Inf, or lower the learning rate if training diverged"
         raise NonFiniteError(f"the loss is not finite on chunk {index} (value {float(losses[bad])}); {where}")
 
-    def _chunk_inputs_nonfinite(self, index: int) -> bool:
-        """Error path only: does chunk ``index`` of the data hold NaN/Inf inputs?"""
+    def _nonfinite_data(self, index: int | None = None) -> str | None:
+        """Error path only: where chunk ``index`` (None: any chunk) of the data holds NaN/Inf, as a phrase."""
         for chunk in self.data.chunks():
-            if chunk.index == index:
-                return any(t.is_floating_point() and not bool(torch.isfinite(t).all())
-                           for t in pytree.tree_leaves((chunk.batch.args, chunk.batch.kwargs))
-                           if isinstance(t, torch.Tensor))
-        return False
+            if index is None or chunk.index == index:
+                bad = nonfinite_data(chunk.batch)
+                if bad is not None:
+                    return f"chunk {chunk.index}: {bad}"
+        return None

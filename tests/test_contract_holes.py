@@ -408,3 +408,41 @@ def test_ggn_refuses_a_forward_that_writes_a_buffer_and_names_the_hessian():
     with pytest.raises(UnsupportedModelError, match="in place.*curvature='hessian'"):
         fasthess.lambda_max(model, nn.CrossEntropyLoss(), data, batch_size=CHUNK, curvature="ggn")
     assert float(model.seen) == 0.0
+
+
+# ---- errors that name the real cause ------------------------------------------------------------------------------
+@pytest.mark.parametrize("part, value, where", [("inputs", float("nan"), "inputs of example 3 of the chunk hold NaN"),
+                                                 ("inputs", float("inf"), "inputs of example 3 of the chunk hold Inf"),
+                                                 ("targets", float("nan"), "targets of example 3 of the chunk hold NaN")])
+@pytest.mark.parametrize("first", [True, False])
+def test_nonfinite_data_is_named_by_chunk_example_and_part(part, value, where, first):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(N, 4, generator=g, dtype=torch.float64), torch.randn(N, 3, generator=g, dtype=torch.float64)
+    row = 3 if first else 2 * CHUNK + 3
+    (X if part == "inputs" else Y)[row, 1] = value
+    with pytest.raises(fasthess.NonFiniteError, match=f"chunk {0 if first else 2}.*{where}.*clean the data"):
+        fasthess.lambda_max(model, nn.MSELoss(), (X, Y), batch_size=CHUNK)
+
+
+def test_lambda_max_refuses_k_and_names_eigs():
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(fasthess.FasthessError, match=r"k=1.*eigs\(fasthess.HessianOperator\(.*k=2"):
+        fasthess.lambda_max(nn.Linear(4, 3).double(), nn.CrossEntropyLoss(), (X, y), k=2)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), F.cross_entropy, nn.NLLLoss()])
+def test_class_labels_of_shape_n_by_1_name_the_squeeze(loss_fn):
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(fasthess.LossContractError, match=r"shape \(40, 1\).*y\.squeeze\(1\)"):
+        fasthess.lambda_max(nn.Linear(4, 3).double(), loss_fn, (X, y[:, None]))
+
+
+def test_mse_output_n_by_1_against_target_n_names_the_broadcast():
+    torch.manual_seed(0)
+    X, _ = _data()
+    with pytest.raises(fasthess.LossContractError, match=r"\(40, 1\).*\(40,\).*broadcast to \(40, 40\).*unsqueeze"):
+        fasthess.lambda_max(nn.Linear(4, 1).double(), nn.MSELoss(), (X, X[:, 0]))

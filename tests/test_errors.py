@@ -31,7 +31,7 @@ def test_nan_in_data_names_the_chunk():
     X, y = make_data(shape, n=40)
     X[25, 2] = float("nan")
     op = _op(model, (X, y), batch_size=10)
-    with pytest.raises(NonFiniteError, match=r"chunk 2 .*inputs contain NaN"):
+    with pytest.raises(NonFiniteError, match=r"chunk 2 .*inputs of example 5 of the chunk hold NaN"):
         op.matvec(_vec(op))
 
 
@@ -203,7 +203,7 @@ def test_nan_chunk_is_named_when_empty_batches_come_first():
     X[15, 0] = float("nan")
     batches = [(X[:0], y[:0]), (X[:10], y[:10]), (X[10:], y[10:])]
     op = _op(data=batches)
-    with pytest.raises(NonFiniteError, match=r"chunk 1 .*inputs contain NaN"):
+    with pytest.raises(NonFiniteError, match=r"chunk 1 .*inputs of example 5 of the chunk hold NaN"):
         op.matvec(_vec(op))
 
 
