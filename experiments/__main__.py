@@ -104,6 +104,19 @@ def _set_keys_help() -> str:
     return "config keys for --set KEY=VALUE (values are JSON; plain words are strings):\n" + "\n".join(lines)
 
 
+def _subset_sizes(args) -> list[int] | None:
+    from .subset_study import parse_sizes
+
+    return parse_sizes(args.subset_study) if args.subset_study else None
+
+
+def _subset_study(sweep_dir, sizes: list[int]) -> None:
+    """Measure the subset study (experiments/subset_study.py) of the runs lacking it."""
+    from .subset_study import study_sweep
+
+    study_sweep(sweep_dir, sizes)
+
+
 def _error(exc: BaseException) -> int:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     print(f"error: {msg}", file=sys.stderr)
@@ -127,8 +140,13 @@ def main(argv=None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every run (repeatable), e.g. --set max_steps=500")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--subset-study", default=None, metavar="SIZES",
+                   help="after the sweep, λ_max of every run's final model on random and strided subsets of these "
+                        "sizes (e.g. 100,1000), and per claim whether the verdict would change (report section)")
     rp = sub.add_parser("report", help="rebuild results.csv, the plots, report.md and verdicts.json of a sweep")
     rp.add_argument("dir")
+    rp.add_argument("--subset-study", default=None, metavar="SIZES",
+                    help="first add the subset study of these sizes (e.g. 100,1000) to the runs that lack it")
     args = ap.parse_args(argv)
 
     from . import ddp
@@ -145,6 +163,7 @@ def main(argv=None) -> int:
         try:
             overrides = parse_set(args.set)
             seeds = parse_seeds(args.seeds)
+            sizes = _subset_sizes(args)
             if args.paper_lambda_subset:
                 overrides = {**paper_lambda_subset(get_preset(args.preset)), **overrides}
             _check_devices(overrides, args.preset)
@@ -152,7 +171,13 @@ def main(argv=None) -> int:
             return _error(exc)
         ddp.init()  # under torchrun: the process group (a no-op in a plain process)
         try:
-            run_sweep(args.preset, args.out, overrides, progress=not args.no_progress, seeds=seeds, jobs=args.jobs)
+            out = run_sweep(args.preset, args.out, overrides, progress=not args.no_progress, seeds=seeds,
+                            jobs=args.jobs)
+            if sizes and ddp.is_main():
+                from .report import build_report
+
+                _subset_study(out, sizes)
+                print(f"report with the subset study: {build_report(out)}")
         except (KeyError, ValueError, OSError) as exc:  # OSError: e.g. StorageError on a full disk, DataError
             return _error(exc) if ddp.is_main() else 2
         finally:
@@ -162,6 +187,9 @@ def main(argv=None) -> int:
         from .report import build_report
 
         try:
+            sizes = _subset_sizes(args)
+            if sizes:
+                _subset_study(args.dir, sizes)
             path = build_report(args.dir)
         except (KeyError, ValueError, OSError) as exc:
             return _error(exc)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import plots, stats
+from . import plots, stats, subset_study
 from .config import config_name, varied_values
 from .storage import atomic_write_json, atomic_write_text
 from .verdicts import Verdict, decide, lam, overall, usable
@@ -136,10 +136,13 @@ def build_report(sweep_dir: str | Path) -> Path:
 
     vs = decide(finding, ev, (preset or {}).get("claims")) if finding else []
     verdict_all = overall(vs) if vs else None
+    subset = (subset_study.changes(runs, finding, (preset or {}).get("claims"), cname, {v.claim: v.outcome for v in vs})
+              if finding and subset_study.load(sweep_dir, runs) else None)
     atomic_write_json(sweep_dir / "verdicts.json", {
         "preset": meta.get("preset"), "finding": finding, "claim": claim if finding else None,
         "seeds": meta.get("seeds"), "overall": verdict_all, "claims": [v.as_dict() for v in vs],
-        "excluded": [{"run": n, "reason": r} for n, r in excluded], "statistics": STATS_METHOD})
+        "excluded": [{"run": n, "reason": r} for n, r in excluded], "statistics": STATS_METHOD,
+        **({"subset_study": subset} if subset else {})})
 
     L = [f"# {meta.get('preset', sweep_dir.name)}", ""]
     if preset:
@@ -164,6 +167,8 @@ def build_report(sweep_dir: str | Path) -> Path:
                 st, est, iv = _interval_text(Verdict(v.claim, t.outcome, "", t, []))
                 L.append(f"| {v.claim} | {st} | {t.outcome} | {est} | {iv} |")
         L += ["", "</details>", ""]
+    if subset:
+        L += subset_study.section(subset)
     L += ["## Statistics", "", STATS_METHOD, ""]
     L += ["## Configurations (usable runs)", "",
           "| configuration | seeds | test acc % (mean ± SD [95% CI]) | λ_max (geo. mean ± SD of log [95% CI]) | steps (mean) |",

@@ -99,3 +99,64 @@ def test_sigkill_of_a_two_job_sweep_then_resume_is_identical(tmp_path, serial):
     p = _start(out, tmp_path / "log2")
     assert p.wait(timeout=300) == 0, (tmp_path / "log2").read_text()
     _check(out, serial)
+
+
+FINISHING = {**TINY, "base": {**TINY["base"], "target_train_acc": 0.5, "max_steps": 400}}  # runs that finish
+
+
+def test_subset_study_reports_per_claim_changes(tmp_path, monkeypatch):
+    """--subset-study measures every usable run's final model on subsets (each value against a fresh certified solve
+    on the same rows), and the report decides the λ claim again on each draw."""
+    import torch
+    import fasthess
+    from experiments.__main__ import main
+    from experiments.subset_study import FILE, _with_subset_lambda, changes
+    from experiments.train import Trainer
+    from experiments.verdicts import decide, usable
+
+    monkeypatch.setitem(presets._PRESETS, "tiny", FINISHING)
+    out = tmp_path / "sweep"
+    assert main(["run", "tiny", "--out", str(out), "--no-progress", "--subset-study", "30,500"]) == 0
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert set(verdicts["subset_study"]) == {"30"}  # 500 is not below the 120 λ examples: skipped
+    study = verdicts["subset_study"]["30"]
+    lam_claim = next(c["claim"] for c in verdicts["claims"] if "λ" in c["claim"])
+    row = study["claims"][lam_claim]
+    assert len(row["random"]) == 8 and row["full"] == next(c["outcome"] for c in verdicts["claims"]
+                                                            if c["claim"] == lam_claim)
+    assert row["random_changed"] == sum(o != row["full"] for o in row["random"])
+    assert "## Subset study" in (out / "report.md").read_text()
+
+    # one run's record against an independent solve on the subset it names (strided: every 4th of 120)
+    name = NAMES[0]
+    rec = json.loads((out / name / FILE).read_text())
+    trainer = Trainer(json.loads((out / name / "summary.json").read_text())["config"], distributed=False)
+    trainer.model.load_state_dict(torch.load(out / name / "final_model.pt"))
+    t = trainer.tracker
+    X, y = t.data
+    with fasthess.sharpness_mode(trainer.model, t.mode, t.disable_dropout):
+        full = fasthess.lambda_max(trainer.model, t.loss_fn, (X, y), batch_size=t.batch_size, tol=1e-6)
+        strided = fasthess.lambda_max(trainer.model, t.loss_fn, (X[::4][:30], y[::4][:30]), batch_size=t.batch_size,
+                                      tol=1e-6)
+    assert rec["full"] == pytest.approx(float(full.eigenvalues[0]), rel=1e-5)
+    assert rec["sizes"]["30"]["strided"] == pytest.approx(float(strided.eigenvalues[0]), rel=1e-5)
+
+    # a draw whose values are the full-data ones changes no verdict; one that reverses the λ ordering does
+    from experiments.config import config_name
+    from experiments.report import load_runs
+    from experiments.subset_study import load
+
+    runs = load_runs(out)
+    load(out, runs)
+    name_of = lambda cfg: config_name(cfg, FINISHING["vary"])  # noqa: E731
+    full_outcomes = {v.claim: v.outcome for v in decide(4, usable(runs, name_of)[0], FINISHING["claims"])}
+    for r in runs:
+        r["subset"]["sizes"]["30"]["values"] = [r["subset"]["full"]] * 8
+    same = changes(runs, 4, FINISHING["claims"], name_of, full_outcomes)["30"]["claims"]
+    assert all(row["random_changed"] == 0 for row in same.values())
+    for r in runs:  # λ_max of dropout 0.3 made 100× that of dropout 0: "high dropout lowers λ_max" is contradicted
+        r["subset"]["sizes"]["30"]["values"] = [r["subset"]["full"] * (100 if r["cfg"]["dropout"] else 1)] * 8
+    flipped = changes(runs, 4, FINISHING["claims"], name_of, full_outcomes)["30"]["claims"][lam_claim]
+    assert flipped["random"] == ["contradicted"] * 8
+    assert flipped["random_changed"] == (8 if full_outcomes[lam_claim] != "contradicted" else 0)
+    assert len(_with_subset_lambda(runs, "30", 0)) == len(runs)
