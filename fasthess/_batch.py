@@ -4,7 +4,8 @@ A data source yields raw batches; :class:`BatchSpec` reads each into a :class:`B
 
 * ``(x, y)`` and ``(x, y, w)`` (tuples or lists): the model is called as ``model(x)`` (``model(*x)`` when ``x`` is a
   tuple or list, ``model(**x)`` when it is a dict), ``y`` is the target and ``w`` holds one weight per example;
-* a dict (Hugging Face style): ``labels`` is the target and every other entry a keyword input, ``model(**rest)``.
+* a dict (Hugging Face style): ``labels`` is the target and every other entry a keyword input, ``model(**rest)``;
+  or the whole rest as one argument, ``model(rest)``, when the forward takes one (:func:`takes_whole_dict`).
 
 The count of a batch is its number of examples (the leading dimension of the target). It is the chunk's weight
 for a loss callable that returns a mean; a language model's token mean needs the token count instead, e.g.
@@ -17,6 +18,7 @@ for a loss callable that returns a mean; a language model's token mean needs the
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -102,6 +104,20 @@ def join_rows(a, b, rows_a: int, rows_b: int):
     if not any(j is not x for j, x in zip(joined, leaves_a)):
         return None  # nothing had rows to join (an output type pytree cannot open)
     return pytree.tree_unflatten(joined, spec)
+
+
+def takes_whole_dict(signature: inspect.Signature | None, kwargs: dict) -> bool:
+    """Does a forward with this signature take a dict batch as one argument, ``model(batch)`` (e.g. ``def
+    forward(self, batch)``), rather than as keywords, ``model(**batch)``? Yes when it has no ``**kwargs``, does not
+    name every key, and has exactly one parameter without a default that can be passed by position."""
+    if signature is None or not kwargs:
+        return False
+    params = list(signature.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params) or set(kwargs) <= {p.name for p in params}:
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(required) == 1 and required[0].kind in positional
 
 
 def nonfinite_data(batch: Batch) -> str | None:

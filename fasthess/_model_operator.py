@@ -20,6 +20,7 @@ passes its own shard; W and N are all-reduced once, and the per-pass sums as des
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess import ops
-from fasthess._batch import Batch, BatchSpec, join_rows, nonfinite_data, take_rows
+from fasthess._batch import Batch, BatchSpec, join_rows, nonfinite_data, take_rows, takes_whole_dict
 from fasthess._buffers import KeptBuffers
 from fasthess._criteria import contract_of
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative, translated_errors
@@ -198,6 +199,10 @@ class ModelOperator(SymmetricOperator):
         #: are cast for the products; the model is not changed), else the model's
         self.compute_dtype = torch.float32 if self.dtype in _HALF else self.dtype
         self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        try:  # how a dict batch is passed (takes_whole_dict)
+            self._signature: inspect.Signature | None = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
         self._buffers = KeptBuffers(model)  # a pass leaves running statistics and other buffers as it found them
         self._dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
         self._check_mode()
@@ -303,6 +308,8 @@ class ModelOperator(SymmetricOperator):
     def _forward(self, params: dict[str, torch.Tensor], batch):
         """The model's output on the batch with the differentiated parameters ``params`` substituted."""
         args, kwargs = batch.args, batch.kwargs
+        if not args and takes_whole_dict(self._signature, kwargs):
+            args, kwargs = (kwargs,), {}
         if self.compute_dtype != self.dtype:  # a half-precision model runs in float32 for the products
             params = {**{n: b.to(self.compute_dtype) for n, b in self.model.named_buffers()
                          if b.is_floating_point()}, **params}
@@ -355,7 +362,8 @@ class ModelOperator(SymmetricOperator):
                     f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
                     f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
                     "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
-                    "inputs with batch=fasthess.BatchSpec(inputs=...)") from exc
+                    "inputs with batch=fasthess.BatchSpec(inputs=...): e.g. BatchSpec(inputs=lambda b: (b,), "
+                    "targets=lambda b: b['labels']) passes a dict batch whole as model(b)") from exc
         if self.loss.kind == "criterion":
             self.loss.check_shapes(out, batch.target)
         # the output as leaves with gradients: the loss's own graph shows ops without a second derivative

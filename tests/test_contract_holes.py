@@ -446,3 +446,26 @@ def test_mse_output_n_by_1_against_target_n_names_the_broadcast():
     X, _ = _data()
     with pytest.raises(fasthess.LossContractError, match=r"\(40, 1\).*\(40,\).*broadcast to \(40, 40\).*unsqueeze"):
         fasthess.lambda_max(nn.Linear(4, 1).double(), nn.MSELoss(), (X, X[:, 0]))
+
+
+class WholeDict(nn.Module):
+    """curvlinops' convention: forward takes the batch dict as one argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.fc(batch["x"] * batch["scale"])
+
+
+def test_a_forward_that_takes_the_whole_dict_gets_it_whole():
+    torch.manual_seed(0)
+    model = WholeDict().double()
+    X, y = _data()
+    scale = torch.rand(N, 1, dtype=torch.float64) + 0.5
+    batches = [{"x": X[s:s + CHUNK], "scale": scale[s:s + CHUNK], "labels": y[s:s + CHUNK]}
+               for s in range(0, N, CHUNK)]
+    loss = nn.CrossEntropyLoss()
+    H = dense_hessian_of(model, lambda p: loss(functional_call(model, p, ({"x": X, "scale": scale},)), y))
+    _check(fasthess.HessianOperator(model, loss, batches), H)
