@@ -6,6 +6,8 @@ Every problem is deterministic (fixed seeds) and needs no download:
   chunk 599 (3 equal chunks).
 * ``cnn_cifar``: 2000 CIFAR-shaped (3×32×32) synthetic images whose class is a smooth template plus noise,
   CNN conv3→16, conv16→32 (each 3×3, ReLU, max-pool 2), FC 2048→64→10 (137k parameters), chunk 250.
+* ``mlp_mnist1d``: the finding-cpu problem of experiments/presets.py: MNIST-1D generated offline (the first 4000 of
+  9000 examples, 40 features), MLP 40-256-256-10 (77k parameters), chunk 1000, SGD at lr 0.05, batch 32.
 * ``vgg11_cifar`` (GPU only): VGG-11 (config A, no BatchNorm) on 50k synthetic CIFAR-shaped images, chunk 1000.
 
 Each model is first trained for a few SGD steps (``pretrain_steps``) so that the Hessian is not that of a
@@ -87,10 +89,11 @@ def synthetic_cifar(n: int, seed: int = 0, num_classes: int = 10) -> tuple[torch
     return ((X - X.mean()) / X.std()).contiguous(), y
 
 
-def sgd_steps(p: Problem, steps: int, seed: int | None = None) -> None:
-    """``steps`` plain SGD steps on random mini-batches of the problem's data (continues the training)."""
+def sgd_steps(p: Problem, steps: int, seed: int | None = None, opt: torch.optim.Optimizer | None = None) -> None:
+    """``steps`` SGD steps on random mini-batches of the problem's data (continues the training); ``opt`` replaces
+    plain SGD at the problem's learning rate (e.g. SGD with momentum, kept across calls)."""
     g = torch.Generator().manual_seed(p.step if seed is None else seed)
-    opt = torch.optim.SGD(p.model.parameters(), lr=p.lr)
+    opt = opt or torch.optim.SGD(p.model.parameters(), lr=p.lr)
     for _ in range(steps):
         idx = torch.randint(0, p.X.shape[0], (p.train_batch,), generator=g).to(p.X.device)
         opt.zero_grad(set_to_none=True)
@@ -111,6 +114,13 @@ def make(name: str, device: str | torch.device = "cpu", pretrain_steps: int | No
         X, y = synthetic_cifar(2000)
         p = Problem(name, SmallCNN(), X, y, batch_size=250, lr=0.05, train_batch=64)
         steps = 100 if pretrain_steps is None else pretrain_steps
+    elif name == "mlp_mnist1d":
+        from experiments.data import read_mnist1d
+
+        X, y = read_mnist1d(9000, num_train=4000)[:2]
+        p = Problem(name, mlp((40, 256, 256, 10)), torch.as_tensor(X, dtype=torch.float32).reshape(len(X), -1),
+                    torch.as_tensor(y, dtype=torch.long), batch_size=1000, lr=0.05, train_batch=32)
+        steps = 200 if pretrain_steps is None else pretrain_steps
     elif name == "vgg11_cifar":
         from experiments.models import VGG
 
@@ -142,4 +152,5 @@ def full_gradient(p: Problem) -> torch.Tensor:
 
 
 PROBLEMS = ("mlp_digits", "cnn_cifar")
+TRACKING_PROBLEMS = ("mlp_mnist1d", "cnn_cifar", "mlp_digits")
 GPU_PROBLEMS = ("vgg11_cifar",)

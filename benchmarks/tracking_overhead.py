@@ -1,16 +1,24 @@
-"""What tracking λ_max costs a training run: the same SGD epochs with and without a SharpnessTracker.
+"""What tracking λ_max costs a training run, per problem: warm updates against cold solves, the loop's share, peers.
 
 Run::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/tracking_overhead.py --problem cnn_cifar --epochs 4
-    PYTHONPATH=. python benchmarks/tracking_overhead.py --device cuda --problem vgg11_cifar --epochs 3
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/tracking_overhead.py            # every problem
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/tracking_overhead.py --problem mlp_digits --updates 4
+    PYTHONPATH=. python benchmarks/tracking_overhead.py --device cuda --problem cnn_cifar      # benchmarks/gpu_check.sh
 
-Both runs start from the same weights and take the same mini-batches (benchmarks/problems.py: plain SGD at the
-problem's learning rate and training batch). The tracked run calls ``SharpnessTracker.maybe_update`` at the end
-of every ``--every`` epochs: full-dataset λ_max to ``--tol``, warm-started from the previous eigenvector (the
-first update is cold). Reported: seconds of training alone, seconds of the tracked run, the overhead
-(tracked / untracked − 1), and per update the HVPs and the cost in full-gradient equivalents (update seconds /
-median seconds of one full-data gradient, timed in the same process).
+Per problem (benchmarks/problems.py: the finding-cpu MLP on MNIST-1D, the small CNN, the digits MLP), in one process:
+
+1. **Warm against cold.** SGD with momentum 0.9 (lr = the problem's / 4) for ``--updates`` × ``--every`` steps; at
+   every ``--every``-th step a :class:`fasthess.SharpnessTracker` with ``explore="subsample"`` (the default) and one
+   with ``explore="full"`` update on the same weights, next to a cold :func:`fasthess.eigs` (the cost unit) and a
+   tight reference (tol 1e-6, near a float32 model's rounding floor) that checks every converged record (a record is false when |λ − θ| > max(bound, tol·λ)).
+   Products: full-data HVPs + 1/8 of the subset's (``hvp_equivalents``).
+2. **Threshold decisions.** :func:`fasthess.compare_lambda_max` at c = 0.95 λ and 1.05 λ against the cold solve.
+3. **Peers on the same job.** The paper-style scipy ``eigsh(k=1, which="LA")`` on ``op.to_scipy()`` (its matvecs), and
+   PyHessian's power iteration when it is installed (benchmarks/.peers), skipped otherwise.
+4. **The loop's share.** ``--seconds`` of plain SGD with ``maybe_update`` at every step: with ``budget=0.1``, and at
+   the runner's cadence (``--cadence`` steps, default one epoch: the finding-cpu preset computes every 10 epochs at
+   tol 1e-3, this runs every epoch, the harder case). Reported: tracker seconds / loop seconds.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch  # noqa: E402
 
 import fasthess  # noqa: E402
 from benchmarks import problems as P  # noqa: E402
+from fasthess.threshold import compare_lambda_max  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -36,63 +45,117 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train(p: P.Problem, epochs: int, tracker: fasthess.SharpnessTracker | None, every: int) -> dict:
-    """``epochs`` epochs of SGD (with a λ_max update after every ``every`` epochs when tracking)."""
-    steps_per_epoch = max(1, p.X.shape[0] // p.train_batch)
-    dev = p.X.device
-    p.model.train()
-    _sync(dev)
-    t0, tracking = time.perf_counter(), []
-    for epoch in range(1, epochs + 1):
-        P.sgd_steps(p, steps_per_epoch, seed=epoch)
-        if tracker is not None and epoch % every == 0:
-            _sync(dev)
-            t = time.perf_counter()
-            rec = tracker.update(p.model, step=epoch)
-            _sync(dev)
-            tracking.append(dict(seconds=time.perf_counter() - t, hvps=rec["num_hvps"], lam=rec["lambda_max"]))
-    _sync(dev)
-    return dict(seconds=time.perf_counter() - t0, steps=epochs * steps_per_epoch, updates=tracking)
+def _op(p: P.Problem):
+    return fasthess.HessianOperator(p.model, p.loss_fn, p.data, batch_size=p.batch_size)
+
+
+def _false(rec: dict, truth: float, tol: float) -> bool:
+    return rec["converged"] and abs(rec["lambda_max"] - truth) > max(rec["error_bound"], tol * abs(truth)) * (1 + 1e-9)
+
+
+def _eigsh_matvecs(op, tol: float) -> int:
+    from scipy.sparse.linalg import eigsh
+
+    start = op.num_hvps
+    eigsh(op.to_scipy(), k=1, which="LA", tol=tol)
+    return op.num_hvps - start
+
+
+def _pyhessian_products(p: P.Problem, tol: float) -> int | None:
+    try:
+        from pyhessian import hessian
+    except ImportError:
+        return None
+    h = hessian(p.model, p.loss_fn, dataloader=p.batches(), cuda=p.X.device.type == "cuda")
+    h.eigenvalues(maxIter=100, tol=tol, top_n=1)
+    return getattr(h, "num_hvps", None)
+
+
+def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
+    """Section 1-3 of the module docstring on one problem; returns lists per update."""
+    opt = torch.optim.SGD(p.model.parameters(), lr=p.lr / 4, momentum=0.9)
+    trackers = {mode: fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=tol, mode="eval",
+                                                explore=mode) for mode in ("subsample", "full")}
+    out: dict[str, list] = {"cold": [], "subsample": [], "full": [], "false": [], "eigsh": [], "pyhessian": [],
+                            "decide": [], "seconds": {"cold": [], "subsample": [], "full": []}}
+    for u in range(updates + 1):
+        P.sgd_steps(p, every, seed=1000 + u, opt=opt)
+        op = _op(p)
+        t = time.perf_counter()
+        cold = fasthess.eigs(op, tol=tol, seed=100 + u)
+        out["seconds"]["cold"].append(time.perf_counter() - t)
+        truth = float(fasthess.eigs(_op(p), tol=1e-6, seed=7).eigenvalues[0])  # float32: ~the rounding floor
+        for mode, tr in trackers.items():
+            rec = tr.update(p.model, step=p.step, optimizer=opt)
+            out["false"].append(_false(rec, truth, tol))
+            if u:  # update 0 is cold for both trackers
+                out[mode].append(rec["hvp_equivalents"])
+                out["seconds"][mode].append(rec["seconds"])
+        if u:
+            out["cold"].append(cold.num_hvps)
+            lam = float(cold.eigenvalues[0])
+            for c in (0.95 * lam, 1.05 * lam):
+                d = compare_lambda_max(_op(p), c, tol=tol, seed=200 + u)
+                out["decide"].append((d.result.num_hvps, d.above == (truth > c)))
+            if u == 1:
+                out["eigsh"].append(_eigsh_matvecs(_op(p), tol))
+                pyh = _pyhessian_products(p, tol)
+                if pyh is not None:
+                    out["pyhessian"].append(pyh)
+    return out
+
+
+def loop_share(p: P.Problem, seconds: float, tol: float, budget: float | None, cadence: int) -> tuple[float, int]:
+    """(tracker seconds / loop seconds, records) of ``seconds`` of SGD with ``maybe_update`` at every step."""
+    tr = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=tol, mode="eval",
+                                   budget=budget, every=1 if budget else cadence)
+    opt = torch.optim.SGD(p.model.parameters(), lr=p.lr)
+    t0, step = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        P.sgd_steps(p, 1, seed=step, opt=opt)
+        tr.maybe_update(p.model, step, optimizer=opt)
+        step += 1
+    _sync(p.X.device)
+    return tr._spent / (time.perf_counter() - t0), len(tr.history)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--problem", default="mlp_digits", choices=P.PROBLEMS + P.GPU_PROBLEMS)
+    ap.add_argument("--problem", action="append", choices=P.TRACKING_PROBLEMS + P.PROBLEMS + P.GPU_PROBLEMS)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--every", type=int, default=1, help="λ_max after every this many epochs")
-    ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--updates", type=int, default=8)
+    ap.add_argument("--every", type=int, default=20, help="SGD steps between tracker updates")
+    ap.add_argument("--tol", type=float, default=1e-4, help="the tracker's default")
+    ap.add_argument("--seconds", type=float, default=120.0, help="length of each loop-share run (0: skip)")
+    ap.add_argument("--loop-tol", type=float, default=1e-3, help="tol of the loop-share runs (the runner's)")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    base = P.make(a.problem, device=a.device)
-    grads = []
-    for _ in range(5):
-        _sync(base.X.device)
-        t = time.perf_counter()
-        P.full_gradient(base)
-        _sync(base.X.device)
-        grads.append(time.perf_counter() - t)
-    g = statistics.median(grads)
-    plain = train(copy.deepcopy(base), a.epochs, None, a.every)
-    p = copy.deepcopy(base)
-    tracker = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=a.tol, mode="eval")
-    tracked = train(p, a.epochs, tracker, a.every)
-    ups = tracked["updates"]
-    lines = [f"{a.problem} on {a.device} (torch {torch.__version__}, {torch.get_num_threads()} threads): "
-             f"{a.epochs} epochs of {tracked['steps'] // a.epochs} SGD steps (batch {base.train_batch}), "
-             f"λ_max to {a.tol:g} every {a.every} epoch(s); one full-data gradient {g:.3f} s",
-             f"training alone {plain['seconds']:.2f} s; with tracking {tracked['seconds']:.2f} s; overhead "
-             f"**{100 * (tracked['seconds'] / plain['seconds'] - 1):.0f} %**",
-             "| update | λ_max | HVPs | seconds | grad-eq |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {i + 1}{' (cold)' if i == 0 else ''} | {u['lam']:.5f} | {u['hvps']} | {u['seconds']:.2f} | "
-              f"{u['seconds'] / g:.1f} |" for i, u in enumerate(ups)]
-    warm = [u["seconds"] / g for u in ups[1:]]
-    if warm:
-        lines.append(f"median warm update: {statistics.median(warm):.1f} grad-eq; an epoch of training: "
-                     f"{plain['seconds'] / a.epochs / g:.1f} grad-eq")
-    print("\n".join(lines))
+    for name in a.problem or P.TRACKING_PROBLEMS:
+        base = P.make(name, device=a.device)
+        r = warm_vs_cold(copy.deepcopy(base), a.updates, a.every, a.tol)
+        cold, sub, full = (statistics.median(r[m]) for m in ("cold", "subsample", "full"))
+        dec = [h for h, _ in r["decide"]]
+        print(f"## {name} on {a.device} ({base.num_params} parameters, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads), tol {a.tol:g}, updates every {a.every} SGD-momentum steps")
+        print(f"- cold eigs HVPs: median {cold:g} {r['cold']}")
+        print(f"- warm, explore='subsample': median {sub:g} ({sub / cold:.2f} of cold) {[round(x, 2) for x in r['subsample']]}")
+        print(f"- warm, explore='full': median {full:g} ({full / cold:.2f} of cold) {r['full']}")
+        print(f"- seconds, median: cold {statistics.median(r['seconds']['cold']):.2f}, subsample "
+              f"{statistics.median(r['seconds']['subsample']):.2f}, full {statistics.median(r['seconds']['full']):.2f}")
+        print(f"- false records: {sum(r['false'])} of {len(r['false'])}")
+        print(f"- threshold decisions at 0.95λ and 1.05λ: median {statistics.median(dec):g} HVPs "
+              f"({statistics.median(dec) / cold:.2f} of cold), correct {sum(ok for _, ok in r['decide'])} of "
+              f"{len(r['decide'])}")
+        print(f"- scipy eigsh(k=1) on to_scipy(): {r['eigsh'][0]} matvecs; PyHessian: "
+              f"{r['pyhessian'][0] if r['pyhessian'] else 'not installed'}")
+        if a.seconds > 0:
+            steps_per_epoch = max(1, base.X.shape[0] // base.train_batch)
+            share, n = loop_share(copy.deepcopy(base), a.seconds, a.loop_tol, 0.1, steps_per_epoch)
+            print(f"- {a.seconds:g} s SGD loop, budget=0.1, tol {a.loop_tol:g}: tracker share {100 * share:.1f} % "
+                  f"({n} records)")
+            share, n = loop_share(copy.deepcopy(base), a.seconds, a.loop_tol, None, steps_per_epoch)
+            print(f"- {a.seconds:g} s SGD loop, every epoch ({steps_per_epoch} steps), tol {a.loop_tol:g}: tracker "
+                  f"share {100 * share:.1f} % ({n} records)")
+        print(flush=True)
     return 0
 
 

@@ -44,6 +44,17 @@ def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     return sorted(out)
 
 
+def _texts(log_dir: Path, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of every text summary ``tag`` under ``log_dir``."""
+    out = []
+    for folder in sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        if tag in acc.Tags()["tensors"]:
+            out += [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+    return sorted(out)
+
+
 def _dense_lambda_max(net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(dense_hessian(net, loss_fn, X, y, batch_size=N))[-1])
 
@@ -79,12 +90,13 @@ def test_lightning_callback_logs_lambda_max_through_the_trainers_logger(tmp_path
 
     history = callback.tracker.history
     assert [r["step"] for r in history] == [0, 4, 8]  # 4 steps per epoch, 2 epochs, step 0 before training
-    assert all(r["converged"] and r["lr"] == 0.2 and r["two_over_lr"] == 10.0 for r in history)
+    assert all(r["converged"] and r["lr"] == 0.2 and r["threshold"] == 10.0 and r["threshold_rule"] == "sgd: 2/lr"
+               for r in history)
     assert history[-1]["lambda_max"] == pytest.approx(_dense_lambda_max(module.net, X, y), rel=1e-7)
     logged = _scalars(Path(logger.log_dir), "sharpness/lambda_max")
     assert [s for s, _ in logged] == [0, 4, 8]
     assert [v for _, v in logged] == pytest.approx([r["lambda_max"] for r in history], rel=1e-6)  # float32 events
-    assert [s for s, _ in _scalars(Path(logger.log_dir), "sharpness/two_over_lr")] == [0, 4, 8]
+    assert [s for s, _ in _scalars(Path(logger.log_dir), "sharpness/threshold")] == [0, 4, 8]
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -149,7 +161,8 @@ def test_tensorboard_sink_as_tracker_logger(tmp_path: Path) -> None:
     sink.close()
     assert _scalars(tmp_path, "h/lambda_max") == [(1, pytest.approx(tracker.lambda_max, rel=1e-6)),
                                                   (3, pytest.approx(tracker.lambda_max, rel=1e-6))]
-    assert _scalars(tmp_path, "h/two_over_lr") == [(1, 4.0), (3, 4.0)]
+    assert _scalars(tmp_path, "h/threshold") == [(1, 4.0), (3, 4.0)]
+    assert _texts(tmp_path, "h/basis/text_summary") == [(1, tracker.history[1]["basis"]), (3, tracker.history[0]["basis"])]
     first = tracker.history[0]  # the update at step 3
     assert dict(_scalars(tmp_path, "h/lambda_2"))[3] == pytest.approx(first["eigenvalues"][1], rel=1e-6)
     assert dict(_scalars(tmp_path, "h/num_hvps"))[3] == first["num_hvps"]
@@ -166,7 +179,8 @@ def test_wandb_sink_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         tracker = SharpnessTracker(loss_fn, (X, y), lr=0.1, loggers=[WandbSink(run)])
         tracker.update(_net(), step=5)
         assert run.summary["sharpness/lambda_max"] == pytest.approx(tracker.lambda_max)
-        assert run.summary["sharpness/step"] == 5 and run.summary["sharpness/two_over_lr"] == pytest.approx(20.0)
+        assert run.summary["sharpness/step"] == 5 and run.summary["sharpness/threshold"] == pytest.approx(20.0)
+        assert run.summary["sharpness/basis"] == tracker.latest["basis"]
     finally:
         run.finish()
     assert list(tmp_path.rglob("*.wandb")), "no offline run file written"
@@ -185,5 +199,19 @@ def test_callbacks_need_one_schedule() -> None:
     for kwargs in ({}, {"every_n_steps": 2, "every_n_epochs": 1}, {"every_n_steps": 0}):
         with pytest.raises(FasthessError, match="every_n"):
             LightningSharpnessCallback(loss_fn, (X, y), **kwargs)
-    assert record_scalars({"lambda_max": 1.0, "residual": 0.0, "num_hvps": 3, "two_over_lr": None}) == {
+    assert record_scalars({"lambda_max": 1.0, "residual": 0.0, "num_hvps": 3, "threshold": None}) == {
         "sharpness/lambda_max": 1.0, "sharpness/residual": 0.0, "sharpness/num_hvps": 3.0}
+
+
+def test_budget_schedule_considers_every_step_and_refuses_epochs() -> None:
+    X, y = _data()
+    with pytest.raises(FasthessError, match="budget= chooses among optimizer steps"):
+        LightningSharpnessCallback(loss_fn, (X, y), every_n_epochs=1, budget=0.1)
+    callback = HFSharpnessCallback(loss_fn, (X, y), budget=0.5)
+    assert callback.schedule.every_n_steps == 1 and callback.tracker.budget == 0.5
+    assert callback.schedule.step_due(0)
+    callback.schedule.update(_net(), 0)
+    callback.tracker._born -= 1e6  # as if a long loop had run since: the budget allows the next step
+    assert callback.schedule.step_due(1)
+    callback.tracker._spent += 1e7  # and as if the tracker had taken all of it: it does not
+    assert not callback.schedule.step_due(2)

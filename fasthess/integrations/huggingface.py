@@ -20,8 +20,11 @@ class HFSharpnessCallback(TrainerCallback):
             loss of a batch; for a model returning a ``ModelOutput``, e.g. ``lambda out, y:
             F.cross_entropy(out.logits, y)``.
         data: the data the Hessian is taken over (what :class:`fasthess.HessianOperator` accepts).
-        every_n_steps, every_n_epochs: exactly one; steps count ``state.global_step`` (step 0, before training,
+        every_n_steps, every_n_epochs: exactly one (or ``budget``);
+            steps count ``state.global_step`` (step 0, before training,
             included), epochs are counted when they end.
+        budget: compute only while the tracker's time stays within this fraction of the training's wall time
+            (:class:`fasthess.SharpnessTracker`), considering every step (or every ``every_n_steps``-th).
         sinks: ``sink(record)`` callables, e.g. :class:`fasthess.integrations.TensorBoardSink` or
             :class:`fasthess.integrations.WandbSink`.
         prefix: metric name prefix.
@@ -33,9 +36,11 @@ class HFSharpnessCallback(TrainerCallback):
     """
 
     def __init__(self, loss_fn: Callable, data: Any, *, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None, sinks: Sequence[Callable[[dict], None]] = (),
+                 every_n_epochs: int | None = None, budget: float | None = None,
+                 sinks: Sequence[Callable[[dict], None]] = (),
                  prefix: str = "sharpness/", **tracker_kwargs: Any) -> None:
-        self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs)
+        self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs,
+                                         budget)
         self.prefix = prefix
 
     @property

@@ -20,10 +20,13 @@ class LightningSharpnessCallback(pl.Callback):
         loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch.
         data: the data the Hessian is taken over (what :class:`fasthess.HessianOperator` accepts: an ``(X, y)``
             tuple, a Dataset, a DataLoader); usually the training set or a fixed subset of it.
-        every_n_steps, every_n_epochs: exactly one; steps count ``trainer.global_step`` (step 0, before the
+        every_n_steps, every_n_epochs: exactly one (or ``budget``);
+            steps count ``trainer.global_step`` (step 0, before the
             first update, included), epochs are counted when they end.
         module: name of the attribute of the LightningModule that is the network (default: the LightningModule
             itself, whose ``forward(x)`` must then give the outputs ``loss_fn`` expects).
+        budget: compute only while the tracker's time stays within this fraction of the training's wall time
+            (:class:`fasthess.SharpnessTracker`), considering every step (or every ``every_n_steps``-th).
         sinks: extra ``sink(record)`` callables (e.g. :class:`fasthess.integrations.TensorBoardSink`).
         prefix: metric name prefix.
         tracker_kwargs: passed to :class:`fasthess.SharpnessTracker` (``batch_size``, ``k``, ``tol``, ``mode``, ...).
@@ -33,10 +36,12 @@ class LightningSharpnessCallback(pl.Callback):
     """
 
     def __init__(self, loss_fn: Callable, data: Any, *, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None, module: str | None = None,
+                 every_n_epochs: int | None = None, budget: float | None = None,
+                 module: str | None = None,
                  sinks: Sequence[Callable[[dict], None]] = (), prefix: str = "sharpness/", **tracker_kwargs: Any) -> None:
         super().__init__()
-        self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs)
+        self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs,
+                                         budget)
         self.module, self.prefix = module, prefix
 
     @property

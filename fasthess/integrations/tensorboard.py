@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fasthess.integrations._records import record_scalars
+from fasthess.integrations._records import record_scalars, record_text
 
 __all__ = ["TensorBoardSink"]
 
@@ -15,8 +15,9 @@ class TensorBoardSink:
     Args:
         log_dir_or_writer: a directory (a ``torch.utils.tensorboard.SummaryWriter`` is opened there and closed by
             :meth:`close`) or an open ``SummaryWriter`` (left open: its owner closes it).
-        prefix: tag prefix; the tags are ``prefix + "lambda_max"``, ``"residual"``, ``"num_hvps"``,
-            ``"two_over_lr"`` (see :func:`fasthess.integrations.record_scalars`).
+        prefix: tag prefix; the scalar tags are ``prefix + "lambda_max"``, ``"residual"``, ``"num_hvps"``,
+            ``"hvp_equivalents"``, ``"threshold"`` (see :func:`fasthess.integrations.record_scalars`); the record's
+            ``basis`` and ``threshold_rule`` are written as text (:func:`fasthess.integrations.record_text`).
 
     Pass it as ``SharpnessTracker(..., loggers=[sink])``, or call ``sink(record)`` yourself. Records without a
     step are written at the number of records seen so far. Each call flushes, so TensorBoard shows it at once.
@@ -38,6 +39,8 @@ class TensorBoardSink:
         self._count += 1
         for tag, value in record_scalars(record, self.prefix).items():
             self.writer.add_scalar(tag, value, global_step=step)
+        for tag, text in record_text(record, self.prefix).items():
+            self.writer.add_text(tag, text, global_step=step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from fasthess.errors import FasthessError
-from fasthess.integrations._records import record_scalars
+from fasthess.integrations._records import record_scalars, record_text
 
 __all__ = ["WandbSink"]
 
@@ -18,7 +18,8 @@ class WandbSink:
 
     The metrics are declared with ``define_metric(prefix + "*", step_metric=prefix + "step")``, so they plot
     against the training step of the record whatever else the run logs and at whatever pace. Works offline
-    (``WANDB_MODE=offline``) like any W&B logging.
+    (``WANDB_MODE=offline``) like any W&B logging. The record's ``basis`` and ``threshold_rule`` are logged as
+    strings next to the scalars.
     """
 
     def __init__(self, run: Any = None, prefix: str = "sharpness/") -> None:
@@ -37,4 +38,5 @@ class WandbSink:
         step = record.get("step")
         step = self._count if step is None else int(step)
         self._count += 1
-        self.run.log({f"{self.prefix}step": step, **record_scalars(record, self.prefix)})
+        self.run.log({f"{self.prefix}step": step, **record_scalars(record, self.prefix),
+                      **record_text(record, self.prefix)})
