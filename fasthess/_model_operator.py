@@ -293,10 +293,7 @@ class ModelOperator(SymmetricOperator):
         with sdpa_kernel(SDPBackend.MATH):
             yield
         if before is not None and not all(torch.equal(a, b) for a, b in zip(before, _generator_states(self.device))):
-            raise StochasticModelError(
-                f"the model's forward drew random numbers on chunk {index} (e.g. F.dropout(training=True) or "
-                "torch.randn_like), so the Hessian is not a fixed matrix; remove the randomness (or make it depend "
-                "on model.training and call model.eval()), or pass allow_stochastic=True to accept a random operator")
+            raise StochasticModelError(self._random_draws(f"the model's forward drew random numbers on chunk {index}"))
 
     def _check_finite_weights(self) -> None:
         bad = [name for name, p in zip(self.names, self._params) if not bool(torch.isfinite(p.detach()).all())]
@@ -344,9 +341,15 @@ class ModelOperator(SymmetricOperator):
         if self.allow_stochastic or all(torch.equal(a, b) for a, b in zip(before, _generator_states(self.device))):
             return
         raise StochasticModelError(
-            "the model's forward or the loss drew random numbers on the first chunk (e.g. dropout, label noise, "
-            "torch.randn_like), so the Hessian is not a fixed matrix; remove the randomness, or pass "
-            "allow_stochastic=True to accept a random operator") from cause
+            self._random_draws("the model's forward or the loss drew random numbers on the first chunk")) from cause
+
+    def _random_draws(self, what: str) -> str:
+        """The refusal of a random forward, with the fix that fits the model's mode."""
+        fix = ("the model is in train mode, so this is most likely dropout that is not an nn.Dropout module (e.g. "
+               "Hugging Face attention dropout, F.dropout(training=self.training)): call model.eval()"
+               if self.model.training else "remove the randomness (e.g. label noise, torch.randn_like)")
+        return (f"{what}, so the Hessian is not a fixed matrix; {fix}, or pass allow_stochastic=True to accept a "
+                "random operator (each chunk then shares one draw across the block)")
 
     def _check_chunk(self, chunk: Chunk) -> None:
         batch = chunk.batch

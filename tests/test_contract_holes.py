@@ -469,3 +469,46 @@ def test_a_forward_that_takes_the_whole_dict_gets_it_whole():
     loss = nn.CrossEntropyLoss()
     H = dense_hessian_of(model, lambda p: loss(functional_call(model, p, ({"x": X, "scale": scale},)), y))
     _check(fasthess.HessianOperator(model, loss, batches), H)
+
+
+# ---- randomness in the forward: one rule, the fix that fits ------------------------------------------------------
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.tanh(self.fc1(x)), 0.2, self.training))
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=8, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).double()
+
+
+@pytest.mark.parametrize("make", [FunctionalDropout, _bert], ids=["functional", "hf_bert_attention_dropout"])
+def test_dropout_outside_nn_dropout_names_model_eval_and_eval_mode_answers(make):
+    model = make().double().train()
+    if make is _bert:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, VOCAB, (N, 5), generator=g)
+        data, y = [{"input_ids": ids[s:s + CHUNK], "labels": (ids[s:s + CHUNK, 0] % 3)} for s in range(0, N, CHUNK)], \
+            ids[:, 0] % 3
+        params = list(model.classifier.parameters())
+        H = dense_hessian_of(model.eval(), lambda p: F.cross_entropy(
+            functional_call(model, p, (), {"input_ids": ids}).logits, y), params)
+
+        def loss(out, t):
+            return F.cross_entropy(out.logits, t)
+    else:
+        data, params, loss = _data(), None, nn.CrossEntropyLoss()
+        H = dense_hessian(model.eval(), loss, *data, batch_size=N)
+    model.train()
+    with pytest.raises(fasthess.StochasticModelError, match=r"(?i)train mode.*call model\.eval\(\)"):
+        fasthess.lambda_max(model, loss, data, params=params, batch_size=None if make is _bert else CHUNK)
+    op = fasthess.HessianOperator(model.eval(), loss, data, params=params, batch_size=None if make is _bert else CHUNK)
+    _check(op, H)
