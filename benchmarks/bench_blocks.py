@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import pytest
 import torch
 
 import fasthess
@@ -85,20 +86,14 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def test_block_lockstep(benchmark):
+@pytest.mark.parametrize("solve, passes", [(lockstep, max), (separate, sum)], ids=["lockstep", "separate"])
+def test_blocks(benchmark, solve, passes):
+    """Rounds of one side; ``passes`` counts its data passes (shared by the lockstep's solves, not by separate ones)."""
     p = P.make("cnn_cifar")
-    out = benchmark.pedantic(lockstep, args=(p,), rounds=3, iterations=1)
+    out = benchmark.pedantic(solve, args=(p,), rounds=3, iterations=1)
     assert all(r.all_converged for r in out.values())
     benchmark.extra_info.update(hvps=sum(r.num_hvps for r in out.values()),
-                                passes=max(r.num_passes for r in out.values()))
-
-
-def test_block_separate(benchmark):
-    p = P.make("cnn_cifar")
-    out = benchmark.pedantic(separate, args=(p,), rounds=3, iterations=1)
-    assert all(r.all_converged for r in out.values())
-    benchmark.extra_info.update(hvps=sum(r.num_hvps for r in out.values()),
-                                passes=sum(r.num_passes for r in out.values()))
+                                passes=passes(r.num_passes for r in out.values()))
 
 
 if __name__ == "__main__":
