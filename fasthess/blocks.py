@@ -17,8 +17,9 @@ columns. Every solve keeps the certificate rules of :func:`fasthess.eigs` (Cauch
 With double-backward products (the CPU default) a column of block b is differentiated only from block b's
 gradients to block b's parameters, H_bb v_b = ∂(g_b · v_b)/∂θ_b, so autograd runs only the part of the kept graph
 between them (:class:`BlockDiagonalHessian`): the embedded product of the whole H costs one full second backward
-per column, which made a lockstep of the benchmark CNN's 4 blocks twice as slow as 5 separate solves. With
-forward-over-reverse products (accelerators) the b tangents share one vmapped pass and the embedded product is used.
+per column, which made a lockstep of the benchmark CNN's 4 blocks and H 2.1 times as slow as 5 separate solves
+(benchmarks/bench_blocks.py, 2 loaded cores). With forward-over-reverse products (accelerators) the b tangents
+share one vmapped pass and the embedded product is used.
 """
 from __future__ import annotations
 
@@ -126,8 +127,9 @@ class BlockDiagonalHessian(HessianOperator):
     _supports: list[list[int]] | None = None
 
     def block_matmat(self, V: torch.Tensor, supports: list[list[int]]) -> torch.Tensor:
-        """H_{s_j s_j} V[:, j] for each column j, with s_j = ``supports[j]`` (indices into :attr:`params`), embedded
-        in the full vector; V must be zero outside each column's block. One data pass, like :meth:`matmat`."""
+        """H_{s_j s_j} V[:, j] in the rows of s_j for each column j, with s_j = ``supports[j]`` (indices into
+        :attr:`params`); V must be zero outside each column's block. The other rows are not part of the result
+        (zero with double backward, the off-diagonal blocks' products otherwise). One data pass, like :meth:`matmat`."""
         self._supports = supports
         try:
             return self.matmat(V)
