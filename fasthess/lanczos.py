@@ -284,7 +284,9 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
         ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
         # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
         # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
-        confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (
+        # A decision against a threshold whose residual bounds already reach c rests on no gap: nothing to confirm.
+        on_residual = threshold is not None and bool((cert.residuals + floor <= target).all())
+        confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or on_residual or (
             last_claim is not None and bool(((cert.values - last_claim[0]).abs()
                                              <= last_claim[1] + 1e-13 * cert.values.abs()).all())))
         conv = meets & confirmed
