@@ -107,7 +107,7 @@ def _set_keys_help() -> str:
 def _subset_sizes(args) -> list[int] | None:
     from .subset_study import parse_sizes
 
-    return parse_sizes(args.subset_study) if args.subset_study else None
+    return None if args.subset_study is None else parse_sizes(args.subset_study)
 
 
 def _subset_study(sweep_dir, sizes: list[int]) -> None:

@@ -160,3 +160,12 @@ def test_subset_study_reports_per_claim_changes(tmp_path, monkeypatch):
     assert flipped["random"] == ["contradicted"] * 8
     assert flipped["random_changed"] == (8 if full_outcomes[lam_claim] != "contradicted" else 0)
     assert len(_with_subset_lambda(runs, "30", 0)) == len(runs)
+
+
+@pytest.mark.parametrize("text", ["", "x", "1000,abc", "1", "0,100"])
+def test_subset_study_sizes_are_checked_before_any_run(text, tmp_path, capsys):
+    from experiments.__main__ import main
+
+    assert main(["run", "finding2-quick", "--out", str(tmp_path / "s"), "--subset-study", text]) == 2
+    assert "--subset-study expects comma-separated subset sizes" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
