@@ -216,39 +216,47 @@ class SharpnessTracker:
         return self.update(model, step=step, **kw) if self.should_update(step) else None
 
     def compute(self, model: torch.nn.Module, v0: torch.Tensor | None = None):
-        """One certified solve on the model's current weights; returns the :class:`fasthess.warm.SubsampledEigResult`
-        (its ``result`` is the full-data :class:`fasthess.EigResult`, ``sub_result`` the exploring subset solve or
-        None). Does not touch the history or the warm-start vectors."""
-        import fasthess
-        from fasthess.warm import eigs_subsampled
+        """One certified solve on the model's current weights, explored as ``explore`` says; returns the full-data
+        :class:`fasthess.EigResult`. Does not touch the history or the warm-start vectors."""
+        return self._explore_and_certify(model, v0).result
 
+    def _explore_and_certify(self, model: torch.nn.Module, v0: torch.Tensor | None):
+        """:meth:`compute` as a :class:`fasthess.warm.SubsampledEigResult` (``sub_result``: the exploring subset
+        solve, or None when the exploration ran on the full data)."""
         self._check_batchnorm_chunks(model)
-        with sharpness_mode(model, self.mode, self.disable_dropout):
-            kw = {}
-            if self.params is not None:
-                kw["params"] = self.params() if callable(self.params) else self.params
-            try:
-                op = fasthess.HessianOperator(model, self.loss_fn, self.data, batch_size=self.batch_size,
-                                              allow_stochastic=self.allow_stochastic, distributed=self.distributed,
-                                              process_group=self.process_group, **self.operator_kwargs, **kw)
-            except StochasticModelError as err:
-                raise StochasticModelError(
-                    f"{err}\nSharpnessTracker: in mode={self.mode!r} the model is still random after its dropout "
-                    "modules were switched off (e.g. functional dropout, as in Hugging Face attention); pass "
-                    "SharpnessTracker(..., mode='eval'), which switches every module to eval") from err
-            if v0 is not None and v0.shape[0] != op.num_params:
-                v0 = None
-            if v0 is not None:
-                v0 = v0.to(device=getattr(op, "device", v0.device), dtype=torch.float64)
-            kw = dict(self.eigs_kwargs)  # a new random column and subset every update: the same could miss again
-            seed = kw.pop("seed", 0) + len(self.history)
-            if v0 is None or self.explore == "full":
-                res = fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress,
-                                    seed=seed, **kw)
-                return fasthess.warm.SubsampledEigResult(result=res, sub_result=None, fraction=0.0,
-                                                         seconds=res.seconds)
-            return eigs_subsampled(op, k=self.k, tol=self.tol, fraction=FRACTION, v0=v0, seed=seed,
-                                   progress=self.progress, keep_v0=True, **kw)
+        try:
+            with sharpness_mode(model, self.mode, self.disable_dropout):
+                return self._solve(model, v0)
+        except StochasticModelError as err:
+            if self.mode == "eval":
+                raise
+            raise StochasticModelError(
+                f"{err}\nSharpnessTracker: in mode='train' the model stays random after its dropout modules "
+                "are switched off (e.g. functional dropout, as in Hugging Face attention); pass "
+                "SharpnessTracker(..., mode='eval'), which switches every module to eval") from err
+
+    def _solve(self, model: torch.nn.Module, v0: torch.Tensor | None):
+        import fasthess
+        from fasthess.warm import SubsampledEigResult, eigs_subsampled
+
+        kw = {}
+        if self.params is not None:
+            kw["params"] = self.params() if callable(self.params) else self.params
+        op = fasthess.HessianOperator(model, self.loss_fn, self.data, batch_size=self.batch_size,
+                                      allow_stochastic=self.allow_stochastic, distributed=self.distributed,
+                                      process_group=self.process_group, **self.operator_kwargs, **kw)
+        if v0 is not None and v0.shape[0] != op.num_params:
+            v0 = None
+        if v0 is not None:
+            v0 = v0.to(device=getattr(op, "device", v0.device), dtype=torch.float64)
+        kw = dict(self.eigs_kwargs)  # a new random column and subset every update: the same could miss again
+        seed = kw.pop("seed", 0) + len(self.history)
+        if v0 is None or self.explore == "full":
+            res = fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress, seed=seed,
+                                **kw)
+            return SubsampledEigResult(result=res, sub_result=None, fraction=0.0, seconds=res.seconds)
+        return eigs_subsampled(op, k=self.k, tol=self.tol, fraction=FRACTION, v0=v0, seed=seed,
+                               progress=self.progress, keep_v0=True, **kw)
 
     def _check_batchnorm_chunks(self, model: torch.nn.Module) -> None:
         """Train mode normalizes each chunk by its own statistics, so the chunk size must be chosen."""
@@ -268,7 +276,7 @@ class SharpnessTracker:
         """
         t0 = time.perf_counter()
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
-        out = self.compute(model, v0=v0)
+        out = self._explore_and_certify(model, v0)
         res, sub = out.result, out.sub_result
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
         self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()

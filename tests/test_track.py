@@ -134,3 +134,107 @@ def test_batchnorm_without_batch_size_names_the_tracker_fix():
     assert not model.training
     eval_tracker = SharpnessTracker(torch.nn.functional.cross_entropy, (X, y), mode="eval")
     assert eval_tracker.update(model)["converged"]
+
+
+def _big_setup(seed=0):
+    """Enough examples (512) for the 1/8 subsample exploration (at least 64 examples, at most half the data)."""
+    torch.manual_seed(seed)
+    X = torch.randn(512, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (512,))
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, X, y
+
+
+@pytest.mark.parametrize("explore", ["subsample", "full"])
+def test_warm_updates_match_the_dense_hessian_and_name_their_basis(explore):
+    model, X, y = _big_setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128, tol=1e-6, explore=explore)
+    for step in (0, 20, 40, 60):
+        rec = tr.update(model, step=step, optimizer=opt)
+        truth = _dense_top(model, X, y)
+        assert rec["converged"] and abs(rec["lambda_max"] - truth) <= max(rec["error_bound"], 1e-6 * truth)
+        if step:
+            assert rec["warm_started"] and rec["steps_since"] == 20
+            if explore == "subsample":
+                assert rec["basis"] == "explored at this update on a 0.125 subsample" and rec["subset_hvps"] > 0
+                assert rec["hvp_equivalents"] == pytest.approx(rec["num_hvps"] + 0.125 * rec["subset_hvps"])
+            else:
+                assert rec["basis"] == "explored on the full data at this update" and rec["subset_hvps"] == 0
+        else:
+            assert rec["steps_since"] is None and rec["basis"] == "explored on the full data at this update"
+        assert rec["threshold"] == pytest.approx(3.8 / 0.5) and rec["threshold_rule"].startswith("sgd heavy-ball")
+        for _ in range(20):
+            opt.zero_grad()
+            F.cross_entropy(model(X[:64]), y[:64]).backward()
+            opt.step()
+
+
+def test_threshold_none_for_adam_and_adamw():
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y), lr=0.1)
+    rec = tr.update(model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01))
+    assert rec["threshold"] is None and "preconditioned" in rec["threshold_rule"] and rec["lr"] == 0.01
+    rec = tr.update(model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01))
+    assert rec["threshold"] is None and rec["threshold_rule"] is None
+    assert tr.update(model, lr=0.0)["threshold"] is None
+
+
+def test_budget_keeps_the_trackers_share_of_wall_time(monkeypatch):
+    """A fake clock: every update costs 1 s, every training step 0.1 s; with budget 0.2 the tracker's share of the
+    wall time stays at or below 0.2 and does not fall far below it."""
+    import fasthess.track as track
+
+    now = [0.0]
+    monkeypatch.setattr(track.time, "perf_counter", lambda: now[0])
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, budget=0.2)
+    real_compute = tr.compute
+
+    def compute(*a, **kw):
+        now[0] += 1.0
+        return real_compute(*a, **kw)
+
+    monkeypatch.setattr(tr, "compute", compute)
+    for step in range(300):
+        now[0] += 0.1
+        tr.maybe_update(model, step)
+    assert 0.15 <= tr.time_share <= 0.2 + 1e-9
+    assert len(tr.history) > 3 and all(r["steps_since"] >= 1 for r in tr.history[1:])
+    assert sum(r["steps_since"] for r in tr.history[1:]) == tr.history[-1]["step"]
+
+
+def test_params_generator_is_materialized_once():
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y), params=model.parameters())
+    first, second = tr.update(model), tr.update(model)
+    assert second["lambda_max"] == pytest.approx(first["lambda_max"], rel=1e-4)
+    with pytest.raises(fasthess.FasthessError, match=r"params=\[p\]"):
+        SharpnessTracker(F.cross_entropy, (X, y), params=next(model.parameters()))
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout the way Hugging Face attention applies it: F.dropout on self.training, no nn.Dropout module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), p=0.5, training=self.training)
+
+
+def test_functional_dropout_error_names_mode_eval():
+    _, X, y = _setup()
+    model = _FunctionalDropout().double()
+    with pytest.raises(fasthess.StochasticModelError, match="mode='eval'"):
+        SharpnessTracker(F.cross_entropy, (X, y)).update(model)
+    assert SharpnessTracker(F.cross_entropy, (X, y), mode="eval").update(model)["converged"]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"explore": "never"}, "explore='never'"), ({"budget": 0}, "budget=0"),
+                                           ({"budget": 1.5}, "budget=1.5"), ({"random_columns": 0}, "unknown")])
+def test_tracker_options_refused_when_built(kwargs, match):
+    _, X, y = _setup()
+    with pytest.raises(fasthess.FasthessError, match=match):
+        SharpnessTracker(F.cross_entropy, (X, y), **kwargs)
