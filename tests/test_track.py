@@ -189,13 +189,13 @@ def test_budget_keeps_the_trackers_share_of_wall_time(monkeypatch):
     monkeypatch.setattr(track.time, "perf_counter", lambda: now[0])
     model, X, y = _setup()
     tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, budget=0.2)
-    real_compute = tr.compute
+    real_compute = tr._explore_and_certify
 
     def compute(*a, **kw):
         now[0] += 1.0
         return real_compute(*a, **kw)
 
-    monkeypatch.setattr(tr, "compute", compute)
+    monkeypatch.setattr(tr, "_explore_and_certify", compute)
     for step in range(300):
         now[0] += 0.1
         tr.maybe_update(model, step)
