@@ -136,6 +136,12 @@ def nonfinite_data(batch: Batch) -> str | None:
     return None
 
 
+def cast_floating(tree, dtype: torch.dtype):
+    """Every floating tensor leaf of ``tree`` in ``dtype`` (other leaves unchanged)."""
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                           tree)
+
+
 def move(tree, device: torch.device):
     """Every tensor leaf on ``device`` (no copy when it is there already); meta tensors are refused."""
     def to(t):

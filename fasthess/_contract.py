@@ -1,0 +1,277 @@
+"""The loss contract, checked on the first pass of a model operator.
+
+On the first chunk: the data is finite, the forward runs (no reentrant checkpointing), the loss takes the output,
+has a second derivative, reads θ only through the output (a penalty only through its argument), the model's
+outputs split over the examples (:mod:`fasthess._model_split`) and the loss splits over them as a mean, a sum or
+per-example losses (:mod:`fasthess._criteria`). On the other chunks of the first pass, a loss callable is tested
+again on the first chunk joined with each (a normalizer that depends on the batch). A refusal caused by random
+draws is reported as such: :class:`GeneratorWatch` is the one comparison of the default generators.
+
+What the first pass carries from chunk to chunk is a :class:`FirstPass`, passed explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
+
+from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows
+from fasthess._data import Chunk
+from fasthess._model_split import check_model_splits
+from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
+from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
+                             StochasticModelError)
+
+__all__ = ["ContractChecks", "FirstPass", "GeneratorWatch"]
+
+
+class GeneratorWatch:
+    """The default random generators (CPU, and the device's on CUDA) as they were when this was made; a random
+    draw since then shows in :meth:`advanced`. The one generator comparison of the operators."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.states = device, self._states(device)
+
+    @staticmethod
+    def _states(device: torch.device) -> list[torch.Tensor]:
+        states = [torch.random.get_rng_state()]
+        if device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(device))
+        return states
+
+    def advanced(self) -> bool:
+        """Did some default generator draw since this was made?"""
+        return not all(torch.equal(a, b) for a, b in zip(self.states, self._states(self.device)))
+
+
+def _finite(value) -> bool:
+    """Every element of a tensor loss value is finite (non-tensors count as finite)."""
+    return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
+
+
+def _same(a, b) -> bool:
+    """Two loss values (scalars or per-example tensors) agree to float64 roundoff of the loss's dtype."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    rtol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=0.0))
+
+
+@dataclass
+class FirstPass:
+    """What the first pass carries from chunk to chunk: ``(output, chunk)`` of the first chunk once it is checked
+    (output None unless a loss callable's joined-chunk tests need it), and this process's part of W so far."""
+
+    output: tuple | None = None
+    total: torch.Tensor | None = None
+
+
+class ContractChecks:
+    """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
+    ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
+    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value)`` and ``_batchnorms``."""
+
+    def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
+        """First pass, before chunk ``chunk``'s products: the contract on the first chunk, the joined-chunk test on
+        the others (a loss callable), and this chunk's part of W."""
+        if first.output is None:
+            first.output = self._check_contract(chunk)
+        elif first.output is not None and first.output[0] is not None:
+            self._check_joined(chunk, first.output)
+        if not self.loss.sums:
+            part = self.loss.normalizer(chunk.batch).to(self.device)
+            first.total = part if first.total is None else first.total + part
+
+    def _check_contract(self, chunk: Chunk) -> tuple:
+        """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples; a
+        refusal caused by random draws (in the forward or the loss) is reported as such. Returns (output, chunk)
+        for a loss callable's joined-chunk tests, else (None, chunk)."""
+        watch = GeneratorWatch(self.device)
+        try:
+            kept = self._check_chunk(chunk)
+        except LossContractError as exc:
+            self._refuse_random(watch, exc)
+            raise
+        self._refuse_random(watch, None)
+        return kept
+
+    def _refuse_random(self, watch: GeneratorWatch, cause: Exception | None) -> None:
+        if self.allow_stochastic or not watch.advanced():
+            return
+        raise StochasticModelError(
+            self._random_draws("the model's forward or the loss drew random numbers on the first chunk")) from cause
+
+    def _random_draws(self, what: str) -> str:
+        """The refusal of a random forward, with the fix that fits the model's mode."""
+        fix = ("the model is in train mode, so this is most likely dropout that is not an nn.Dropout module (e.g. "
+               "Hugging Face attention dropout, F.dropout(training=self.training)): call model.eval()"
+               if self.model.training else "remove the randomness (e.g. label noise, torch.randn_like)")
+        return (f"{what}, so the Hessian is not a fixed matrix; {fix}, or pass allow_stochastic=True to accept a "
+                "random operator (each chunk then shares one draw across the block)")
+
+    def _first_output(self, batch: Batch):
+        """The model's output on the first chunk (no grad), refusing reentrant checkpointing and naming a failed
+        call's likely cause."""
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
+            try:
+                return self._forward(dict(zip(self.names, self._primals())), batch)
+            except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+                raise FasthessError(
+                    f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
+                    f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
+                    "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
+                    "inputs with batch=fasthess.BatchSpec(inputs=...): e.g. BatchSpec(inputs=lambda b: (b,), "
+                    "targets=lambda b: b['labels']) passes a dict batch whole as model(b)") from exc
+
+    def _first_loss(self, out, batch: Batch) -> torch.Tensor:
+        """The loss on the first chunk with a graph from the output (never from θ through the model), refusing ops
+        without a second derivative."""
+        if self.loss.kind == "criterion":
+            self.loss.check_shapes(out, batch.target)
+        probe = pytree.tree_map(lambda t: t.detach().requires_grad_(True).clone() if isinstance(t, torch.Tensor)
+                                and t.is_floating_point() else t, out)
+        with torch.enable_grad():
+            try:
+                value = self.loss_fn(probe, batch.target)
+            except (TypeError, AttributeError, RuntimeError, ValueError, IndexError) as exc:
+                raise FasthessError(
+                    f"loss_fn(output, target) failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}); the "
+                    f"model's output is a {type(out).__name__} and the target a {type(batch.target).__name__}. Pass a "
+                    "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
+                    "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
+        refuse_without_second_derivative(value)
+        return value
+
+    def _check_chunk(self, chunk: Chunk) -> tuple:
+        """The first chunk's checks (see :meth:`_check_contract`)."""
+        batch = chunk.batch
+        bad = nonfinite_data(batch)
+        if bad is not None:  # before the split tests, whose refusals would name the loss instead
+            raise NonFiniteError(f"chunk {chunk.index}: {bad}; clean the data (the Hessian is undefined there)")
+        out = self._first_output(batch)
+        value = self._first_loss(out, batch)
+        reached = self._reads_parameters(value)
+        if reached:
+            raise LossContractError(
+                f"the loss reads the parameters {reached[:3]} outside the model's forward (e.g. an L2 penalty or "
+                "a temperature inside the loss closure); fasthess substitutes θ only in the forward, so their "
+                "curvature would be dropped. Move them into the model's forward, or pass the penalty as "
+                "penalty=lambda params: ... (a function of the dict of parameters by name), whose Hessian is "
+                "added exactly")
+        if self.penalty is not None:
+            self._check_penalty()
+        rows = batch.rows
+        if not self.data.spec.batch_loss:
+            self._check_model_splits(batch, out)
+        if self.data.spec.batch_loss:
+            return None, chunk  # declared per batch: nothing to split
+        if self.loss.kind == "callable" and rows < 2:
+            raise LossContractError(
+                "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
+                "(a mean, a sum or per-example losses); use chunks of two or more examples (batch_size >= 2)")
+        h = rows // 2
+        halves = [(take_rows(out, lo, hi, rows), self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
+                  for lo, hi in ((0, h), (h, rows))] if rows >= 2 else None
+
+        if self.loss.kind == "callable":
+            self.loss.check(self._value64, out, batch, halves)
+            return out, chunk
+
+        def value_of(o, b):
+            with torch.no_grad():
+                return self.loss_fn(o, b.target)
+
+        self.loss.check(value_of, out, batch, halves)
+        return None, chunk
+
+    def _check_model_splits(self, batch: Batch, out) -> None:
+        """The forward's output rows on the first chunk are those of its halves (:mod:`fasthess._model_split`);
+        a forward that draws random numbers cannot be judged this way when ``allow_stochastic`` accepts it."""
+        watch = GeneratorWatch(self.device)
+        params = dict(zip(self.names, self._primals()))
+        batch_stats = [m for m in self._batchnorms if m.training or m.running_mean is None]
+        with sdpa_kernel(SDPBackend.MATH):
+            try:
+                check_model_splits(lambda a, k: self._forward(params, replace(batch, args=a, kwargs=k)), batch.args,
+                                   batch.kwargs, batch.rows, out, batch_stats, self.compute_dtype)
+            except BatchDependentModelError:
+                if self.allow_stochastic and watch.advanced():
+                    return  # random outputs differ anyway; allow_stochastic accepts a random operator
+                raise
+
+    def _value64(self, out, batch):
+        """The loss of a callable in float64 where it allows it, so that split tests are sharp."""
+        with torch.no_grad():
+            try:
+                return self.loss_fn(cast_floating(out, torch.float64), cast_floating(batch.target, torch.float64))
+            except (RuntimeError, TypeError):
+                return self.loss_fn(out, batch.target)
+
+    def _check_joined(self, chunk: Chunk, kept: tuple) -> None:
+        """First pass, callable loss: the first chunk and this one, joined, must split as the first chunk did.
+
+        The first chunk's halves can agree with a count-weighted mean by accident (a class-weighted or masked mean
+        whose first chunk holds one class, or no masked rows); two different chunks rarely do. Chunks of different
+        widths (each batch padded to its own longest sequence) are padded to the longer (:func:`join_rows`); the
+        test runs only if that padding leaves each chunk's own loss unchanged, i.e. the loss ignores it. Costs one
+        forward of each chunk on the first pass."""
+        out0, first = kept
+        watch = GeneratorWatch(self.device)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
+        b0, b1 = first.batch, chunk.batch
+        rows = b0.rows + b1.rows
+        joined_out, target = join_rows(out0, out, b0.rows, b1.rows), join_rows(b0.target, b1.target, b0.rows, b1.rows)
+        if joined_out is None or target is None or (b0.weight is None) != (b1.weight is None) \
+                or not _finite(self._value64(out, b1)):
+            return  # nothing to join, or a non-finite loss, which the pass's own finiteness check names
+        weight = None if b0.weight is None else torch.cat([b0.weight, b1.weight])
+        joined = Batch((), {}, target, weight, b0.count + b1.count, rows)
+        parts = [(take_rows(joined_out, lo, hi, rows), replace(b, target=take_rows(target, lo, hi, rows),
+                                                               weight=None if weight is None else weight[lo:hi]))
+                 for b, lo, hi in ((b0, 0, b0.rows), (b1, b0.rows, rows))]
+        mode = self.loss.mode
+        try:
+            try:
+                if not all(_same(self._value64(o, b), self._value64(po, pb))
+                           for (o, b), (po, pb) in zip(((out0, b0), (out, b1)), parts)):
+                    return  # the loss reads the padding: the joined chunks are not a batch it was given
+                self.loss.check(self._value64, joined_out, joined, parts)
+            except FasthessError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError):
+                self.loss.mode = mode  # the loss does not take the joined structure: this extra check cannot run
+                return
+            if self.loss.mode != mode:
+                raise LossContractError(
+                    f"the loss splits over examples as a {mode} on the first chunk but as a {self.loss.mode} over "
+                    f"chunks 0 and {chunk.index} joined: its normalizer depends on the batch (a class-weighted or "
+                    "masked mean, say); pass the torch.nn criterion itself (its weight/ignore_index are read), or "
+                    "return per-example losses (reduction='none')")
+        except LossContractError as exc:
+            self._refuse_random(watch, exc)
+            raise
+        self._refuse_random(watch, None)
+
+    def _check_penalty(self) -> None:
+        """The penalty must be a function of the parameters dict it is given, not of the model's own tensors."""
+        with torch.enable_grad():
+            leaves = {n: p.detach().to(self.compute_dtype).requires_grad_(True)
+                      for n, p in zip(self.names, self._params)}
+            value = self._scalar(self.penalty(leaves))
+        reached = self._reads_parameters(value)
+        if reached or not value.requires_grad:
+            what = f"reads the model's parameters {reached[:3]}" if reached else "does not depend on its argument"
+            raise LossContractError(
+                f"the penalty {what}; it must be a function of the dict it is given (the differentiated parameters "
+                "by name), e.g. penalty=lambda params: 1e-4 * sum(p.pow(2).sum() for p in params.values())")
+
+    def _reads_parameters(self, value) -> list[str]:
+        """The names of the model's own differentiated parameters that ``value``'s graph reaches."""
+        trainable = [(n, p) for n, p in zip(self.names, self._params) if p.requires_grad]
+        if not (isinstance(value, torch.Tensor) and value.requires_grad and trainable):
+            return []
+        grads = torch.autograd.grad(value.sum(), [p for _, p in trainable], allow_unused=True, retain_graph=True)
+        return [n for (n, _), g in zip(trainable, grads) if g is not None]
