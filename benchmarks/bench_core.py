@@ -1,5 +1,5 @@
 """Core benchmarks (pytest-benchmark): one full-data HVP pass (b = 1, 4, 8; and b = 1 by each HVP method, with
-and without kept graphs), cold λ_max, warm λ_max.
+and without kept graphs), cold λ_max, warm λ_max, a tracker update (whose products are guarded against a cold solve's).
 
 Run: ``PYTHONPATH=. .venv/bin/python -m pytest benchmarks/bench_core.py --benchmark-only``
 (``FASTHESS_BENCH_PROBLEMS=mlp_digits,cnn_cifar`` picks the problems of benchmarks/problems.py, default both;
@@ -159,6 +159,31 @@ def test_lambda_max_warm(benchmark, problem):
     res, clock = _run(benchmark, p, solve, setup=setup)
     assert res.all_converged
     _record(benchmark, p, "λ_max warm (10 SGD steps)", clock, hvps=state["hvps"], passes=state["passes"])
+
+
+WARM_GUARD = 0.8  # a tracker update may cost at most this share of a cold solve's products (measured 0.5-0.7)
+
+
+def test_tracker_update(benchmark, problem):
+    """A SharpnessTracker update (default explore="subsample") after 10 SGD steps; guards its products: the median
+    hvp_equivalents (full-data HVPs + 1/8 of the subset's) must stay ≤ WARM_GUARD × a cold solve's HVPs."""
+    p = copy.deepcopy(problem)
+    tracker = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=TOL, mode="eval")
+    tracker.update(p.model, step=0)
+    cold = []
+
+    def setup():
+        P.sgd_steps(p, 10)
+        op = fasthess.HessianOperator(p.model, p.loss_fn, p.data, batch_size=p.batch_size)
+        cold.append(fasthess.eigs(op, k=1, tol=TOL, seed=len(cold)).num_hvps)
+        return ()
+
+    rec, clock = _run(benchmark, p, lambda _: tracker.update(p.model, step=p.step), setup=setup)
+    warm = sorted(r["hvp_equivalents"] for r in tracker.history[1:])
+    assert rec["converged"]
+    assert warm[len(warm) // 2] <= WARM_GUARD * sorted(cold)[len(cold) // 2], (warm, cold)
+    _record(benchmark, p, "tracker update (10 SGD steps)", clock, hvps=[round(w, 2) for w in warm],
+            passes=[r["num_passes"] for r in tracker.history[1:]])
 
 
 @pytest.fixture(scope="session", autouse=True)

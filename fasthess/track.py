@@ -176,6 +176,10 @@ class SharpnessTracker:
         if mode not in ("train", "eval"):
             raise FasthessError(f"mode must be 'train' or 'eval', got {mode!r}")
         _check_eigs_kwargs(k, tol, eigs_kwargs)
+        if batch_size is not None and is_batched_iterable(data):  # the operator would refuse it at the first update
+            raise FasthessError("batch_size was given together with an iterable of batches (a DataLoader, a list of "
+                                "batches), whose own batches are the chunks; drop batch_size, or pass a Dataset or "
+                                "a tuple (X, y) to be chunked by batch_size")
         self.loss_fn = loss_fn
         self.data = data
         self.batch_size = batch_size

@@ -215,3 +215,13 @@ def test_budget_schedule_considers_every_step_and_refuses_epochs() -> None:
     assert callback.schedule.step_due(1)
     callback.tracker._spent += 1e7  # and as if the tracker had taken all of it: it does not
     assert not callback.schedule.step_due(2)
+
+
+def test_hf_callback_refuses_batch_size_with_dict_batches_when_built() -> None:
+    X, y = _data()
+    batches = [{"x": X[i:i + BATCH], "labels": y[i:i + BATCH]} for i in range(0, N, BATCH)]
+    with pytest.raises(FasthessError, match="drop batch_size"):
+        HFSharpnessCallback(loss_fn, batches, every_n_steps=1, batch_size=8)
+    callback = HFSharpnessCallback(loss_fn, batches, every_n_steps=1)  # the batches are the chunks
+    record = callback.schedule.update(HFClassifier(), 0)
+    assert record["lambda_max"] == pytest.approx(_dense_lambda_max(_net(), X, y), rel=1e-6)

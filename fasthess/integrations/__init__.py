@@ -7,14 +7,15 @@ Each adapter imports its framework when first used, so ``import fasthess.integra
   :class:`fasthess.SharpnessTracker` every k steps or epochs and logs it through the trainer's loggers.
 - :class:`HFSharpnessCallback`: a ``transformers.TrainerCallback`` that does the same for ``Trainer``.
 - :class:`TensorBoardSink` and :class:`WandbSink`: ``sink(record)`` writes a tracker record (λ_max, residual,
-  HVPs, 2/η) as scalars.
+  HVPs, stability threshold) as scalars and its basis as text.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__all__ = ["HFSharpnessCallback", "LightningSharpnessCallback", "TensorBoardSink", "WandbSink", "record_scalars"]
+__all__ = ["HFSharpnessCallback", "LightningSharpnessCallback", "TensorBoardSink", "WandbSink", "record_scalars",
+           "record_text"]
 
 _HOMES = {
     "HFSharpnessCallback": "fasthess.integrations.huggingface",
@@ -22,6 +23,7 @@ _HOMES = {
     "TensorBoardSink": "fasthess.integrations.tensorboard",
     "WandbSink": "fasthess.integrations.wandb",
     "record_scalars": "fasthess.integrations._records",
+    "record_text": "fasthess.integrations._records",
 }
 
 
