@@ -24,7 +24,7 @@ from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_se
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StochasticModelError)
 
-__all__ = ["ContractChecks", "FirstPass", "GeneratorWatch"]
+__all__ = ["ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
 
 
 class GeneratorWatch:
@@ -59,6 +59,15 @@ def _same(a, b) -> bool:
     return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=0.0))
 
 
+def random_draws(what: str, training: bool) -> str:
+    """The refusal of a random forward, with the fix that fits the model's mode."""
+    fix = ("the model is in train mode, so this is most likely dropout that is not an nn.Dropout module (e.g. "
+           "Hugging Face attention dropout, F.dropout(training=self.training)): call model.eval()"
+           if training else "remove the randomness (e.g. label noise, torch.randn_like)")
+    return (f"{what}, so the Hessian is not a fixed matrix; {fix}, or pass allow_stochastic=True to accept a "
+            "random operator (each chunk then shares one draw across the block)")
+
+
 @dataclass
 class FirstPass:
     """What the first pass carries from chunk to chunk: ``(output, chunk)`` of the first chunk once it is checked
@@ -71,7 +80,8 @@ class FirstPass:
 class ContractChecks:
     """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
     ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
-    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value)`` and ``_batchnorms``."""
+    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value)`` and ``modes``
+    (:class:`fasthess._modes.ModeRules`)."""
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
         """First pass, before chunk ``chunk``'s products: the contract on the first chunk, the joined-chunk test on
@@ -101,15 +111,8 @@ class ContractChecks:
         if self.allow_stochastic or not watch.advanced():
             return
         raise StochasticModelError(
-            self._random_draws("the model's forward or the loss drew random numbers on the first chunk")) from cause
-
-    def _random_draws(self, what: str) -> str:
-        """The refusal of a random forward, with the fix that fits the model's mode."""
-        fix = ("the model is in train mode, so this is most likely dropout that is not an nn.Dropout module (e.g. "
-               "Hugging Face attention dropout, F.dropout(training=self.training)): call model.eval()"
-               if self.model.training else "remove the randomness (e.g. label noise, torch.randn_like)")
-        return (f"{what}, so the Hessian is not a fixed matrix; {fix}, or pass allow_stochastic=True to accept a "
-                "random operator (each chunk then shares one draw across the block)")
+            random_draws("the model's forward or the loss drew random numbers on the first chunk",
+                         self.model.training)) from cause
 
     def _first_output(self, batch: Batch):
         """The model's output on the first chunk (no grad), refusing reentrant checkpointing and naming a failed
@@ -191,7 +194,7 @@ class ContractChecks:
         a forward that draws random numbers cannot be judged this way when ``allow_stochastic`` accepts it."""
         watch = GeneratorWatch(self.device)
         params = dict(zip(self.names, self._primals()))
-        batch_stats = [m for m in self._batchnorms if m.training or m.running_mean is None]
+        batch_stats = self.modes.batch_statistics_modules()
         with sdpa_kernel(SDPBackend.MATH):
             try:
                 check_model_splits(lambda a, k: self._forward(params, replace(batch, args=a, kwargs=k)), batch.args,

@@ -6,11 +6,12 @@ A curvature operator (Hessian, Gauss-Newton) is that of the training loss
 
 the user's loss called on the whole data set as one batch (:mod:`fasthess._criteria`: S_c is chunk c's loss
 sum, W the global normalizer, e.g. the number of examples for a mean) plus an optional ``penalty`` R of the
-parameters. :class:`ModelOperator` owns everything that is not specific to the curvature: which parameters θ
-are differentiated and how they are laid out as one flat vector, the data stream and how its batches are read
-(:mod:`fasthess._batch`), the checks of the loss contract on the first pass (the loss splits over examples,
-reads the parameters only through the model's output, and the forward draws no random numbers, the last on
-every pass), the model-mode rules (BatchNorm with batch statistics, dropout) and the finiteness checks.
+parameters. :class:`ModelOperator` owns what is not specific to the curvature: which parameters θ are
+differentiated and how they are laid out as one flat vector, the data stream and how its batches are read
+(:mod:`fasthess._batch`), and the pass loop. It delegates by job: the loss contract, checked on the first pass
+(:mod:`fasthess._contract`, whose :class:`FirstPass` state the loop passes along), the model-mode rules
+(:mod:`fasthess._modes`), the buffers a pass must leave unchanged (:mod:`fasthess._buffers`) and the
+finiteness checks of a pass (:mod:`fasthess._finite`).
 
 A subclass supplies ``_chunk_products(chunk, state)``, the b products C_c·v_j of the chunk's loss sum for the
 tangents of one pass (a :class:`PassState`). With ``distributed=True`` (or a ``process_group``) each process
@@ -19,35 +20,32 @@ passes its own shard; W and N are all-reduced once, and the per-pass sums as des
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fasthess import ops
 from fasthess._batch import BatchSpec, cast_floating, takes_whole_dict
 from fasthess._buffers import KeptBuffers
-from fasthess._contract import ContractChecks, FirstPass, GeneratorWatch
+from fasthess._contract import ContractChecks, FirstPass
 from fasthess._criteria import contract_of
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess._finite import check_finite_pass
 from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
+from fasthess._modes import ModeRules
 from fasthess._unsupported import translated_errors
 from fasthess.distributed import ShardComm, resolve_group
-from fasthess.errors import FasthessError, NonFiniteError, StochasticModelError
+from fasthess.errors import FasthessError, NonFiniteError
 from fasthess.linop import SymmetricOperator
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm
-_Dropout = nn.modules.dropout._DropoutNd
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -176,15 +174,14 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         #: products run in this dtype: float32 for float16/bfloat16 models (parameters, floating buffers and inputs
         #: are cast for the products; the model is not changed), else the model's
         self.compute_dtype = torch.float32 if self.dtype in _HALF else self.dtype
-        self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        self.modes = ModeRules(model, allow_stochastic, self.device)
         try:  # how a dict batch is passed (takes_whole_dict)
             self._signature: inspect.Signature | None = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self._signature = None
         self._buffers = KeptBuffers(model)  # a pass leaves running statistics and other buffers as it found them
-        self._dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
-        self._check_mode()
-        if batch_size is None and self._batch_stat_bn() and not is_batched_iterable(data):
+        self.modes.check()
+        if batch_size is None and self.modes.batch_statistics() and not is_batched_iterable(data):
             raise FasthessError(
                 "the model has BatchNorm that normalizes each chunk with its own statistics (train mode, or "
                 "track_running_stats=False), so the chunk size is part of the loss; pass batch_size=<the training "
@@ -235,41 +232,6 @@ class ModelOperator(ContractChecks, SymmetricOperator):
 
     def _primals(self) -> list[torch.Tensor]:
         return [p.detach().to(self.compute_dtype) for p in self._params]
-
-    # ---- mode rules -------------------------------------------------------------------------------
-    def _batch_stat_bn(self) -> bool:
-        """Does some BatchNorm normalize with the chunk's own statistics (train mode, or no running statistics)?"""
-        return any(m.training or m.running_mean is None for m in self._batchnorms)
-
-    def _check_mode(self) -> None:
-        active = [m for m in self._dropouts if m.training and m.p > 0]
-        if active and not self.allow_stochastic:
-            raise StochasticModelError(
-                f"the model has {len(active)} dropout layer(s) in train mode, so every product would use a new random "
-                "mask and the Hessian is not a fixed matrix. Call model.eval() (dropout off), or pass "
-                "allow_stochastic=True to accept a random operator (each chunk then shares one mask across the block)")
-
-    @contextlib.contextmanager
-    def _frozen_batchnorm(self) -> Iterator[None]:
-        """Train-mode BN uses per-chunk statistics and must not touch its running statistics."""
-        saved = [(m, m.track_running_stats) for m in self._batchnorms if m.training]
-        for m, _ in saved:
-            m.track_running_stats = False
-        try:
-            yield
-        finally:
-            for m, flag in saved:
-                m.track_running_stats = flag
-
-    @contextlib.contextmanager
-    def _product_scope(self, index: int) -> Iterator[None]:
-        """Around one chunk's products: the math SDPA kernel (the only one with double and forward-mode derivatives
-        on every device) and, unless ``allow_stochastic``, a check that no default generator advanced."""
-        watch = None if self.allow_stochastic else GeneratorWatch(self.device)
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-        if watch is not None and watch.advanced():
-            raise StochasticModelError(self._random_draws(f"the model's forward drew random numbers on chunk {index}"))
 
     def _check_finite_weights(self) -> None:
         bad = [name for name, p in zip(self.names, self._params) if not bool(torch.isfinite(p.detach()).all())]
@@ -344,7 +306,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
     def _run_pass(self, acc: torch.Tensor, state: PassState, per_chunk: Callable) -> torch.Tensor:
         """One data pass: Σ_c of ``per_chunk(chunk)``'s rows into ``acc`` (all-reduced over the ranks), divided by W
         (counted on the first pass); returns the chunk sums."""
-        self._check_mode()
+        self.modes.check()
         first = FirstPass() if self._normalizer is None else None
         try:
             with self._buffers.kept():
@@ -383,8 +345,8 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         """Add Σ_c of ``per_chunk(chunk)``'s rows (e.g. the products C_c v_j) over this process's chunks to ``acc``
         (b, n); the chunk sums go to ``state.losses``. On the first pass (``first``), each chunk is checked first and
         counted into ``first.total``."""
-        batch_stats = self._batch_stat_bn()
-        with self._frozen_batchnorm():
+        batch_stats = self.modes.batch_statistics()
+        with self.modes.frozen_batchnorm():
             for chunk in self.data.chunks():
                 if batch_stats and chunk.batch.rows == 1:
                     raise FasthessError(
@@ -395,7 +357,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
                     self._check_first_pass(chunk, first)
                 if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:
                     continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
-                with self._product_scope(chunk.index), translated_errors():
+                with self.modes.product_scope(chunk.index), translated_errors():
                     products, loss = per_chunk(chunk)
                 ops.accumulate_dot(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
                                          for p in products], 1.0)
