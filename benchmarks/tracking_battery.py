@@ -20,6 +20,11 @@ Families (what happens between two updates):
 * ``deep-rise`` — an eigenvector from the middle of the bulk rises 1…10 % past the top;
 * ``drift`` — every eigenvalue moves by up to 1 % (the common case, for the cost).
 
+Model trajectories (``--models``, float64, truth = the dense Hessian's top eigenvalue): a tanh MLP 5-16-3 on 512
+examples trained by SGD (batch 32), SGD with momentum 0.9, full-batch GD at lr 2 (its 2/η = 1 is the edge of
+stability it drives λ_max towards), SAM (ρ = 0.05) and Adam, with a tracker update every 20 steps for each explore mode, next to a cold
+``eigs`` on the same weights (the cost unit).
+
 An update is *false* when ``converged`` is True but |λ − θ| > max(error bound, tol·|λ|). Printed: a markdown table of
 updates, false certificates and median products (subset products counted as 1/8 of a full product) per family and
 mode.
@@ -129,12 +134,93 @@ def run_sequence(mats: list[torch.Tensor], mode: str, sigma: float, seed: int) -
     return out
 
 
+def _dense_top(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [q.shape for q in model.parameters()]
+    theta = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (t.reshape(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
+        return torch.nn.functional.cross_entropy(functional_call(model, parts, (X,)), y)
+
+    H = torch.autograd.functional.hessian(loss, theta)
+    return float(torch.linalg.eigvalsh((H + H.T) / 2)[-1])
+
+
+def _trajectory_step(kind: str, model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor,
+                     y: torch.Tensor, g: torch.Generator) -> None:
+    """One step of the named optimizer (SAM: the gradient at the ascent point w + ρ ∇L/‖∇L‖)."""
+    F = torch.nn.functional
+    idx = slice(None) if kind == "gd-eos" else torch.randint(0, X.shape[0], (32,), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    if kind == "sam":
+        grads = [q.grad.clone() for q in model.parameters()]
+        norm = torch.sqrt(sum((d * d).sum() for d in grads))
+        with torch.no_grad():
+            for q, d in zip(model.parameters(), grads):
+                q.add_(0.05 * d / norm)
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        with torch.no_grad():
+            for q, d in zip(model.parameters(), grads):
+                q.sub_(0.05 * d / norm)
+    opt.step()
+
+
+TRAJECTORIES = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5), "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1,
+                momentum=0.9), "gd-eos": lambda p: torch.optim.SGD(p, lr=2.0),
+                "sam": lambda p: torch.optim.SGD(p, lr=0.5), "adam": lambda p: torch.optim.Adam(p, lr=0.01)}
+
+
+def model_trajectories(seeds: int, updates: int = 6, every: int = 20) -> dict[tuple[str, str], list]:
+    """(kind, explore) → [(converged, false, products / cold products)] over every warm update."""
+    rows: dict[tuple[str, str], list] = {}
+    for seed in range(seeds):
+        for kind, make_opt in TRAJECTORIES.items():
+            g = torch.Generator().manual_seed(seed)
+            X = torch.randn(512, 5, generator=g, dtype=torch.float64)
+            y = (X[:, :3] + 0.5 * torch.randn(512, 3, generator=g, dtype=torch.float64)).argmax(1)
+            torch.manual_seed(seed)
+            model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+            opt = make_opt(model.parameters())
+            trackers = {m: fasthess.SharpnessTracker(torch.nn.functional.cross_entropy, (X, y), batch_size=128,
+                                                     tol=TOL, explore=m, seed=seed) for m in ("subsample", "full")}
+            for u in range(updates + 1):
+                for _ in range(every):
+                    _trajectory_step(kind, model, opt, X, y, g)
+                truth = _dense_top(model, X, y)
+                op = fasthess.HessianOperator(model, torch.nn.functional.cross_entropy, (X, y), batch_size=128)
+                cold = fasthess.eigs(op, tol=TOL, seed=100 + u).num_hvps
+                for mode, tr in trackers.items():
+                    rec = tr.update(model, step=u * every, optimizer=opt)
+                    false = rec["converged"] and abs(rec["lambda_max"] - truth) > max(
+                        rec["error_bound"], TOL * abs(truth)) * (1 + 1e-9) + 1e-12
+                    if u:
+                        rows.setdefault((kind, mode), []).append((rec["converged"], false,
+                                                                  rec["hvp_equivalents"] / cold))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--models", type=int, default=2, help="seeds of the model trajectories (0: skip)")
     a = ap.parse_args(argv)
     rows: dict[tuple[str, str], list] = {}
     t0 = time.perf_counter()
+    if a.models:
+        traj = model_trajectories(a.models)
+        print("| trajectory | explore | updates | converged | false | median products / cold |\n"
+              "|---|---|---:|---:|---:|---:|")
+        for (kind, mode), r in traj.items():
+            print(f"| {kind} | {mode} | {len(r)} | {sum(c for c, _, _ in r)} | {sum(f for _, f, _ in r)} | "
+                  f"{statistics.median(x for _, _, x in r):.2f} |")
+        print()
+        if any(f for r in traj.values() for _, f, _ in r):
+            return 1
     for i, (family, mats) in enumerate(sequences(a.seeds)):
         rows.setdefault((family, "full"), []).extend(run_sequence(mats, "full", 0.0, i))
         for sigma in SIGMAS:
