@@ -70,8 +70,11 @@ class HessianOperator(ModelOperator):
     """Exact Hessian of the training loss over a whole data set: the user's loss called on all the data as one batch.
 
     Args:
-        model: the network; evaluated in its current mode (train/eval), which is never changed. A
-            ``torch.compile``'d model is differentiated through its underlying module (the same parameters).
+        model: the network; evaluated in its current mode (train/eval), which is never changed, nor are its
+            running statistics or other buffers. A ``torch.compile``'d model is differentiated through its
+            underlying module (the same parameters). Each example's output must depend on its own inputs only
+            (checked on the first chunk against its halves); train-mode BatchNorm modules are the exception
+            (ghost batches of ``batch_size``).
         loss_fn: ``loss_fn(output, target)``. A ``torch.nn`` criterion (or ``F.cross_entropy`` and the like) with
             any ``reduction``, ``weight``, ``ignore_index`` or ``pos_weight``; or any callable returning a mean or
             sum over the batch, or per-example losses of shape (rows,), which is checked on the first pass to split
