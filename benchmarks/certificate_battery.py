@@ -13,9 +13,16 @@ family says otherwise):
 * ``model-block`` — the same with ``block_size=2``, the default of a model operator on the CPU;
 * ``warm-orthogonal`` — ``v0`` is the second eigenvector, with a leak of 0, 10⁻⁸, 10⁻⁴ or 10⁻² of the first;
 * ``float32`` — products computed in float32, tol 10⁻⁴…10⁻⁹, truth = the float64 eigenvalues of the float32 matrix.
+* ``explored-start`` — the tracker's ``explore="subsample"`` start: a full-data solve with no random column, from a
+  warm v0 (the second eigenvector, leaking 10⁻⁴ of the first) and the top Ritz vector of a stand-in subset solve
+  (A + E, ‖E‖ = 5 % of ‖A‖, or *blind*: A with its top eigenvalue moved below the cluster, a subset that does
+  not see the top) — the assumption that the subset's exploration carries the Krylov assumption;
+* ``threshold`` — :func:`fasthess.threshold.compare_lambda_max` at c = λ_max·(1 ± 5 %) and (1 ± 10⁻³); false when
+  it decides the wrong side (above needs no gap; below rests on the certificate, and on its residual bound
+  without a confirming pass).
 
-A result is *false* when ``converged`` is True but |λ − θ| > max(error bound, tol·|λ|). Printed: a markdown table of
-solves, converged solves, false certificates and median products per family.
+A result is *false* when ``converged`` is True (a decision: when it names the wrong side) but |λ − θ| > max(error bound, tol·|λ|). Printed: a markdown table of
+solves, converged solves (decided, for thresholds), false certificates and median products per family.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ import torch
 
 import fasthess
 from fasthess.testing import Float32MatrixOperator
+from fasthess.threshold import compare_lambda_max
+from fasthess.warm import eigs_subsampled
 
 GAPS = (1e-2, 1e-3, 3e-4, 1e-4, 1e-5)
 
@@ -69,6 +78,25 @@ def cases(seeds: int):
                         yield f"cluster-{c}", fasthess.MatrixOperator(A), dict(seed=seed), top
                         if c == 2:
                             yield "model-block", fasthess.MatrixOperator(A), dict(seed=seed, block_size=2), top
+                    g = _gen(seed, n, bulk, gap, "explored")
+                    lam = spectrum(n, 2, gap, bulk, g)
+                    A, R = matrix(lam, g)
+                    top = int(lam.argmax())
+                    v0 = R[:, 1] + 1e-4 * R[:, top]
+                    for sub in ("noisy", "blind"):
+                        if sub == "noisy":
+                            E = torch.randn(n, n, generator=g, dtype=torch.float64)
+                            E = (E + E.T) * (0.05 * float(lam.abs().max()) / float(torch.linalg.matrix_norm(E + E.T, 2)))
+                            S = A + E
+                        else:
+                            low = lam.clone()
+                            low[top] = float(lam.sort().values[-3]) - 0.05
+                            S = (R * low) @ R.T
+                        yield "explored-start", fasthess.MatrixOperator(A), dict(seed=seed, v0=v0[:, None],
+                                                                                 sub=fasthess.MatrixOperator(S)), float(lam.max())
+                    for rel in (-0.05, -1e-3, 1e-3, 0.05):
+                        yield "threshold", fasthess.MatrixOperator(A), dict(seed=seed, c=float(lam.max()) * (1 + rel)), \
+                            float(lam.max())
                 for leak in (0.0, 1e-8, 1e-4, 1e-2):
                     g = _gen(seed, n, bulk, leak)
                     lam = spectrum(n, 2, 1e-2, bulk, g)
@@ -91,9 +119,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for family, op, kw, truth in cases(a.seeds):
         tol = kw.setdefault("tol", 1e-4)
+        sub, c = kw.pop("sub", None), kw.pop("c", None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the float32 floor warning at tol 1e-9
-            res = fasthess.eigs(op, k=1, **kw)
+            if c is not None:
+                d = compare_lambda_max(op, c, **kw)
+                rows.setdefault(family, []).append((d.above is not None, d.above not in (None, truth > c),
+                                                    d.result.num_hvps))
+                continue
+            if sub is not None:
+                both = eigs_subsampled(op, v0=kw.pop("v0"), keep_v0=True, sub_op=sub, **kw)
+                res = both.result
+            else:
+                res = fasthess.eigs(op, k=1, **kw)
         err = abs(float(res.eigenvalues[0]) - truth)
         false = res.all_converged and err > max(float(res.error_bounds[0]), tol * abs(truth)) * (1 + 1e-9) + 1e-12
         rows.setdefault(family, []).append((res.all_converged, false, res.num_hvps))
