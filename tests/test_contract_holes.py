@@ -512,3 +512,27 @@ def test_dropout_outside_nn_dropout_names_model_eval_and_eval_mode_answers(make)
         fasthess.lambda_max(model, loss, data, params=params, batch_size=None if make is _bert else CHUNK)
     op = fasthess.HessianOperator(model.eval(), loss, data, params=params, batch_size=None if make is _bert else CHUNK)
     _check(op, H)
+
+
+def test_mixing_inside_a_hugging_face_model_output_is_seen():
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+
+    class HFStyle(nn.Module):
+        def __init__(self, mix: bool) -> None:
+            super().__init__()
+            self.fc, self.mix = nn.Linear(4, 3), mix
+
+        def forward(self, x):
+            z = self.fc(x)
+            return outputs.SequenceClassifierOutput(logits=z - z.mean(0) if self.mix else z)
+
+    torch.manual_seed(0)
+    X, y = _data()
+
+    def loss(out, t):
+        return F.cross_entropy(out.logits, t)
+    with pytest.raises(BatchDependentModelError, match="mixes the examples"):
+        fasthess.lambda_max(HFStyle(True).double(), loss, (X, y), batch_size=CHUNK)
+    model = HFStyle(False).double()
+    _check(fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK),
+           dense_hessian(model, loss, X, y, batch_size=N))
