@@ -6,7 +6,9 @@
 #   4. benchmarks HVP passes by method, cold and warm λ_max on the CNN problem (bench_core.py),
 #   5. compares fasthess with curvlinops + eigsh on VGG-11 / 50k CIFAR-shaped examples (compare_peers.py,
 #      float32 reference; the issue-5 target is λ_max to 1e-4 in ≤ 5 s),
-#   6. measures what tracking λ_max every epoch adds to VGG-11 training (tracking_overhead.py).
+#   6. measures tracking on the GPU (tracking_overhead.py): warm updates against cold solves, threshold decisions,
+#      eigsh, and the loop's share with budget=0.1 and every epoch, on the CNN problem (a block of b columns shares
+#      one vmapped pass there, so products and passes part ways; both are in the log).
 # Every step has its own time limit and all of them share one deadline (CHECK_SECONDS, default 540), so the
 # script always reaches the end and writes $OUT: summary.txt, env.txt, tables.md (every table), bench_ops.json,
 # bench_core.json, peers_vgg.json and logs.tgz (one log per step): 7 files.
@@ -60,7 +62,7 @@ step bench_core 90 env FASTHESS_BENCH_TABLE="$LOGS/bench_core.md" FASTHESS_BENCH
 step peers_vgg 180 "$PY" benchmarks/compare_peers.py --device cuda --problems vgg11_cifar --no-warm --no-write \
   --reference-dtype float32 --tools "fasthess eigs" "fasthess subsampled" "curvlinops + eigsh" \
   --json "$OUT/peers_vgg.json"
-step tracking 90 "$PY" benchmarks/tracking_overhead.py --device cuda --problem vgg11_cifar --epochs 3
+step tracking 120 "$PY" benchmarks/tracking_overhead.py --device cuda --problem cnn_cifar --updates 4 --seconds 20
 
 if [[ -f "$OUT/bench_ops.json" ]]; then
   "$PY" - "$OUT/bench_ops.json" >>"$SUMMARY" 2>&1 <<'PYEOF' || status=1

@@ -52,6 +52,12 @@ Together with a minimum depth of three passes before a claim that rests on rando
 (:data:`fasthess.lanczos.MIN_DEPTH`), this kept every warm start of benchmarks/certificate_battery.py from being
 certified before the random columns had found the top.
 
+A start without a fresh random column (``random_columns=0``: the Ritz vectors of a subset solve that carried one,
+:func:`fasthess.warm.eigs_subsampled`, as a tracker update with ``explore="subsample"`` does) takes its Krylov
+assumption from that earlier exploration: no minimum depth applies, and the unwanted Ritz values are scanned as in a
+cold solve (``warm=False``), since no random columns are there to be hidden by exact lower eigenvectors. The
+tracker battery (benchmarks/tracking_battery.py), with subsets that see nothing of a crossing, found 0 false.
+
 For ``which="LM"`` the scan measures distance in magnitude, ||θₚ| − |θₖ||: a Ritz value near −1.00001 is the
 neighbour of a wanted +1, and is resolved only when its residual is small next to 10⁻⁵, not next to 2 (a red-team
 battery found +1 certified as the largest magnitude in 1 of 3085 solves, and 3 of 3121 while the solver had
