@@ -47,6 +47,7 @@ from fasthess._batch import BatchSpec
 from fasthess._data import Chunk
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess._graph_cache import ChunkGraph, GraphCache, default_budget, gradient_graph, graph_products, saved_bytes
+from fasthess._contract import random_draws
 from fasthess._model_operator import ModelOperator, PassState
 
 if TYPE_CHECKING:
@@ -167,9 +168,8 @@ class HessianOperator(ModelOperator):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of forward-mode AD triggers the fallback
                 if "randomness" in str(exc):
-                    raise StochasticModelError(
-                        "the model draws random numbers in its forward pass (e.g. functional dropout), so the Hessian "
-                        "is not a fixed matrix; disable the randomness, or pass allow_stochastic=True") from exc
+                    raise StochasticModelError(random_draws("the model draws random numbers in its forward pass",
+                                                            self.model.training)) from exc
                 warnings.warn(f"forward-mode AD failed for this model ({type(exc).__name__}: {str(exc)[:200]}); "
                               "falling back to double-backward Hessian-vector products", RuntimeWarning, stacklevel=5)
                 self.hvp_method = "double-backward"
