@@ -134,7 +134,7 @@ def test_tensorboard_option_writes_lambda_records(tmp_path):
     tracked = [m for m in lines if "lambda_max" in m]
     assert [e.step for e in events] == [m["step"] for m in tracked] and len(events) == 3
     assert events[-1].value == pytest.approx(s["lambda_max"], rel=1e-6)
-    assert acc.Scalars("sharpness/two_over_lr")[0].value == pytest.approx(2 / 0.1)
+    assert acc.Scalars("sharpness/threshold")[0].value == pytest.approx(2 / 0.1)  # 2/η of SGD
 
 
 def test_gd_stopping_test_runs_every_step(tmp_path):
