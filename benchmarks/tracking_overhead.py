@@ -13,7 +13,8 @@ Per problem (benchmarks/problems.py: the finding-cpu MLP on MNIST-1D, the small 
    with ``explore="full"`` update on the same weights, next to a cold :func:`fasthess.eigs` (the cost unit) and a
    tight reference (tol 1e-6, near a float32 model's rounding floor) that checks every converged record (a record is false when |λ − θ| > max(bound, tol·λ)).
    Products: full-data HVPs + 1/8 of the subset's (``hvp_equivalents``).
-2. **Threshold decisions.** :func:`fasthess.compare_lambda_max` at c = 0.95 λ and 1.05 λ against the cold solve.
+2. **Threshold decisions.** :func:`fasthess.threshold.compare_lambda_max` at c = 0.95 λ and 1.05 λ: from a random
+   start against the cold solve, and from the previous update's vectors against the ``explore="full"`` update.
 3. **Peers on the same job.** The paper-style scipy ``eigsh(k=1, which="LA")`` on ``op.to_scipy()`` (its matvecs), and
    PyHessian's power iteration when it is installed (benchmarks/.peers), skipped otherwise.
 4. **The loop's share.** ``--seconds`` of plain SGD with ``maybe_update`` at every step: with ``budget=0.1``, and at
@@ -77,7 +78,7 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
     trackers = {mode: fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=tol, mode="eval",
                                                 explore=mode) for mode in ("subsample", "full")}
     out: dict[str, list] = {"cold": [], "subsample": [], "full": [], "false": [], "eigsh": [], "pyhessian": [],
-                            "decide": [], "seconds": {"cold": [], "subsample": [], "full": []}}
+                            "decide": [], "decide_warm": [], "seconds": {"cold": [], "subsample": [], "full": []}}
     for u in range(updates + 1):
         P.sgd_steps(p, every, seed=1000 + u, opt=opt)
         op = _op(p)
@@ -85,6 +86,7 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
         cold = fasthess.eigs(op, tol=tol, seed=100 + u)
         out["seconds"]["cold"].append(time.perf_counter() - t)
         truth = float(fasthess.eigs(_op(p), tol=1e-6, seed=7).eigenvalues[0])  # float32: ~the rounding floor
+        prev = trackers["full"].eigenvectors
         for mode, tr in trackers.items():
             rec = tr.update(p.model, step=p.step, optimizer=opt)
             out["false"].append(_false(rec, truth, tol))
@@ -97,6 +99,8 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
             for c in (0.95 * lam, 1.05 * lam):
                 d = compare_lambda_max(_op(p), c, tol=tol, seed=200 + u)
                 out["decide"].append((d.result.num_hvps, d.above == (truth > c)))
+                d = compare_lambda_max(_op(p), c, tol=tol, seed=200 + u, v0=prev)
+                out["decide_warm"].append((d.result.num_hvps, d.above == (truth > c)))
             if u == 1:
                 out["eigsh"].append(_eigsh_matvecs(_op(p), tol))
                 pyh = _pyhessian_products(p, tol)
@@ -145,6 +149,10 @@ def main(argv=None) -> int:
         print(f"- threshold decisions at 0.95λ and 1.05λ: median {statistics.median(dec):g} HVPs "
               f"({statistics.median(dec) / cold:.2f} of cold), correct {sum(ok for _, ok in r['decide'])} of "
               f"{len(r['decide'])}")
+        dw = [h for h, _ in r["decide_warm"]]
+        print(f"- the same decisions warm (v0 = the previous update's vectors + a random column): median "
+              f"{statistics.median(dw):g} HVPs ({statistics.median(dw) / full:.2f} of a warm explore='full' update), "
+              f"correct {sum(ok for _, ok in r['decide_warm'])} of {len(r['decide_warm'])}")
         print(f"- scipy eigsh(k=1) on to_scipy(): {r['eigsh'][0]} matvecs; PyHessian: "
               f"{r['pyhessian'][0] if r['pyhessian'] else 'not installed'}")
         if a.seconds > 0:

@@ -116,12 +116,14 @@ def _fraction(sub_op, op, fraction: float) -> float:
 def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,
                     sub_tol: float = 1e-2, v0: torch.Tensor | None = None, seed: int = 0,
                     block_size: int | None = None, max_iters: int | None = None, sub_max_iters: int = 40,
-                    progress: bool = False, keep_v0: bool = False, sub_op=None) -> SubsampledEigResult:
+                    progress: bool = False, keep_v0: bool = False, sub_op=None,
+                    max_basis: int | None = None) -> SubsampledEigResult:
     """:func:`fasthess.eigs` started from a solve on a random ``fraction`` of the data (see the module docstring).
 
     Args:
         op: a :class:`fasthess.HessianOperator` on an ``(X, y)`` pair (other operators are solved directly).
-        k, which, tol, block_size, max_iters, seed, progress: as in :func:`fasthess.eigs` (the final solve).
+        k, which, tol, block_size, max_iters, seed, progress, max_basis: as in :func:`fasthess.eigs` (the final
+            solve; ``block_size`` and ``max_basis`` also the subset's).
         fraction: share of the examples in the subset (at least 64 examples, at most half the data).
         sub_tol: relative tolerance of the subset solve; it only has to point in the right direction (the subset's own
             λ_max lies 2–3 % from the full one on the benchmark problems, so 1e-2 is already below its bias).
@@ -140,13 +142,13 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
         if start is not None:
             start = start.to(sub_op.device)
         sub = eigs(sub_op, k=k, which=which, tol=sub_tol, block_size=block_size, v0=start, seed=seed,
-                   max_iters=sub_max_iters, progress=progress)
+                   max_iters=sub_max_iters, progress=progress, max_basis=max_basis)
         # explored: its top Ritz vectors carry the randomness, unless the subset solve stopped unconverged
         start, fresh = sub.ritz_vectors.to(op.device), 0 if sub.all_converged else 1
         if keep_v0 and v0 is not None:
-            start = torch.cat([v0[:, :k].to(op.device, torch.float64), start[:, :k].to(torch.float64)], 1) \
-                if v0.dim() == 2 else torch.stack([v0.to(op.device, torch.float64), start[:, 0]], 1)
+            kept = (v0 if v0.dim() == 2 else v0[:, None])[:, :k].to(op.device, torch.float64)
+            start = torch.cat([kept, start[:, :k].to(torch.float64)], 1)
     res = eigs(op, k=k, which=which, tol=tol, block_size=block_size, max_iters=max_iters, v0=start, seed=seed + 1,
-               progress=progress, random_columns=fresh)
+               progress=progress, random_columns=fresh, max_basis=max_basis)
     frac = 0.0 if sub_op is None else _fraction(sub_op, op, fraction)
     return SubsampledEigResult(result=res, sub_result=sub, fraction=frac, seconds=time.perf_counter() - t0)

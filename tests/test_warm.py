@@ -75,3 +75,25 @@ def test_subset_keeps_per_example_weights_and_the_loss_options():
     ref = fasthess.HessianOperator(model, loss, (X[idx], y[idx], w[idx]), batch_size=64)
     v = torch.randn(op.num_params, dtype=torch.float64)
     assert torch.equal(sub.matvec(v), ref.matvec(v))
+
+
+def test_keep_v0_with_a_blind_stand_in_subset_finds_a_new_top():
+    """The tracker's start: v0 = the old top eigenvector (exact), and a subset that saw nothing of the change (the old
+    matrix); a bulk direction has risen 3 % past the top. The full-data step must still certify the new top."""
+    import fasthess
+    from fasthess.warm import eigs_subsampled
+
+    g = torch.Generator().manual_seed(3)
+    n = 120
+    R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    lam = torch.rand(n, generator=g, dtype=torch.float64) * 0.8 - 0.3
+    lam[0], lam[1] = 1.0, 0.9
+    old = (R * lam) @ R.T
+    lam[n // 2] = 1.03
+    new = (R * lam) @ R.T
+    out = eigs_subsampled(fasthess.MatrixOperator(new), tol=1e-6, v0=R[:, :2].clone(), keep_v0=True,
+                          sub_op=fasthess.MatrixOperator(old), fraction=0.125, max_basis=40)
+    res = out.result
+    assert out.sub_result.all_converged and res.all_converged
+    assert abs(float(res.eigenvalues[0]) - 1.03) <= max(float(res.error_bounds[0]), 1e-6 * 1.03)
+    assert out.hvp_equivalents == res.num_hvps + 0.125 * out.sub_result.num_hvps
