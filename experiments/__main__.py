@@ -154,7 +154,10 @@ def main(argv=None) -> int:
     if args.cmd != "run" and ddp.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0  # list / report under torchrun: rank 0 alone
     if args.cmd == "list":
-        _list()
+        try:
+            _list()
+        except BrokenPipeError:  # `list | head` closed the pipe early; the exit flush must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.cmd == "run":
         from .presets import get_preset, paper_lambda_subset

@@ -62,3 +62,10 @@ def test_python_m_fasthess_experiments_works_in_the_checkout_venv():
                          cwd=ROOT / "tests", env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("finding1-quick ")
+
+
+def test_list_into_a_closed_pipe_is_not_an_error():
+    shell = f"{sys.executable} -m fasthess_experiments list | head -n 1"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, cwd=ROOT / "tests",
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("finding1-quick ") and "Traceback" not in out.stderr, out.stderr
