@@ -11,8 +11,8 @@ small η, finding 5) is compared on its final λ_max: the study measures the fin
 """
 from __future__ import annotations
 
-import copy
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import fasthess
-from fasthess.subset import subset_lambda_max
+from fasthess.subset import subset_lambda_max, t_two_sided
 
 from .storage import atomic_write_json
 from .verdicts import decide, exclusion, usable
@@ -122,9 +122,10 @@ def changes(runs: list[dict[str, Any]], finding: int, claims: dict | None, name_
         repeats = min(len(rec["sizes"][m]["values"]) for rec in have)
         per_claim: dict[str, dict[str, Any]] = {}
         for draw in [*range(repeats), STRIDED]:
-            ev, _ = usable(_with_subset_lambda(copy.deepcopy(runs), m, draw), name_of)
+            ev, _ = usable(_with_subset_lambda(runs, m, draw), name_of)
             for v in decide(finding, ev, claims):
-                row = per_claim.setdefault(v.claim, {"full": full_outcomes.get(v.claim), "random": []})
+                row = per_claim.setdefault(v.claim, {"full": full_outcomes.get(v.claim), "random": [], "deciding": []})
+                row["deciding"].append(v.as_dict() | {"draw": draw, "tests": None})
                 if draw == STRIDED:
                     row["strided"] = v.outcome
                 else:
@@ -133,8 +134,19 @@ def changes(runs: list[dict[str, Any]], finding: int, claims: dict | None, name_
             row["random_changed"] = sum(o != row["full"] for o in row["random"])
         out[m] = {"runs": len(have), "repeats": repeats, "relative_error_mean": sum(rel) / len(rel),
                   "relative_error_max": max(map(abs, rel)), "strided_relative_error_max": max(map(abs, rel_strided)),
+                  "relative_bias": _relative_bias([rec["sizes"][m]["bias"] / rec["full"] for rec in have]),
                   "claims": per_claim}
     return out
+
+
+def _relative_bias(per_run: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """The mean over runs of each run's relative bias (bias / full λ_max) with its t-interval over the runs."""
+    n = len(per_run)
+    mean = sum(per_run) / n
+    if n < 2:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "confidence": confidence}
+    half = t_two_sided(confidence, n - 1) * math.sqrt(sum((x - mean) ** 2 for x in per_run) / (n - 1) / n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "confidence": confidence}
 
 
 def section(study: dict[str, Any]) -> list[str]:
@@ -144,11 +156,13 @@ def section(study: dict[str, Any]) -> list[str]:
              "subset, every (N // size)-th example) instead of the full data; every claim decided again with those "
              "values (each run's j-th random subset for draw j). A run whose sharpness is the maximum between "
              "iterates is compared on its final λ_max.", "",
-             "| size | runs | mean relative error (random) | largest |relative error| random / strided | claim | "
-             "full-data verdict | random draws that change it | strided |", "|---|---|---|---|---|---|---|---|"]
+             "| size | runs | relative bias, mean over runs [95% CI over runs] | largest absolute relative error, "
+             "random / strided | claim | full-data verdict | random draws that change it | strided |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, s in study.items():
+        b = s["relative_bias"]
         for claim, row in s["claims"].items():
-            lines.append(f"| {m} | {s['runs']} | {100 * s['relative_error_mean']:+.1f}% | "
+            lines.append(f"| {m} | {s['runs']} | {100 * b['mean']:+.1f}% [{100 * b['lo']:+.1f}%, {100 * b['hi']:+.1f}%] | "
                          f"{100 * s['relative_error_max']:.1f}% / {100 * s['strided_relative_error_max']:.1f}% | "
                          f"{claim} | {row['full']} | {row['random_changed']}/{len(row['random'])} | "
                          f"{row.get('strided')} |")
