@@ -70,10 +70,11 @@ def random_draws(what: str, training: bool) -> str:
 
 @dataclass
 class FirstPass:
-    """What the first pass carries from chunk to chunk: ``(output, chunk)`` of the first chunk once it is checked
-    (output None unless a loss callable's joined-chunk tests need it), and this process's part of W so far."""
+    """What the first pass carries from chunk to chunk: whether the first chunk was checked, its ``(output,
+    chunk)`` when a loss callable's joined-chunk tests need them, and this process's part of W so far."""
 
-    output: tuple | None = None
+    checked: bool = False
+    kept: tuple | None = None
     total: torch.Tensor | None = None
 
 
@@ -86,18 +87,18 @@ class ContractChecks:
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
         """First pass, before chunk ``chunk``'s products: the contract on the first chunk, the joined-chunk test on
         the others (a loss callable), and this chunk's part of W."""
-        if first.output is None:
-            first.output = self._check_contract(chunk)
-        elif first.output is not None and first.output[0] is not None:
-            self._check_joined(chunk, first.output)
+        if not first.checked:
+            first.kept, first.checked = self._check_contract(chunk), True
+        elif first.kept is not None:
+            self._check_joined(chunk, first.kept)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
             first.total = part if first.total is None else first.total + part
 
-    def _check_contract(self, chunk: Chunk) -> tuple:
+    def _check_contract(self, chunk: Chunk) -> tuple | None:
         """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples; a
         refusal caused by random draws (in the forward or the loss) is reported as such. Returns (output, chunk)
-        for a loss callable's joined-chunk tests, else (None, chunk)."""
+        for a loss callable's joined-chunk tests, else None."""
         watch = GeneratorWatch(self.device)
         try:
             kept = self._check_chunk(chunk)
@@ -147,7 +148,7 @@ class ContractChecks:
         refuse_without_second_derivative(value)
         return value
 
-    def _check_chunk(self, chunk: Chunk) -> tuple:
+    def _check_chunk(self, chunk: Chunk) -> tuple | None:
         """The first chunk's checks (see :meth:`_check_contract`)."""
         batch = chunk.batch
         bad = nonfinite_data(batch)
@@ -169,7 +170,7 @@ class ContractChecks:
         if not self.data.spec.batch_loss:
             self._check_model_splits(batch, out)
         if self.data.spec.batch_loss:
-            return None, chunk  # declared per batch: nothing to split
+            return None  # declared per batch: nothing to split
         if self.loss.kind == "callable" and rows < 2:
             raise LossContractError(
                 "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
@@ -187,7 +188,7 @@ class ContractChecks:
                 return self.loss_fn(o, b.target)
 
         self.loss.check(value_of, out, batch, halves)
-        return None, chunk
+        return None
 
     def _check_model_splits(self, batch: Batch, out) -> None:
         """The forward's output rows on the first chunk are those of its halves (:mod:`fasthess._model_split`);
