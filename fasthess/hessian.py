@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from fasthess._batch import BatchSpec
+from fasthess._batch import Batch, BatchSpec
 from fasthess._data import Chunk
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess._graph_cache import ChunkGraph, GraphCache, default_budget, gradient_graph, graph_products, saved_bytes
@@ -65,6 +65,36 @@ def default_hvp_method(device: torch.device) -> str:
     timing, so that the same inputs give the same bits in every process.
     """
     return "double-backward" if device.type == "cpu" else "forward-over-reverse"
+
+
+def forward_over_reverse(chunk_sum: Callable[[dict, Batch], torch.Tensor], primals: dict[str, torch.Tensor],
+                         batch: Batch, tangents: list[torch.Tensor],
+                         randomness: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(H_c v_j for each parameter, batched over the b tangents (b, *shape) in ``primals``' order; S_c): the jvp of
+    ∇_θ S_c along each v_j, vmapped over j with ``randomness`` ("error" or "same")."""
+    names = list(primals)
+    y = batch.target
+    # A floating target travels as a primal with a materialized zero tangent: some PyTorch loss formulas
+    # (mse_loss) fail in forward mode on the implicit ZeroTensor tangent of a constant target.
+    floating = isinstance(y, torch.Tensor) and y.is_floating_point()
+    y_tangent = torch.zeros_like(y) if floating else None
+
+    def loss_and_aux(p, target):
+        loss = chunk_sum(p, batch if target is None else batch.with_target(target))
+        return loss, loss
+
+    grad_fn = grad(loss_and_aux, argnums=0, has_aux=True)
+
+    def one(t):
+        t = dict(zip(names, t))
+        if y_tangent is None:
+            _, hv, loss = jvp(lambda p: grad_fn(p, None), (primals,), (t,), has_aux=True)
+        else:
+            _, hv, loss = jvp(grad_fn, (primals, y), (t, y_tangent), has_aux=True)
+        return [hv[name] for name in names], loss
+
+    hv, loss = vmap(one, randomness=randomness)(tangents)
+    return hv, loss[0]
 
 
 class HessianOperator(ModelOperator):
@@ -163,7 +193,8 @@ class HessianOperator(ModelOperator):
     def _chunk_products(self, chunk: Chunk, state: PassState):
         if self.hvp_method == "forward-over-reverse":
             try:
-                return self._forward_over_reverse(chunk, state.tangents)
+                return forward_over_reverse(self._chunk_sum, dict(zip(self.names, self._primals())), chunk.batch,
+                                            state.tangents, "same" if self.allow_stochastic else "error")
             except FasthessError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of forward-mode AD triggers the fallback
@@ -175,32 +206,6 @@ class HessianOperator(ModelOperator):
                 self.hvp_method = "double-backward"
         graph, keep = self._chunk_graph(chunk, state.graphs)
         return graph_products(graph, state.tangents, keep), graph.loss
-
-    def _forward_over_reverse(self, chunk: Chunk, tangents: list[torch.Tensor]):
-        batch = chunk.batch
-        primals = dict(zip(self.names, self._primals()))
-        y = batch.target
-        # A floating target travels as a primal with a materialized zero tangent: some PyTorch loss formulas
-        # (mse_loss) fail in forward mode on the implicit ZeroTensor tangent of a constant target.
-        floating = isinstance(y, torch.Tensor) and y.is_floating_point()
-        y_tangent = torch.zeros_like(y) if floating else None
-
-        def loss_and_aux(p, target):
-            loss = self._chunk_sum(p, batch if target is None else batch.with_target(target))
-            return loss, loss
-
-        grad_fn = grad(loss_and_aux, argnums=0, has_aux=True)
-
-        def one(t):
-            t = dict(zip(self.names, t))
-            if y_tangent is None:
-                _, hv, loss = jvp(lambda p: grad_fn(p, None), (primals,), (t,), has_aux=True)
-            else:
-                _, hv, loss = jvp(grad_fn, (primals, y), (t, y_tangent), has_aux=True)
-            return [hv[name] for name in self.names], loss
-
-        hv, loss = vmap(one, randomness="same" if self.allow_stochastic else "error")(tangents)
-        return hv, loss[0]
 
     def _gradient_graph(self, batch) -> ChunkGraph:
         """Forward and backward of the chunk's loss sum with ``create_graph``: g = ∇_θ S_c and its graph."""
