@@ -1,19 +1,22 @@
-"""The model's outputs split over examples: a chunk's output rows are those of its halves.
+"""The model's outputs split over examples: a chunk's first rows are those of the same examples run alone.
 
 The Hessian of the loss on the whole data assumes that example i's output depends on its own inputs only,
 oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional batch statistics, batch centring or
 whitening, attention across the examples, in-forward mixup) gives oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks
-would be the Hessian of a ghost-batch loss, not of the loss on the whole data. On the first chunk, the output is
-compared row by row with the outputs of the chunk's two halves, to roundoff (two forwards of half a chunk, once).
+would be the Hessian of a ghost-batch loss, not of the loss on the whole data. On the first chunk, the output
+rows of k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every ⌊rows/k⌋-th) are compared with the output of those k
+examples run as a batch of their own, to roundoff: one extra forward of k examples, once per operator. Any mixing
+makes an example's output depend on which other examples share its batch; the spread sub-batch breaks up
+neighbours and a causal order across the examples as well as batch statistics.
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
-halves' forwards each normalizes with the statistics it computed on the whole chunk (recorded in a forward of the
-chunk), so such a model agrees row by row unless something else mixes the examples.
+sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
+the chunk), so such a model agrees row by row unless something else mixes the examples.
 
 Rows: an input or output tensor's example dimension is its first dimension of length ``rows`` (the targets'
 leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)). An output
-leaf with no such dimension, or halves that cannot be formed (a ``PackedSequence``), leave the check unable to
-judge; it then passes rather than guessing.
+leaf with no such dimension, or a sub-batch that cannot be formed (a ``PackedSequence``) or run, leave the check
+unable to judge; it then passes rather than guessing.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ def _row_dim(t, rows: int) -> int | None:
     return next((d for d in (0, 1) if t.dim() > d and t.shape[d] == rows), None)
 
 
-def _half_inputs(inputs, rows: int, lo: int, hi: int):
-    """Examples ``lo:hi`` of every input tensor with an example dimension (None if none has one, or a packed
+SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
+
+
+def _sub_inputs(inputs, rows: int, index: torch.Tensor):
+    """Examples ``index`` of every input tensor with an example dimension (None if none has one, or a packed
     sequence, whose rows cannot be cut)."""
     if any(isinstance(x, PackedSequence)
            for x in pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))):
@@ -48,44 +54,39 @@ def _half_inputs(inputs, rows: int, lo: int, hi: int):
     dims = [_row_dim(t, rows) for t in leaves]
     if all(d is None for d in dims):
         return None
-    cut = [t if d is None else t.narrow(d, lo, hi - lo) for t, d in zip(leaves, dims)]
-    return pytree.tree_unflatten(cut, spec)
+    return pytree.tree_unflatten([t if d is None else t.index_select(d, index.to(t.device))
+                                  for t, d in zip(leaves, dims)], spec)
 
 
-def _output_dim(full: torch.Tensor, halves: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:
-    """The dimension along which ``full`` is its halves stacked: length Σ sizes, halves' lengths ``sizes``, all
-    other dimensions equal (None when there is none: the leaf is not per example)."""
-    if any(h.dim() != full.dim() for h in halves):
+def _output_dim(full: torch.Tensor, part: torch.Tensor, rows: int, k: int) -> int | None:
+    """The example dimension of an output leaf: length ``rows`` in ``full``, ``k`` in ``part``, every other
+    dimension equal (None when there is none: the leaf is not per example)."""
+    if part.dim() != full.dim():
         return None
     for d in range(full.dim()):
-        if full.shape[d] != sum(sizes) or any(h.shape[d] != n for h, n in zip(halves, sizes)):
-            continue
-        others = [full.shape[:d] + full.shape[d + 1:]] + [h.shape[:d] + h.shape[d + 1:] for h in halves]
-        if all(o == others[0] for o in others):
+        if full.shape[d] == rows and part.shape[d] == k and \
+                full.shape[:d] + full.shape[d + 1:] == part.shape[:d] + part.shape[d + 1:]:
             return d
     return None
 
 
-def _worst_row_gap(out, halves: Sequence, sizes: Sequence[int]) -> tuple[float, int] | None:
-    """max over output leaves of max|o_rows − o_half| / max|o|, with the leaf's number (None: nothing to compare)."""
+def _worst_row_gap(out, part, rows: int, index: torch.Tensor) -> tuple[float, int] | None:
+    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number (None: nothing to
+    compare)."""
     full_leaves, spec = pytree.tree_flatten(out)
-    half_leaves = []
-    for h in halves:
-        leaves, h_spec = pytree.tree_flatten(h)
-        if h_spec != spec:
-            return None
-        half_leaves.append(leaves)
+    part_leaves, part_spec = pytree.tree_flatten(part)
+    if part_spec != spec:
+        return None
     worst = None
-    for i, leaf in enumerate(full_leaves):
-        parts = [hl[i] for hl in half_leaves]
-        if not isinstance(leaf, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in parts):
+    for i, (leaf, p) in enumerate(zip(full_leaves, part_leaves)):
+        if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)):
             continue
-        d = _output_dim(leaf, parts, sizes)
-        if d is None:
+        d = _output_dim(leaf, p, rows, len(index))
+        if d is None or leaf.numel() == 0:
             continue
         full = leaf.detach().double()
-        scale = float(full.abs().max()) if full.numel() else 0.0
-        gap = float((full - torch.cat([p.detach().double() for p in parts], d)).abs().max()) if full.numel() else 0.0
+        scale = float(full.abs().max())
+        gap = float((full.index_select(d, index.to(full.device)) - p.detach().double()).abs().max())
         rel = gap / scale if scale > 0 else gap
         if worst is None or not rel <= worst[0]:
             worst = (rel, i)
@@ -134,38 +135,37 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
                        out, batchnorms: Sequence[nn.Module], dtype: torch.dtype) -> None:
-    """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of the chunk's halves
-    beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is its output
-    on the chunk; ``batchnorms`` are the BatchNorm modules that normalize with batch statistics."""
-    if rows < 2:
+    """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
+    run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
+    its output on the chunk; ``batchnorms`` are the BatchNorm modules that normalize with batch statistics."""
+    k = min(rows // 2, SUBSET)
+    k -= k % 2 if k > 1 else 0  # an even sub-batch, for models that pair up their examples
+    if k < 1:
         return
-    h = rows // 2
-    sizes = (h, rows - h)
-    halves_in = [_half_inputs((args, kwargs), rows, lo, hi) for lo, hi in ((0, h), (h, rows))]
-    if any(x is None for x in halves_in):
+    index = torch.arange(0, rows, rows // k)[:k]
+    inputs = _sub_inputs((args, kwargs), rows, index)
+    if inputs is None:
         return
     with torch.no_grad():
         recorded: Statistics = {}
-        if batchnorms:  # the chunk's own statistics, for the halves
+        if batchnorms:  # the chunk's own statistics, for the sub-batch
             out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
         try:
-            halves = []
-            for x in halves_in:
-                with _replayed(recorded):
-                    halves.append(forward(*x))
+            with _replayed(recorded):
+                part = forward(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError):
-            return  # the halves are not inputs this model takes (rows that are not examples): nothing to judge
-    worst = _worst_row_gap(out, halves, sizes)
+            return  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
+    worst = _worst_row_gap(out, part, rows, index)
     tol = 1e-9 if dtype == torch.float64 else 1e-3
     if worst is None or worst[0] <= tol:
         return
     raise BatchDependentModelError(
-        f"the model's forward mixes the examples of a batch: on the first chunk ({rows} examples), the outputs "
-        f"differ from those of the same examples run as two halves (relative difference {worst[0]:.3g} in output "
-        f"tensor {worst[1]}; roundoff would be below {tol:g}). Functional batch statistics "
-        "(F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or whitening, attention "
-        "across the examples and in-forward mixup do this; the Hessian of the loss on the whole data is then not "
-        "a sum over chunks. Fix: call model.eval() if the mixing is train-mode only; or, if you mean the "
+        f"the model's forward mixes the examples of a batch: on the first chunk ({rows} examples), the outputs of "
+        f"{k} of its examples differ from those of the same examples run as a batch of their own (relative "
+        f"difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff would be below {tol:g}). Functional batch "
+        "statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or whitening, "
+        "attention across the examples and in-forward mixup do this; the Hessian of the loss on the whole data is "
+        "then not a sum over chunks. Fix: call model.eval() if the mixing is train-mode only; or, if you mean the "
         "ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
         "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches (batch_size=<the "
         "training batch size>, or a DataLoader of them): the result is then that ghost-batch loss's Hessian")

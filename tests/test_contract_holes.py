@@ -59,6 +59,32 @@ class AcrossBatchAttention(nn.Module):
         return self.out(torch.softmax(q @ x.T, dim=1) @ x)
 
 
+class CausalAcrossBatch(nn.Module):
+    """Example i attends to examples 0..i of its batch: the first rows of a batch never see the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        scores = self.q(x) @ x.T
+        causal = torch.triu(torch.ones(x.shape[0], x.shape[0], dtype=torch.bool), 1)
+        return self.out(torch.softmax(scores.masked_fill(causal, float("-inf")), dim=1) @ x)
+
+
+class PairMix(nn.Module):
+    """Neighbouring examples (0, 1), (2, 3), ... share their mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.fc(x)
+        pairs = z.reshape(-1, 2, 3)
+        return (z + pairs.mean(1, keepdim=True).expand(-1, 2, -1).reshape(-1, 3)) / 2
+
+
 class Mixup(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -81,7 +107,7 @@ class TupleOut(nn.Module):
         return {"logits": z, "other": other} if self.as_dict else (z, other)
 
 
-@pytest.mark.parametrize("cls", [FunctionalBN, Centred, AcrossBatchAttention, Mixup])
+@pytest.mark.parametrize("cls", [FunctionalBN, Centred, AcrossBatchAttention, CausalAcrossBatch, PairMix, Mixup])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_forward_that_mixes_examples_is_refused_before_any_product(cls, curvature):
     torch.manual_seed(0)
