@@ -17,10 +17,11 @@ off by percents (measured 2–4 % here), which is why it is never returned.
 Measured (benchmarks/PEERS.md, CPU): cold λ_max to 1e-4 needs about 40 % fewer full-data passes than a random
 start. For a warm start during training (``v0`` = the previous eigenvectors) the previous vector is better than the
 subset's, so with ``keep_v0=True`` (what :class:`fasthess.SharpnessTracker` does) step 2 starts from the top k
-columns of ``v0`` together with the subset's top k Ritz vectors: the carried vectors make the full-data step
-converge in two or three passes, the subset's vectors bring what its exploration found (a direction that rose past
-the top shows in the subset's top Ritz vectors), and no fresh random column has to be taken to depth on the full
-data.
+columns of ``v0`` and k more: the rest of ``v0`` (the (k+1)-th vector and its ties) added to the subset's top k
+Ritz vectors (both projected off the top k). The carried vectors make the full-data step converge in two or three
+passes, the carried (k+1)-th catches a swap with the top, the subset's vectors bring what its exploration found (a
+direction that rose past the top shows in the subset's top Ritz vectors), and no fresh random column has to be
+taken to depth on the full data.
 
 >>> import torch
 >>> from torch import nn
@@ -105,6 +106,28 @@ def subsample_operator(op, fraction: float, seed: int = 0):
     return op.with_data(op.data.take(idx), batch_size=op.data.batch_size, params=op.params, hvp=op.hvp_method)
 
 
+def _mixed(carried: torch.Tensor, found: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Columns that hold both the carried vectors below the top k and what the subset found, in as few columns as
+    the longer of the two: each part is projected off span(top) and normalized, and the i-th columns are added.
+
+    The sum keeps about 1/√2 of each part, so the Krylov space grown from it reaches both a carried vector that
+    rises past the top (a swap; found by the tracker battery when the subset saw nothing of it: 59 of 120 swaps
+    certified the old top when the carried (k+1)-th vector was dropped) and a direction the subset's exploration
+    found, at the cost of one block of k columns, not two."""
+    basis = torch.linalg.qr(top)[0]
+
+    def unit_off_top(M: torch.Tensor) -> torch.Tensor:
+        M = M - basis @ (basis.T @ M)
+        return M / M.norm(dim=0, keepdim=True).clamp_min(1e-300)
+
+    carried, found = unit_off_top(carried), unit_off_top(found)
+    m = min(carried.shape[1], found.shape[1])
+    longer = carried if carried.shape[1] > found.shape[1] else found
+    # eigenvectors have no sign: a subset vector close to −(carried) would cancel it in the sum
+    sign = torch.where((carried[:, :m] * found[:, :m]).sum(0) < 0, -1.0, 1.0).to(found.dtype)
+    return torch.cat([carried[:, :m] + sign * found[:, :m], longer[:, m:]], 1)
+
+
 def _fraction(sub_op, op, fraction: float) -> float:
     """Share of a full pass that one subset pass reads: the example ratio, or ``fraction`` for a stand-in."""
     try:
@@ -129,8 +152,8 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
             λ_max lies 2–3 % from the full one on the benchmark problems, so 1e-2 is already below its bias).
         v0: start of the subset solve (e.g. the previous eigenvectors).
         sub_max_iters: most passes over the subset.
-        keep_v0: start the full-data step from the top k columns of ``v0`` and the subset's top k Ritz vectors
-            (a block of 2k columns, k + 1 at least), instead of the subset's top k + 1 alone.
+        keep_v0: start the full-data step from the top k columns of ``v0`` and k more that mix the rest of ``v0``
+            with the subset's top k Ritz vectors (:func:`_mixed`), instead of the subset's top k + 1 alone.
         sub_op: the operator the exploration runs on (default: :func:`subsample_operator` of ``op``); a stand-in
             for a subset in tests and batteries that have no examples to draw.
     """
@@ -146,8 +169,8 @@ def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fra
         # explored: its top Ritz vectors carry the randomness, unless the subset solve stopped unconverged
         start, fresh = sub.ritz_vectors.to(op.device), 0 if sub.all_converged else 1
         if keep_v0 and v0 is not None:
-            kept = (v0 if v0.dim() == 2 else v0[:, None])[:, :k].to(op.device, torch.float64)
-            start = torch.cat([kept, start[:, :k].to(torch.float64)], 1)
+            V = (v0 if v0.dim() == 2 else v0[:, None]).to(op.device, torch.float64)
+            start = torch.cat([V[:, :k], _mixed(V[:, k:], start[:, :k].to(torch.float64), V[:, :k])], 1)
     res = eigs(op, k=k, which=which, tol=tol, block_size=block_size, max_iters=max_iters, v0=start, seed=seed + 1,
                progress=progress, random_columns=fresh, max_basis=max_basis)
     frac = 0.0 if sub_op is None else _fraction(sub_op, op, fraction)
