@@ -13,8 +13,9 @@ full data. How it explores (``explore``):
 
 * ``"subsample"`` (default, for in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started
   from the previous update's Ritz vectors plus a fresh random column taken to the full minimum depth, explores;
-  the full-data solve then starts from the previous top k vectors and the subset's top k Ritz vectors, with no
-  further random column (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``). Its claim rests on the
+  the full-data solve then starts from the previous top k vectors and k more columns that add the previous
+  (k+1)-th vector to the subset's top Ritz vectors, with no further random column
+  (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``). Its claim rests on the
   full-data residuals (the certificate is unchanged) and on the subset's exploration for the Krylov assumption;
   the record's ``basis`` says so. Data that cannot be subsampled (iterables, datasets, distributed) is explored
   on the full data.
