@@ -90,8 +90,8 @@ def _run(rank: int, out_dir: str, data) -> dict:
             return fn(obj_or_path, *args)
         return wrapper
 
-    saved = {m: {k: getattr(m, k) for k in ("atomic_write_text", "atomic_write_json", "atomic_torch_save",
-                                           "save_checkpoint")
+    saved = {m: {k: getattr(m, k) for k in ("atomic_write_text", "atomic_write_json", "atomic_write_jsonl",
+                                           "atomic_torch_save", "save_checkpoint")
                  if hasattr(m, k)} for m in (train, sweep)}
     for m, fns in saved.items():
         for k, fn in fns.items():
