@@ -1,7 +1,7 @@
 """Data-parallel training under ``torchrun``: the process group, this process's place in it, and the few
 collectives the runner needs.
 
-``torchrun --nproc-per-node W -m experiments run PRESET ...`` starts W processes with ``RANK``,
+``torchrun --nproc-per-node W -m fasthess_experiments run PRESET ...`` starts W processes with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR/PORT`` set; :func:`init` turns those into the default
 process group (gloo for CPU tensors, plus NCCL for CUDA tensors when GPUs are present, each process on GPU
 ``LOCAL_RANK``). Without those variables everything here is a no-op and the runner is single-process.

@@ -96,7 +96,7 @@ def build_report(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist; give the --out directory of a "
-                                f"'python -m experiments run' (default runs/PRESET)")
+                                f"'fasthess-experiments run' (default runs/PRESET)")
     meta = json.loads((sweep_dir / "sweep.json").read_text()) if (sweep_dir / "sweep.json").is_file() else {}
     preset = None
     if meta.get("preset"):
