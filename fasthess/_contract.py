@@ -3,7 +3,8 @@
 On the first chunk: the data is finite, the forward runs (no reentrant checkpointing), the loss takes the output,
 has a second derivative, reads θ only through the output (a penalty only through its argument), the model's
 outputs split over the examples (:mod:`fasthess._model_split`) and the loss splits over them as a mean, a sum or
-per-example losses (:mod:`fasthess._criteria`). On the other chunks of the first pass, a loss callable is tested
+per-example losses (:mod:`fasthess._criteria`); a first chunk of one row has its model split judged joined with
+the second chunk. On the other chunks of the first pass, a loss callable is tested
 again on the first chunk joined with each (a normalizer that depends on the batch). A refusal caused by random
 draws is reported as such: :class:`GeneratorWatch` is the one comparison of the default generators.
 
@@ -17,7 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows
+from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows, tensors_of
 from fasthess._data import Chunk
 from fasthess._model_split import check_model_splits
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
@@ -76,6 +77,7 @@ class FirstPass:
     checked: bool = False
     kept: tuple | None = None
     total: torch.Tensor | None = None
+    lone: Chunk | None = None  # a first chunk of one row: its forward's split is judged joined with the next chunk
 
 
 class ContractChecks:
@@ -89,8 +91,14 @@ class ContractChecks:
         the others (a loss callable), and this chunk's part of W."""
         if not first.checked:
             first.kept, first.checked = self._check_contract(chunk), True
-        elif first.kept is not None:
-            self._check_joined(chunk, first.kept)
+            if chunk.batch.rows < 2 and not self.data.spec.batch_loss:
+                first.lone = chunk
+        else:
+            if first.lone is not None:
+                lone, first.lone = first.lone, None
+                self._check_joined_splits(lone, chunk)
+            if first.kept is not None:
+                self._check_joined(chunk, first.kept)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
             first.total = part if first.total is None else first.total + part
@@ -190,20 +198,37 @@ class ContractChecks:
         self.loss.check(value_of, out, batch, halves)
         return None
 
-    def _check_model_splits(self, batch: Batch, out) -> None:
-        """The forward's output rows on the first chunk are those of its halves (:mod:`fasthess._model_split`);
-        a forward that draws random numbers cannot be judged this way when ``allow_stochastic`` accepts it."""
+    def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk") -> None:
+        """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone
+        (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
+        ``allow_stochastic`` accepts it."""
         watch = GeneratorWatch(self.device)
         params = dict(zip(self.names, self._primals()))
         batch_stats = self.modes.batch_statistics_modules()
         with sdpa_kernel(SDPBackend.MATH):
             try:
                 check_model_splits(lambda a, k: self._forward(params, replace(batch, args=a, kwargs=k)), batch.args,
-                                   batch.kwargs, batch.rows, out, batch_stats, self.compute_dtype)
+                                   batch.kwargs, batch.rows, out, batch_stats, self.compute_dtype, where)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
                 raise
+
+    def _check_joined_splits(self, lone: Chunk, chunk: Chunk) -> None:
+        """First pass, after a first chunk of one row (which alone shows no mixing): the forward's split is judged
+        on that row and chunk ``chunk`` joined as one batch. Skipped when their inputs cannot be joined without
+        padding (padding changes what the model sees, so a difference would not prove mixing): one row overall,
+        or ragged inputs, leave nothing to judge."""
+        a, b = lone.batch, chunk.batch
+        rows = a.rows + b.rows
+        joined = join_rows((a.args, a.kwargs), (b.args, b.kwargs), a.rows, b.rows)
+        if joined is None or [t.shape[1:] for t in tensors_of(take_rows(joined, 0, a.rows, rows))] != \
+                [t.shape[1:] for t in tensors_of((a.args, a.kwargs))]:
+            return
+        batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            out = self._forward(dict(zip(self.names, self._primals())), batch)
+        self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined")
 
     def _value64(self, out, batch):
         """The loss of a callable in float64 where it allows it, so that split tests are sharp."""

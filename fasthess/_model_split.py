@@ -7,7 +7,8 @@ would be the Hessian of a ghost-batch loss, not of the loss on the whole data. O
 rows of k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every ⌊rows/k⌋-th) are compared with the output of those k
 examples run as a batch of their own, to roundoff: one extra forward of k examples, once per operator. Any mixing
 makes an example's output depend on which other examples share its batch; the spread sub-batch breaks up
-neighbours and a causal order across the examples as well as batch statistics.
+neighbours and a causal order across the examples as well as batch statistics. A first chunk of one example
+shows no mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
@@ -134,10 +135,12 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 
 
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
-                       out, batchnorms: Sequence[nn.Module], dtype: torch.dtype) -> None:
+                       out, batchnorms: Sequence[nn.Module], dtype: torch.dtype,
+                       where: str = "the first chunk") -> None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
-    its output on the chunk; ``batchnorms`` are the BatchNorm modules that normalize with batch statistics."""
+    its output on the chunk; ``batchnorms`` are the BatchNorm modules that normalize with batch statistics;
+    ``where`` names the chunk in the refusal."""
     k = min(rows // 2, SUBSET)
     k -= k % 2 if k > 1 else 0  # an even sub-batch, for models that pair up their examples
     if k < 1:
@@ -160,7 +163,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     if worst is None or worst[0] <= tol:
         return
     raise BatchDependentModelError(
-        f"the model's forward mixes the examples of a batch: on the first chunk ({rows} examples), the outputs of "
+        f"the model's forward mixes the examples of a batch: on {where} ({rows} examples), the outputs of "
         f"{k} of its examples differ from those of the same examples run as a batch of their own (relative "
         f"difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff would be below {tol:g}). Functional batch "
         "statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or whitening, "

