@@ -55,6 +55,26 @@ def is_batched_iterable(data) -> bool:
     return isinstance(data, DataLoader) or not (is_tensor_tuple(data) or isinstance(data, Dataset))
 
 
+def _without_seed_draws(source: Iterable) -> Iterator:
+    """Iterate ``source``, putting the default CPU generator back after its iterator is made and its first batch
+    read. A DataLoader without a generator draws its base seed there (and a shuffling sampler its seed) from the
+    caller's generator, and a computation must not change the caller's random state. Later batches are not wrapped:
+    random augmentation must still change the data between passes, which the fingerprints then refuse."""
+    state = torch.random.get_rng_state()
+    try:
+        iterator = iter(source)
+        first = next(iterator, _END)
+    finally:
+        torch.random.set_rng_state(state)
+    if first is _END:
+        return
+    yield first
+    yield from iterator
+
+
+_END = object()
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One chunk of a pass: its number, the raw batch as the source gave it (on the device) and its reading."""
@@ -151,7 +171,7 @@ class ChunkedData:
             for start in range(0, self._tensors[0].shape[0], self.batch_size):
                 yield tuple(t[start:start + self.batch_size] for t in self._tensors)
             return
-        for batch in self._source:
+        for batch in _without_seed_draws(self._source):
             yield move(batch, self.device)
 
     def _fingerprint(self, raw, batch: Batch) -> tuple[list[torch.Tensor], tuple]:

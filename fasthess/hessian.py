@@ -115,7 +115,9 @@ class HessianOperator(ModelOperator):
         batch_size: chunk size for tensors and datasets (default 1024); with BatchNorm that uses batch statistics
             (train mode, or ``track_running_stats=False``) it is the ghost-batch size and must be given.
         params: the parameters to differentiate, a list (default: all with ``requires_grad``).
-        allow_stochastic: accept a random forward (train-mode dropout, random draws): a random operator.
+        allow_stochastic: accept a random forward (train-mode dropout, random draws): a random operator. Its
+            draws come from the default generators and advance them, as a training step does (putting them back
+            would give every call the same masks); without random draws the caller's random state is unchanged.
         hvp: ``"auto"`` (:func:`default_hvp_method` of the device), ``"forward-over-reverse"`` (falls back to
             double backward, with a warning naming the reason, where the model has no forward-mode rules) or
             ``"double-backward"``. Both give the same matrix up to rounding; the choice is deterministic.

@@ -76,3 +76,26 @@ def test_single_example_overall_has_nothing_to_mix():
     H = dense_hessian_of(model, lambda p: F.cross_entropy(functional_call(model, p, (X,)), y))
     V = torch.randn(op.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["TensorDataset", "DataLoader", "tuple"])
+def test_data_iteration_leaves_the_callers_random_state(form):
+    """A DataLoader draws its base seed from the default generator; a computation must not advance it."""
+    X, y = _data(n=12)
+    data, kwargs = {"TensorDataset": (TensorDataset(X, y), {"batch_size": 4}),
+                    "DataLoader": (DataLoader(TensorDataset(X, y), batch_size=4), {}),
+                    "tuple": ((X, y), {"batch_size": 4})}[form]
+    before = torch.random.get_rng_state()
+    fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), data, **kwargs)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_stochastic_forward_draws_advance_the_generator():
+    """allow_stochastic=True: dropout draws from the caller's generator, as in training (documented choice)."""
+    X, y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.Tanh(), nn.Linear(5, 3)).double().train()
+    before = torch.random.get_rng_state()
+    fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=5, allow_stochastic=True).matvec(
+        torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64))
+    assert not torch.equal(before, torch.random.get_rng_state())
