@@ -83,7 +83,7 @@ class FirstPass:
 class ContractChecks:
     """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
     ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
-    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value)`` and ``modes``
+    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value, penalty)`` and ``modes``
     (:class:`fasthess._modes.ModeRules`)."""
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
@@ -154,6 +154,12 @@ class ContractChecks:
                     "loss that takes them (e.g. lambda out, y: ce(out.logits, y) for a Hugging Face output), or name "
                     "the targets with batch=fasthess.BatchSpec(targets=...)") from exc
         refuse_without_second_derivative(value)
+        if isinstance(value, torch.Tensor) and not value.requires_grad and \
+                any(t.requires_grad for t in tensors_of(probe)):
+            raise LossContractError(
+                "the loss does not depend on the model's output: its value has no graph back to the output (a "
+                ".detach(), .item(), .numpy() or torch.no_grad() inside loss_fn), so its Hessian would be 0; remove "
+                "the detach, and compute the loss from the output with torch operations")
         return value
 
     def _check_chunk(self, chunk: Chunk) -> tuple | None:
@@ -289,7 +295,7 @@ class ContractChecks:
         with torch.enable_grad():
             leaves = {n: p.detach().to(self.compute_dtype).requires_grad_(True)
                       for n, p in zip(self.names, self._params)}
-            value = self._scalar(self.penalty(leaves))
+            value = self._scalar(self.penalty(leaves), penalty=True)
         reached = self._reads_parameters(value)
         if reached or not value.requires_grad:
             what = f"reads the model's parameters {reached[:3]}" if reached else "does not depend on its argument"

@@ -121,6 +121,10 @@ class Criterion:
         expected = out.shape[:1] + out.shape[2:] if indexed else out.shape
         if target.shape == expected:
             return
+        if isinstance(self.loss, _CLASS_INDEXED) and target.shape == out.shape[:1] + out.shape[2:]:
+            raise LossContractError(f"{self.name} got floating targets of shape {tuple(target.shape)}, one per "
+                                    f"example: class indices stored as {target.dtype}; pass y.long() (floating "
+                                    "targets of the output's shape are read as class probabilities)")
         if indexed:
             fix = (f"class indices need shape {tuple(expected)} (one index per example); pass y.squeeze(1)"
                    if target.shape == expected + (1,) or target.shape[1:2] == (1,) else

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fasthess._batch import Batch, BatchSpec, move, tensors_of
 from fasthess.errors import DataChangedError, FasthessError
@@ -40,6 +40,26 @@ def is_tensor_pair(data) -> bool:
 def is_tensor_tuple(data) -> bool:
     """True for a tuple/list ``(X, y)`` or ``(X, y, w)`` of tensors: data held in memory."""
     return isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _data_tuple_problem(data) -> str | None:
+    """What keeps a tuple or list that holds a data array from being a tuple (X, y) or (X, y, w) of tensors (None
+    when it holds none: then it may be a list of batches)."""
+    if not isinstance(data, (tuple, list)) or not any(isinstance(t, torch.Tensor) or _is_numpy(t) for t in data):
+        return None
+    if any(_is_numpy(t) for t in data):
+        return "it holds numpy arrays; convert them with torch.as_tensor(X), torch.as_tensor(y)"
+    if len(data) == 1:
+        return "it has one entry (X,) and no targets; pass (X, y)"
+    if len(data) > 3:
+        return f"it has {len(data)} entries; pass (X, y) or (X, y, w), or a BatchSpec with a list of batches"
+    entry = next(i for i, t in enumerate(data) if not isinstance(t, torch.Tensor))
+    return (f"entry {entry} is a {type(data[entry]).__name__}, not a tensor; stack its rows into one tensor "
+            "(torch.stack(rows) for a list of row tensors, torch.as_tensor for numbers)")
+
+
+def _is_numpy(t) -> bool:
+    return type(t).__module__ == "numpy" and hasattr(t, "shape")
 
 
 def _has_remainder(loader: DataLoader) -> bool:
@@ -132,6 +152,10 @@ class ChunkedData:
             self.batch_size = batch_size or min(DEFAULT_CHUNK, data[0].shape[0])
             self._source: Iterable | None = None
             self.num_examples: int | None = data[0].shape[0]
+        elif isinstance(data, IterableDataset):  # no length: batched by a loader, counted on the first pass
+            self.batch_size = batch_size or DEFAULT_CHUNK
+            self._source = DataLoader(data, batch_size=self.batch_size)
+            self.num_examples = None
         elif isinstance(data, DataLoader) or not isinstance(data, Dataset):
             if isinstance(data, torch.Tensor) or not isinstance(data, Iterable) or isinstance(data, (dict, str)):
                 raise FasthessError(
@@ -141,6 +165,10 @@ class ChunkedData:
                 raise FasthessError(
                     "data is a one-shot iterator; the Hessian needs one pass per product. Pass a DataLoader, "
                     "a list of batches or a tuple (X, y)")
+            bad_tuple = _data_tuple_problem(data)
+            if batch_size is not None and bad_tuple is not None:
+                raise FasthessError(f"data was given with batch_size, so it is read as a tuple (X, y) or (X, y, w) of "
+                                    f"tensors, but {bad_tuple}")
             if batch_size is not None:
                 raise FasthessError(
                     "batch_size was given together with an iterable of batches; the iterable's own batches are the "

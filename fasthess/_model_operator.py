@@ -256,11 +256,14 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         return self._scalar(self.loss.chunk_sum(self._forward(params, batch), batch))
 
     @staticmethod
-    def _scalar(value) -> torch.Tensor:
+    def _scalar(value, penalty: bool = False) -> torch.Tensor:
+        """``value`` checked to be a 0-dim tensor (the loss's chunk sum, or the ``penalty``'s value)."""
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise FasthessError(f"the loss gave {shape}, not a scalar tensor; return a scalar (a mean or sum over "
-                                "the batch) or per-example losses of shape (rows,)")
+            fix = ("the penalty must return a scalar, e.g. lambda params: 1e-4 * sum(p.pow(2).sum() for p in "
+                   "params.values())" if penalty else "return a scalar (a mean or sum over the batch) or "
+                   "per-example losses of shape (rows,)")
+            raise FasthessError(f"the {'penalty' if penalty else 'loss'} gave {shape}, not a scalar tensor; {fix}")
         return value
 
     # ---- one pass over the data -------------------------------------------------------------------
@@ -290,7 +293,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         if self.penalty is not None:
             leaves = [p.requires_grad_(True) for p in self._primals()]
             with torch.enable_grad():
-                value = self._scalar(self.penalty(dict(zip(self.names, leaves))))
+                value = self._scalar(self.penalty(dict(zip(self.names, leaves))), penalty=True)
                 ops.accumulate_dot(acc, _gradient_rows(value, leaves), 1.0)
             losses = torch.cat([losses, value.detach().double()[None]])
         check_finite_pass(losses, state.indices, acc, self.data, self.comm is not None)
@@ -366,6 +369,6 @@ class ModelOperator(ContractChecks, SymmetricOperator):
 
     def _penalty_products(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
         """Add (∇²R) v_j to row j of ``acc``, once per pass; returns R(θ)."""
-        graph = gradient_graph(lambda p: self._scalar(self.penalty(p)), self.names, self._primals())
+        graph = gradient_graph(lambda p: self._scalar(self.penalty(p), penalty=True), self.names, self._primals())
         ops.accumulate_dot(acc, graph_products(graph, tangents, keep=False), 1.0)
         return graph.loss.to(torch.float64)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import fasthess
 from conftest import dense_hessian_of
-from fasthess.errors import BatchDependentModelError
+from fasthess.errors import BatchDependentModelError, FasthessError, LossContractError
 
 N = 10
 
@@ -99,3 +99,56 @@ def test_stochastic_forward_draws_advance_the_generator():
     fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=5, allow_stochastic=True).matvec(
         torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64))
     assert not torch.equal(before, torch.random.get_rng_state())
+
+
+def test_loss_on_a_detached_output_is_named():
+    X, y = _data()
+    with pytest.raises(LossContractError, match="does not depend on the model's output.*detach"):
+        fasthess.lambda_max(_mlp(), lambda o, t: F.cross_entropy(o.detach(), t), (X, y), batch_size=4)
+
+
+class Rows(IterableDataset):
+    """A streaming dataset of (x, y) rows: no length."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __iter__(self):
+        return iter(zip(self.X, self.y))
+
+
+@pytest.mark.parametrize("batch_size", [4, None])
+def test_iterable_dataset_is_batched_and_matches_dense(batch_size):
+    X, y = _data()
+    model = _mlp()
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), Rows(X, y), batch_size=batch_size)
+    H = dense_hessian_of(model, lambda p: F.cross_entropy(functional_call(model, p, (X,)), y))
+    V = torch.randn(op.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-12)
+    assert op.num_examples == N
+
+
+@pytest.mark.parametrize("form, cause", [
+    ("numpy", "numpy arrays.*torch.as_tensor"),
+    ("one-tuple", r"one entry \(X,\) and no targets"),
+    ("four entries", "4 entries"),
+    ("list of rows", "entry 0 is a list.*torch.stack"),
+])
+def test_malformed_data_tuple_names_what_is_wrong(form, cause):
+    X, y = _data()
+    data = {"numpy": (X.numpy(), y.numpy()), "one-tuple": (X,), "four entries": (X, y, y.double(), y),
+            "list of rows": ([X[i] for i in range(N)], y)}[form]
+    with pytest.raises(FasthessError, match=cause):
+        fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), data, batch_size=4)
+
+
+def test_non_scalar_penalty_is_named_as_the_penalty():
+    X, y = _data()
+    with pytest.raises(FasthessError, match=r"the penalty gave \(5, 4\)"):
+        fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=4, penalty=lambda p: p["0.weight"] ** 2)
+
+
+def test_float_class_indices_name_long():
+    X, y = _data()
+    with pytest.raises(LossContractError, match=r"y\.long\(\)"):
+        fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), (X, y.double()), batch_size=5)
