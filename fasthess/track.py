@@ -22,8 +22,8 @@ full data. How it explores (``explore``):
 * ``"full"``: every update carries a fresh random column on the full data, as a cold solve does.
 
 Measured on the CPU (benchmarks/tracking_overhead.py, an update every 20 steps of SGD with momentum, tol 1e-4): a
-subsample-explored update costs 0.68–0.84 of a cold solve's products (full-data products plus 1/8 of the
-subset's), a full-exploration update 0.96–1.07 (docs/guides/tracking.md has the table).
+subsample-explored update costs 0.52–0.84 of a cold solve's products (full-data products plus 1/8 of the
+subset's), a full-exploration update 0.75–1.07 (docs/guides/tracking.md has the table).
 
 The Hessian is taken in ``mode="train"`` by default (BatchNorm uses per-chunk "ghost batch" statistics over chunks
 of ``batch_size``; running statistics are never changed) with dropout modules switched off
