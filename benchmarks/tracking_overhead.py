@@ -16,7 +16,8 @@ Per problem (benchmarks/problems.py: the finding-cpu MLP on MNIST-1D, the small 
 2. **Threshold decisions.** :func:`fasthess.threshold.compare_lambda_max` at c = 0.95 λ and 1.05 λ: from a random
    start against the cold solve, and from the previous update's vectors against the ``explore="full"`` update.
 3. **Peers on the same job.** The paper-style scipy ``eigsh(k=1, which="LA")`` on ``op.to_scipy()`` (its matvecs), and
-   PyHessian's power iteration when it is installed (benchmarks/.peers), skipped otherwise.
+   PyHessian's power iteration (its seconds: it counts no products) when it is installed (benchmarks/.peers),
+   skipped otherwise.
 4. **The loop's share.** ``--seconds`` of plain SGD with ``maybe_update`` at every step: with ``budget=0.1``, and at
    the runner's cadence (``--cadence`` steps, default one epoch: the finding-cpu preset computes every 10 epochs at
    tol 1e-3, this runs every epoch, the harder case). Reported: tracker seconds / loop seconds.
@@ -62,14 +63,18 @@ def _eigsh_matvecs(op, tol: float) -> int:
     return op.num_hvps - start
 
 
-def _pyhessian_products(p: P.Problem, tol: float) -> int | None:
+def _pyhessian_seconds(p: P.Problem, tol: float) -> float | None:
+    """Seconds of PyHessian's power iteration for the top eigenvalue at ``tol`` (it counts no products), or None
+    when PyHessian is not installed."""
     try:
         from pyhessian import hessian
     except ImportError:
         return None
+    t = time.perf_counter()
     h = hessian(p.model, p.loss_fn, dataloader=p.batches(), cuda=p.X.device.type == "cuda")
     h.eigenvalues(maxIter=100, tol=tol, top_n=1)
-    return getattr(h, "num_hvps", None)
+    _sync(p.X.device)
+    return time.perf_counter() - t
 
 
 def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
@@ -103,7 +108,7 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
                 out["decide_warm"].append((d.result.num_hvps, d.above == (truth > c)))
             if u == 1:
                 out["eigsh"].append(_eigsh_matvecs(_op(p), tol))
-                pyh = _pyhessian_products(p, tol)
+                pyh = _pyhessian_seconds(p, tol)
                 if pyh is not None:
                     out["pyhessian"].append(pyh)
     return out
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
         print(f"- the same decisions warm (v0 = the previous update's vectors + a random column): median "
               f"{statistics.median(dw):g} HVPs ({statistics.median(dw) / full:.2f} of a warm explore='full' update), "
               f"correct {sum(ok for _, ok in r['decide_warm'])} of {len(r['decide_warm'])}")
-        print(f"- scipy eigsh(k=1) on to_scipy(): {r['eigsh'][0]} matvecs; PyHessian: "
-              f"{r['pyhessian'][0] if r['pyhessian'] else 'not installed'}")
+        pyh = f"{r['pyhessian'][0]:.2f} s" if r["pyhessian"] else "not installed"
+        print(f"- scipy eigsh(k=1) on to_scipy(): {r['eigsh'][0]} matvecs; PyHessian power iteration: {pyh} "
+              f"(cold eigs {r['seconds']['cold'][1]:.2f} s on the same weights)")
         if a.seconds > 0:
             steps_per_epoch = max(1, base.X.shape[0] // base.train_batch)
             share, n = loop_share(copy.deepcopy(base), a.seconds, a.loop_tol, 0.1, steps_per_epoch)
