@@ -4,16 +4,23 @@ Every normalization module's running statistics (any ``_NormBase``: BatchNorm, I
 ``track_running_stats=True``, ...: running_mean, running_var, num_batches_tracked) are saved before each pass and
 written back after it. Any other buffer the forward writes in place is found on the first pass (its version counter
 or its value changed) and is saved and restored from then on. Restoring is a device copy, no host sync.
+
+A buffer that the forward writes and also reads (spectral_norm's power-iteration vectors in train mode: each
+forward takes one power step) makes the forward not a fixed function of θ; it is refused on the first chunk
+(:func:`refuse_stateful_forward`) before the split check could misread it as a forward that mixes the examples.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["KeptBuffers"]
+from fasthess._model_split import worst_row_gap
+from fasthess.errors import StatefulModelError
+
+__all__ = ["KeptBuffers", "buffer_versions", "refuse_stateful_forward"]
 
 _NormBase = nn.modules.batchnorm._NormBase
 
@@ -43,3 +50,41 @@ class KeptBuffers:
                     b.copy_(copy)
             if first:
                 self._written = [b for b, _ in changed if id(b) not in norm_ids]
+
+
+def buffer_versions(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each buffer of ``model`` by name with its version counter (bumped by every in-place write), normalization
+    modules' running statistics left out (kept by :class:`KeptBuffers` and replayed by the split check)."""
+    norms = {id(b) for m in model.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)}
+    return {n: (b, b._version) for n, b in model.named_buffers() if id(b) not in norms}
+
+
+def _nudged(b: torch.Tensor) -> torch.Tensor:
+    """A copy of a buffer with every entry moved: by 0.1 (|b| + 1) if floating (not less: a power iteration's
+    σ = uᵀWv is stationary in u and v, so a small move shows only at second order), by 1 if an integer, flipped if
+    boolean."""
+    if b.is_floating_point() or b.is_complex():
+        return b.detach() + 0.1 * (b.detach().abs() + 1)
+    return ~b if b.dtype == torch.bool else b + 1
+
+
+def refuse_stateful_forward(versions: dict[str, tuple[torch.Tensor, int]], run: Callable[[dict], object], out,
+                            rows: int) -> None:
+    """Refuse a forward that wrote some buffer of ``versions`` (taken before it) and reads it: its output ``out`` on a
+    chunk of ``rows`` examples changes when ``run(buffers)`` runs it again with the written buffers nudged
+    (:func:`_nudged` copies), o = f(x; θ, u) with u moved by each forward. Whether u is read does not depend on how
+    far it has converged (a converged power iteration rewrites u unchanged), so neither does the refusal; a buffer
+    written and never read (a counter) leaves the output bitwise the same. One more forward, only when a buffer was
+    written."""
+    written = {n: b for n, (b, version) in versions.items() if b._version != version}
+    if not written:
+        return
+    worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows))
+    if worst is None or worst[0] == 0:
+        return
+    raise StatefulModelError(
+        f"the model's forward writes the buffer(s) {sorted(written)[:3]} in place and its output depends on them, so "
+        "it is not a fixed function of the parameters and has no fixed Hessian. spectral_norm in train mode does "
+        "this (each forward takes a power step on its vectors u, v): call model.eval() "
+        "(torch.nn.utils.parametrizations.spectral_norm then keeps u and v fixed), or stop the forward from "
+        "updating buffers it reads")

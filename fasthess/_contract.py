@@ -19,11 +19,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows, tensors_of
+from fasthess._buffers import buffer_versions, refuse_stateful_forward
 from fasthess._data import Chunk
 from fasthess._model_split import check_model_splits
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
-                             StochasticModelError)
+                             StatefulModelError, StochasticModelError)
 
 __all__ = ["ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
 
@@ -123,12 +124,12 @@ class ContractChecks:
             random_draws("the model's forward or the loss drew random numbers on the first chunk",
                          self.model.training)) from cause
 
-    def _first_output(self, batch: Batch):
-        """The model's output on the first chunk (no grad), refusing reentrant checkpointing and naming a failed
-        call's likely cause."""
+    def _first_output(self, batch: Batch, buffers: dict[str, torch.Tensor] | None = None):
+        """The model's output on the first chunk (no grad; ``buffers`` by name replace the model's), refusing
+        reentrant checkpointing and naming a failed call's likely cause."""
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
             try:
-                return self._forward(dict(zip(self.names, self._primals())), batch)
+                return self._forward({**(buffers or {}), **dict(zip(self.names, self._primals()))}, batch)
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
                 raise FasthessError(
                     f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
@@ -136,6 +137,22 @@ class ContractChecks:
                     "check that the inputs have the model's dtype and device, or say which parts of a batch are the "
                     "inputs with batch=fasthess.BatchSpec(inputs=...): e.g. BatchSpec(inputs=lambda b: (b,), "
                     "targets=lambda b: b['labels']) passes a dict batch whole as model(b)") from exc
+
+    def _first_output_fixed(self, batch: Batch):
+        """The first chunk's output, run on a copy of its inputs, refusing a forward that writes its input in place
+        (each pass would see other data, and the caller's data would change) or a buffer it reads
+        (:func:`fasthess._buffers.refuse_stateful_forward`)."""
+        copy = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (batch.args, batch.kwargs))
+        inputs = [(t, t._version) for t in tensors_of(copy)]
+        versions = buffer_versions(self.model)
+        out = self._first_output(replace(batch, args=copy[0], kwargs=copy[1]))
+        if any(t._version != version for t, version in inputs):
+            raise StatefulModelError(
+                "the model's forward changes its input in place (e.g. x.mul_(0.5), x += 1, x.clamp_()); fasthess "
+                "runs the forward on the same data once per product, so each pass would see other data (and your "
+                "data would change). Use out-of-place operations (x = x * 0.5), or copy first (x = x.clone())")
+        refuse_stateful_forward(versions, lambda buffers: self._first_output(batch, buffers), out, batch.rows)
+        return out
 
     def _first_loss(self, out, batch: Batch) -> torch.Tensor:
         """The loss on the first chunk with a graph from the output (never from θ through the model), refusing ops
@@ -168,7 +185,7 @@ class ContractChecks:
         bad = nonfinite_data(batch)
         if bad is not None:  # before the split tests, whose refusals would name the loss instead
             raise NonFiniteError(f"chunk {chunk.index}: {bad}; clean the data (the Hessian is undefined there)")
-        out = self._first_output(batch)
+        out = self._first_output_fixed(batch)
         value = self._first_loss(out, batch)
         reached = self._reads_parameters(value)
         if reached:

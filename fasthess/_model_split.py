@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from fasthess.errors import BatchDependentModelError
 
-__all__ = ["check_model_splits"]
+__all__ = ["check_model_splits", "worst_row_gap"]
 
 
 def _row_dim(t, rows: int) -> int | None:
@@ -71,7 +71,7 @@ def _output_dim(full: torch.Tensor, part: torch.Tensor, rows: int, k: int) -> in
     return None
 
 
-def _worst_row_gap(out, part, rows: int, index: torch.Tensor) -> tuple[float, int] | None:
+def worst_row_gap(out, part, rows: int, index: torch.Tensor) -> tuple[float, int] | None:
     """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number (None: nothing to
     compare)."""
     full_leaves, spec = pytree.tree_flatten(out)
@@ -158,7 +158,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
                 part = forward(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError):
             return  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
-    worst = _worst_row_gap(out, part, rows, index)
+    worst = worst_row_gap(out, part, rows, index)
     tol = 1e-9 if dtype == torch.float64 else 1e-3
     if worst is None or worst[0] <= tol:
         return

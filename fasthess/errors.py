@@ -32,6 +32,11 @@ class BatchDependentModelError(LossContractError):
     chunk), so the chunked operator would be a ghost-batch Hessian, not that of the loss on the whole data."""
 
 
+class StatefulModelError(FasthessError):
+    """The model's forward changes state it reads (a buffer or its own input, in place), so its output is not a
+    fixed function of θ on fixed data, e.g. spectral_norm's power-iteration vector in train mode."""
+
+
 class UnsupportedModelError(FasthessError):
     """The model's forward uses a construct whose second derivatives PyTorch does not give (correctly), e.g.
     ``torch.utils.checkpoint(..., use_reentrant=True)``."""

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import fasthess
 from conftest import dense_hessian_of
-from fasthess.errors import BatchDependentModelError, FasthessError, LossContractError
+from fasthess.errors import BatchDependentModelError, FasthessError, LossContractError, StatefulModelError
 
 N = 10
 
@@ -152,3 +152,55 @@ def test_float_class_indices_name_long():
     X, y = _data()
     with pytest.raises(LossContractError, match=r"y\.long\(\)"):
         fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), (X, y.double()), batch_size=5)
+
+
+class SpecNorm(nn.Module):
+    """spectral_norm on the first layer: in train mode each forward takes a power step on its buffers u and v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 5))
+        self.h = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_train_mode_spectral_norm_is_refused_as_stateful_on_every_seed(seed, dtype):
+    torch.manual_seed(seed)
+    model = SpecNorm().to(dtype).train()
+    X, y = _data(seed=seed)
+    with pytest.raises(StatefulModelError, match=r"_u.*model\.eval\(\)"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X.to(dtype), y), batch_size=4)
+
+
+def test_eval_mode_spectral_norm_matches_dense():
+    torch.manual_seed(0)
+    model = SpecNorm().double().eval()
+    X, y = _data()
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=4)
+    H = dense_hessian_of(model, lambda p: F.cross_entropy(functional_call(model, p, (X,)), y))
+    V = torch.randn(op.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-12)
+
+
+class InPlaceInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return self.fc(torch.tanh(x))
+
+
+@pytest.mark.parametrize("form", ["tuple", "list"])
+def test_forward_writing_its_input_is_refused_and_the_data_is_untouched(form):
+    X, y = _data()
+    X0 = X.clone()
+    data, kwargs = {"tuple": ((X, y), {"batch_size": 4}), "list": ([(X[:5], y[:5]), (X[5:], y[5:])], {})}[form]
+    with pytest.raises(StatefulModelError, match=r"changes its input in place.*x = x \* 0\.5"):
+        fasthess.lambda_max(InPlaceInput().double(), nn.CrossEntropyLoss(), data, **kwargs)
+    assert torch.equal(X, X0)
