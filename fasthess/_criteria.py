@@ -119,6 +119,9 @@ class Criterion:
             return
         indexed = isinstance(self.loss, _CLASS_INDEXED) and not target.is_floating_point()
         expected = out.shape[:1] + out.shape[2:] if indexed else out.shape
+        if indexed and target.shape == expected and target.dtype not in (torch.long, torch.uint8):
+            raise LossContractError(f"{self.name} got class indices of dtype {target.dtype}; PyTorch takes int64 "
+                                    "(or uint8) class indices: pass y.long()")
         if target.shape == expected:
             return
         if isinstance(self.loss, _CLASS_INDEXED) and target.shape == out.shape[:1] + out.shape[2:]:

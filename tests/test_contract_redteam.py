@@ -204,3 +204,10 @@ def test_forward_writing_its_input_is_refused_and_the_data_is_untouched(form):
     with pytest.raises(StatefulModelError, match=r"changes its input in place.*x = x \* 0\.5"):
         fasthess.lambda_max(InPlaceInput().double(), nn.CrossEntropyLoss(), data, **kwargs)
     assert torch.equal(X, X0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_narrow_integer_class_indices_name_long(dtype):
+    X, y = _data()
+    with pytest.raises(LossContractError, match=r"y\.long\(\)"):
+        fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), (X, y.to(dtype)), batch_size=5)
