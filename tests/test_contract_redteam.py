@@ -211,3 +211,30 @@ def test_narrow_integer_class_indices_name_long(dtype):
     X, y = _data()
     with pytest.raises(LossContractError, match=r"y\.long\(\)"):
         fasthess.lambda_max(_mlp(), nn.CrossEntropyLoss(), (X, y.to(dtype)), batch_size=5)
+
+
+class MeanPool(nn.Module):
+    """Mean over a sequence's positions: padding would change it, so ragged chunks cannot be joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)).mean(1))
+
+
+def test_ragged_one_row_first_chunk_is_not_misjudged_and_matches_dense():
+    g = torch.Generator().manual_seed(2)
+    X1, X2 = (torch.randn(n, t, 4, generator=g, dtype=torch.float64) for n, t in ((1, 3), (3, 5)))
+    y1, y2 = torch.randint(0, 3, (1,), generator=g), torch.randint(0, 3, (3,), generator=g)
+    torch.manual_seed(0)
+    model = MeanPool().double()
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), [(X1, y1), (X2, y2)])
+
+    def loss(p):
+        return sum(F.cross_entropy(functional_call(model, p, (X,)), y, reduction="sum")
+                   for X, y in ((X1, y1), (X2, y2))) / 4
+
+    V = torch.randn(op.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.matmat(V), dense_hessian_of(model, loss) @ V, rtol=1e-9, atol=1e-12)
