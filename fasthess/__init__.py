@@ -9,7 +9,7 @@ from fasthess._api import lambda_max
 from fasthess.blocks import block_lambda_max, module_blocks
 from fasthess.density import Density, spectral_density
 from fasthess.errors import (BatchDependentModelError, DataChangedError, FasthessError, LossContractError,
-                             NonFiniteError, StochasticModelError, UnsupportedModelError)
+                             NonFiniteError, StatefulModelError, StochasticModelError, UnsupportedModelError)
 from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
@@ -42,7 +42,7 @@ __all__ = [
     "MinibatchEstimate", "SubsetStudy", "SubsetSize",
     # errors
     "FasthessError", "LossContractError", "BatchDependentModelError", "UnsupportedModelError",
-    "StochasticModelError", "NonFiniteError", "DataChangedError",
+    "StochasticModelError", "StatefulModelError", "NonFiniteError", "DataChangedError",
     # build
     "backend", "build_info",
 ]
