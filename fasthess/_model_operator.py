@@ -20,6 +20,7 @@ passes its own shard; W and N are all-reduced once, and the per-pass sums as des
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -212,6 +213,19 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         """W, what the loss on the whole data divides by (1 for a sum); None before the first pass."""
         return self._normalizer
 
+    def in_float64(self) -> ModelOperator:
+        """This operator with its products computed in float64 (parameters, floating buffers, inputs and floating
+        targets are cast for the products; the model is not changed): the reference against which a solve checks
+        what lower-precision products did to its answer (:mod:`fasthess._certificate`, rounding). It shares the
+        data, the checked contract and W, and counts its own products."""
+        twin = copy.copy(self)
+        twin.compute_dtype = torch.float64
+        if self.loss.kind == "criterion" and any(t.is_floating_point() for t in self.loss_fn.buffers()):
+            # a criterion's class weights must meet float64 outputs in float64
+            twin.loss = contract_of(copy.deepcopy(self.loss_fn).double(), batch_loss=self.data.spec.batch_loss)
+        twin.num_hvps = twin.num_passes = 0
+        return twin
+
     def with_data(self, data, **changes) -> ModelOperator:
         """An operator of the same kind and options (``changes`` override them) on other data."""
         return type(self)(self.model, self.loss_fn, data, **{**self._options, **changes})
@@ -253,6 +267,8 @@ class ModelOperator(ContractChecks, SymmetricOperator):
 
     def _chunk_sum(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         """S_c, the chunk's loss sum, as a function of the differentiated parameters (others come from the model)."""
+        if self.compute_dtype != self.dtype:  # targets at the products' precision, as the inputs
+            batch = batch.with_target(cast_floating(batch.target, self.compute_dtype))
         return self._scalar(self.loss.chunk_sum(self._forward(params, batch), batch))
 
     @staticmethod
