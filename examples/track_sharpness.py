@@ -25,10 +25,10 @@ tracker = fasthess.SharpnessTracker(loss_fn, (X, y), every=25, lr=lr)
 
 losses = []
 for step in range(301):
-    rec = tracker.maybe_update(model, step)
+    rec = tracker.maybe_update(model, step, optimizer=opt)
     if rec is not None and step % 50 == 0:
         print(f"step {step:3d}  loss {loss_fn(model(X), y).item():.4f}  λ_max {rec['lambda_max']:.4f}  "
-              f"(2/η = {rec['two_over_lr']:.1f}; residual {rec['residual']:.1e}, {rec['num_hvps']} HVPs"
+              f"({rec['threshold_rule']} = {rec['threshold']:.1f}; residual {rec['residual']:.1e}, {rec['num_hvps']} HVPs"
               f"{', warm start' if rec['warm_started'] else ''})")
     opt.zero_grad()
     loss = loss_fn(model(X), y)

@@ -390,7 +390,7 @@ class Trainer:
         return rec
 
     def _track(self, rec: dict[str, Any]) -> None:
-        r = self.tracker.update(self.model, step=self.step)
+        r = self.tracker.update(self.model, step=self.step, optimizer=self.opt)
         rec.update({"lambda_max": r["lambda_max"], "lambda_residual": r["residual"],
                     "lambda_error_bound": r["error_bound"], "lambda_hvps": r["num_hvps"],
                     "lambda_seconds": r["seconds"], "lambda_converged": r["converged"]})
