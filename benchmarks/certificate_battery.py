@@ -77,9 +77,9 @@ def cases(seeds: int):
                         lam = spectrum(n, c, gap, bulk, g)
                         A, R = matrix(lam, g)
                         top = float(lam.max())
-                        yield f"cluster-{c}", fasthess.MatrixOperator(A), dict(seed=seed), top
+                        yield f"cluster-{c}", fasthess.linop.MatrixOperator(A), dict(seed=seed), top
                         if c == 2:
-                            yield "model-block", fasthess.MatrixOperator(A), dict(seed=seed, block_size=2), top
+                            yield "model-block", fasthess.linop.MatrixOperator(A), dict(seed=seed, block_size=2), top
                     g = _gen(seed, n, bulk, gap, "explored")
                     lam = spectrum(n, 2, gap, bulk, g)
                     A, R = matrix(lam, g)
@@ -94,10 +94,10 @@ def cases(seeds: int):
                             low = lam.clone()
                             low[top] = float(lam.sort().values[-3]) - 0.05
                             S = (R * low) @ R.T
-                        kw = dict(seed=seed, v0=v0[:, None], block_size=2, sub=fasthess.MatrixOperator(S))
-                        yield "explored-start", fasthess.MatrixOperator(A), kw, float(lam.max())
+                        kw = dict(seed=seed, v0=v0[:, None], block_size=2, sub=fasthess.linop.MatrixOperator(S))
+                        yield "explored-start", fasthess.linop.MatrixOperator(A), kw, float(lam.max())
                     for rel in (-0.05, -1e-3, 1e-3, 0.05):
-                        yield "threshold", fasthess.MatrixOperator(A), dict(seed=seed, c=float(lam.max()) * (1 + rel)), \
+                        yield "threshold", fasthess.linop.MatrixOperator(A), dict(seed=seed, c=float(lam.max()) * (1 + rel)), \
                             float(lam.max())
                 for leak in (0.0, 1e-8, 1e-4, 1e-2):
                     g = _gen(seed, n, bulk, leak)
@@ -105,7 +105,7 @@ def cases(seeds: int):
                     A, R = matrix(lam, g)
                     top = int(lam.argmax())
                     v0 = R[:, 1] + leak * R[:, top]
-                    yield "warm-orthogonal", fasthess.MatrixOperator(A), dict(seed=seed, tol=1e-8, v0=v0), float(lam.max())
+                    yield "warm-orthogonal", fasthess.linop.MatrixOperator(A), dict(seed=seed, tol=1e-8, v0=v0), float(lam.max())
             for tol in (1e-4, 1e-6, 1e-9):
                 g = _gen(seed, n, tol)
                 A32 = matrix(spectrum(n, 1, 0.0, "uniform", g), g)[0].float()

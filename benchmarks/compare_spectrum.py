@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasthess import HessianOperator, MatrixOperator
+from fasthess import HessianOperator
+from fasthess.linop import MatrixOperator
 from fasthess.density import spectral_density
 from fasthess.trace import trace
 

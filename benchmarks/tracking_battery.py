@@ -110,25 +110,25 @@ def sequences(seeds: int):
                     yield "deep-rise", [A0, A1, _mat(l2, R)]
 
 
-def _stand_in(A: torch.Tensor, sigma: float, g: torch.Generator) -> fasthess.MatrixOperator:
+def _stand_in(A: torch.Tensor, sigma: float, g: torch.Generator) -> fasthess.linop.MatrixOperator:
     """A + E with E symmetric random, ‖E‖₂ = σ‖A‖₂: what a subset's Hessian is to the full one."""
     E = torch.randn(A.shape, generator=g, dtype=torch.float64)
     E = (E + E.T) / 2
     E *= sigma * torch.linalg.matrix_norm(A, 2) / torch.linalg.matrix_norm(E, 2)
-    return fasthess.MatrixOperator(A + E)
+    return fasthess.linop.MatrixOperator(A + E)
 
 
 def run_sequence(mats: list[torch.Tensor], mode: str, sigma: float, seed: int) -> list[tuple[bool, bool, float]]:
     """(converged, false, products) of every warm update of the sequence, solved as the tracker does."""
     carried, out = None, []
     for t, A in enumerate(mats):
-        op = fasthess.MatrixOperator(A)
+        op = fasthess.linop.MatrixOperator(A)
         truth = float(torch.linalg.eigvalsh(A).max())
         if carried is None or mode == "full":
             res = fasthess.eigs(op, tol=TOL, v0=carried, seed=seed + t, block_size=BLOCK)
             cost = float(res.num_hvps)
         else:
-            sub = fasthess.MatrixOperator(mats[t - 1]) if mode == "blind" else _stand_in(A, sigma, _gen(seed, t, sigma))
+            sub = fasthess.linop.MatrixOperator(mats[t - 1]) if mode == "blind" else _stand_in(A, sigma, _gen(seed, t, sigma))
             both = eigs_subsampled(op, tol=TOL, v0=carried, seed=seed + t, keep_v0=True, sub_op=sub,
                                    fraction=FRACTION, block_size=BLOCK)
             res, cost = both.result, both.hvp_equivalents

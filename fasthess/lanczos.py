@@ -31,12 +31,13 @@ import sys
 import time
 import warnings
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fasthess import ops
-from fasthess._certificate import SKEW_FACTOR, Certificate, certify, distance, rounding_floor
+from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certify, distance, float64_widened,
+                                   needs_float64_check, rounding_floor)
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -188,13 +189,62 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     check_options(k, which, tol, block_size, max_iters, max_basis, random_columns)
     n = _check_operator(op, k)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
-    steps = lanczos_steps(n, op.device, getattr(op, "dtype", torch.float64), k=k, which=which, tol=tol,
+    products = products_dtype(op)
+    steps = lanczos_steps(n, op.device, products, k=k, which=which, tol=tol,
                           block_size=block_size or default_block_size(k, op.device, _is_model_operator(op)),
                           requested_block=block_size, max_iters=max_iters, v0=v0, seed=seed, progress=progress,
                           max_basis=max_basis, random_columns=random_columns)
     with fixed(op):
         out = drive(steps, lambda P: op.matmat(P.T).T)
-    return out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
+    out, checks = _precision_checked(op, out, products)
+    return out.result(op.num_hvps - start_hvps + checks, op.num_passes - start_passes + (checks > 0),
+                      time.perf_counter() - t0)
+
+
+def products_dtype(op) -> torch.dtype:
+    """The precision the operator's products are computed in (a model operator's ``compute_dtype``: float32 for a
+    bf16/fp16 model), which sizes the rounding floor; float64 when the operator does not say."""
+    return getattr(op, "compute_dtype", getattr(op, "dtype", torch.float64))
+
+
+def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome, int]:
+    """``out`` with its bounds checked against float64 products where :func:`needs_float64_check` asks for it, and
+    the number of float64 products that took; ``precision`` names what the claim rests on."""
+    name = str(products).removeprefix("torch.")
+    if products == torch.float64:
+        return out, 0
+    if not needs_float64_check(out.tol, products):
+        return replace(out, precision=f"{name} products; rounding within the modelled floor (tol ≥ {CHECK_BELOW:g})"), 0
+    if not hasattr(op, "in_float64"):
+        return _unchecked(out, f"{name} products, not checked: the operator has no float64 products"), 0
+    twin = op.in_float64()
+    try:
+        with fixed(twin):
+            images = twin.matmat(out.cert.vectors.T).T
+    except FasthessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a loss closure holding float32 tensors: say so, keep the answer
+        return _unchecked(out, f"{name} products, not checked: float64 products failed ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})"), twin.num_hvps
+    bounds, shift = float64_widened(out.cert.values, out.cert.vectors, images, out.cert.bounds)
+    values = out.cert.values
+    target = torch.maximum(out.tol * values.abs(), ROUNDOFF * values.abs().max())
+    converged = out.converged & (bounds <= target)
+    rel = float((shift / values.abs().clamp_min(1e-300)).max())
+    if bool(out.converged.any()) and not bool(converged.all()):
+        warnings.warn(f"the {name} products moved the eigenvalue by {rel:.1e} of it (measured against float64 "
+                      f"products), more than tol={out.tol:g} allows; the result is not converged. Use a float64 "
+                      "model (model.double()) or a looser tol", RuntimeWarning, stacklevel=3)
+    return replace(out, cert=replace(out.cert, bounds=bounds), converged=converged,
+                   precision=f"{name} products, checked against float64 products (shift {rel:.1e} of λ)"), \
+        twin.num_hvps
+
+
+def _unchecked(out: Outcome, why: str) -> Outcome:
+    """A claim below CHECK_BELOW that could not be checked in float64 is not certified."""
+    warnings.warn(f"{why}; the result is not converged at tol={out.tol:g}. Use a float64 model (model.double()) or "
+                  f"tol ≥ {CHECK_BELOW:g}", RuntimeWarning, stacklevel=4)
+    return replace(out, converged=torch.zeros_like(out.converged), precision=why)
 
 
 def drive(steps, apply):
@@ -219,12 +269,14 @@ class Outcome:
     ritz_vectors: torch.Tensor
     which: str
     tol: float
+    precision: str = "float64 products"
 
     def result(self, num_hvps: int, num_passes: int, seconds: float) -> EigResult:
         return EigResult(eigenvalues=self.cert.values, eigenvectors=self.cert.vectors.T.contiguous(),
                          residuals=self.cert.residuals, error_bounds=self.cert.bounds, converged=self.converged,
                          num_hvps=num_hvps, num_passes=num_passes, seconds=seconds, which=self.which, tol=self.tol,
-                         certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors)
+                         certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors,
+                         precision=self.precision)
 
 
 def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,

@@ -23,6 +23,9 @@ class EigResult:
     survived one confirming pass. ``rounding_floor`` is ω, the error the products' rounding alone may cause
     (included in every bound). That θᵢ is the i-th *wanted* eigenvalue (not another one) is the Krylov
     assumption, which the random columns of every start block make hold with high probability.
+    ``precision`` says what the claim rests on about the products' rounding: float64 products; products in a
+    lower precision whose rounding the floor ω models (tol ≥ 10⁻⁴); or such products checked against float64
+    products of the Ritz vectors, the measured shift added to the bound (:mod:`fasthess._certificate`).
     ``ritz_vectors`` (n, k + 1), or a few more columns when the (k+1)-th is tied with the next ones, are the most
     wanted Ritz vectors, converged or not: the warm start ``v0`` of a later solve on a nearby operator.
     """
@@ -40,6 +43,7 @@ class EigResult:
     certificates: tuple[str, ...] = ()
     rounding_floor: float = 0.0
     ritz_vectors: torch.Tensor | None = None
+    precision: str = "float64 products"
 
     @property
     def all_converged(self) -> bool:

@@ -60,3 +60,9 @@ class Float32MatrixOperator(SymmetricOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return (self.A32 @ V.float()).double()
+
+    def in_float64(self) -> SymmetricOperator:
+        """The same (float32-rounded) matrix with float64 products: the reference a float32 claim is checked against."""
+        from fasthess.linop import MatrixOperator
+
+        return MatrixOperator(self.A32.double())

@@ -67,7 +67,7 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def test_near_degenerate_top_cluster(seed, n, size, rel_gap, block):
     g = torch.Generator().manual_seed(seed)
     lam, R = _top_cluster(n, size, rel_gap, g), _rotation(n, g)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-4, block_size=block, seed=seed)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-4, block_size=block, seed=seed)
     assert _holds(res, lam.max()[None])
 
 
@@ -93,7 +93,7 @@ def test_warm_start_orthogonal_to_the_top(seed, n, leak, rel_gap, block):
     g = torch.Generator().manual_seed(seed)
     lam, R = _top_cluster(n, 2, rel_gap, g), _rotation(n, g)
     v0 = R[:, 1] + leak * R[:, 0]
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=v0, block_size=block, seed=seed)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=v0, block_size=block, seed=seed)
     assert _holds(res, lam.max()[None])
 
 
@@ -101,7 +101,7 @@ def test_exact_second_eigenvector_as_warm_start_is_not_certified_as_the_top():
     """The reported case: eigenvalues linspace(0, 10, 60), v0 = the exact second eigenvector."""
     g = torch.Generator().manual_seed(0)
     lam, R = torch.linspace(0, 10, 60, dtype=torch.float64), _rotation(60, g)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=R[:, -2])
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-8, v0=R[:, -2])
     assert res.all_converged
     assert abs(res.eigenvalues.item() - 10.0) <= 1e-7
 
@@ -205,7 +205,7 @@ def test_float32_model_against_float64_evaluation_of_the_same_weights():
 def test_result_names_its_certificate_and_warm_start():
     g = torch.Generator().manual_seed(1)
     lam, R = torch.linspace(0, 1, 80, dtype=torch.float64) ** 2, _rotation(80, g)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=2, tol=1e-8)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=2, tol=1e-8)
     assert res.all_converged and len(res.certificates) == 2
     assert set(res.certificates) <= set(KINDS)
     assert res.ritz_vectors.shape == (80, 3)
@@ -213,7 +213,7 @@ def test_result_names_its_certificate_and_warm_start():
 
 
 def test_random_columns_argument_is_checked():
-    A = fasthess.MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+    A = fasthess.linop.MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
     with pytest.raises(fasthess.FasthessError, match="random_columns"):
         fasthess.eigs(A, random_columns=-1)
 
@@ -229,7 +229,7 @@ def test_exact_lower_eigenvectors_as_warm_start_do_not_hide_the_random_columns(s
     lam[-1], lam[-2] = 1.0, 0.99
     R = _rotation(150, g)
     order = torch.argsort(lam, descending=True)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, v0=R[:, order[1:3]], seed=seed)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, v0=R[:, order[1:3]], seed=seed)
     assert _holds(res, lam.max()[None])
 
 
@@ -254,7 +254,7 @@ def test_the_last_pass_ending_in_a_thick_restart_still_returns_ritz_vectors():
     lam = torch.rand(40, generator=g, dtype=torch.float64) * 0.5
     lam[-5:] = torch.tensor([1 - 4e-5, 1 - 3e-5, 1 - 2e-5, 1 - 1e-5, 1.0], dtype=torch.float64)
     R = _rotation(40, g)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-6, max_basis=8, max_iters=5)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, tol=1e-6, max_basis=8, max_iters=5)
     assert res.ritz_vectors.shape == (40, 2) and res.num_passes == 5
 
 
@@ -268,7 +268,7 @@ def test_largest_magnitude_across_a_sign_near_tie(seed):
     lam = torch.rand(n, generator=g, dtype=torch.float64) * 1.8 - 0.9
     lam[0], lam[1] = -(1 + 5e-6), 1.0
     R = _rotation(n, g)
-    res = fasthess.eigs(fasthess.MatrixOperator((R * lam) @ R.T), k=1, which="LM", tol=1e-6, seed=seed)
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((R * lam) @ R.T), k=1, which="LM", tol=1e-6, seed=seed)
     assert _holds(res, lam[:1])
 
 
@@ -296,7 +296,7 @@ def test_thick_restart_keeps_a_pair_apart():
     lam[-1], lam[-2] = 1.0, 0.999
     R = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))[0]
     A = (R * lam) @ R.T
-    res = fasthess.eigs(fasthess.MatrixOperator((A + A.T) / 2), k=1, tol=1e-4, seed=245934, max_basis=8,
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((A + A.T) / 2), k=1, tol=1e-4, seed=245934, max_basis=8,
                         block_size=2)
     assert _holds(res, lam.max()[None])
 
@@ -309,7 +309,7 @@ def test_tiny_max_basis_keeps_room_for_two_blocks():
     lam[-3:] = torch.tensor([0.998, 0.999, 1.0], dtype=torch.float64)
     R = _rotation(40, g)
     A = (R * lam) @ R.T
-    res = fasthess.eigs(fasthess.MatrixOperator((A + A.T) / 2), k=1, which="LM", tol=1e-3, seed=885223,
+    res = fasthess.eigs(fasthess.linop.MatrixOperator((A + A.T) / 2), k=1, which="LM", tol=1e-3, seed=885223,
                         max_basis=6, block_size=3)
     assert _holds(res, lam.max()[None])
 

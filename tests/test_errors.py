@@ -208,6 +208,6 @@ def test_nan_chunk_is_named_when_empty_batches_come_first():
 
 
 def test_v0_with_more_columns_than_parameters():
-    op = fasthess.MatrixOperator(torch.eye(5, dtype=torch.float64))
+    op = fasthess.linop.MatrixOperator(torch.eye(5, dtype=torch.float64))
     with pytest.raises(FasthessError, match="at most 5"):
         fasthess.eigs(op, v0=torch.randn(5, 7, dtype=torch.float64))

@@ -38,3 +38,40 @@ def test_float64_twin_gives_the_float64_hessian_of_a_float32_model(weights):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert loss_fn.weight is None or loss_fn.weight.dtype == torch.float32
     assert float((op.matmat(V) - got).norm() / got.norm()) > 1e-10  # the float32 products differ from it
+
+
+def _saturated(seed: int, scale: float):
+    """A float32 ReLU MLP with its weights scaled by √scale under a logistic loss: large logits, so the float32
+    products' rounding is far above the u·‖H‖ the floor models."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale ** 0.5)
+    X, y = torch.randn(300, 10), (torch.rand(300, 2) > 0.5).float()
+    return model, nn.BCEWithLogitsLoss(), X, y
+
+
+@pytest.mark.parametrize("seed", [11, 14])
+def test_saturated_float32_model_is_not_certified_past_its_rounding(seed):
+    """Before the float64 check, seeds 11 and 14 were certified at tol 1e-6 and 1.4e-6 and 2.1e-6 of λ off."""
+    model, loss_fn, X, y = _saturated(seed, 300.0)
+    truth = float(torch.linalg.eigvalsh(_dense64(model, loss_fn, X, y)).max())
+    with pytest.warns(RuntimeWarning, match="moved the eigenvalue"):
+        res = fasthess.lambda_max(model, loss_fn, (X, y), tol=1e-6)
+    err = abs(float(res.eigenvalues[0]) - truth)
+    assert err > 1e-6 * truth  # the case is one the float32 products cannot certify at this tol
+    assert not res.all_converged and err <= float(res.error_bounds[0])
+    assert res.precision.startswith("float32 products, checked against float64")
+
+
+def test_tight_float32_claims_are_checked_and_default_ones_rest_on_the_floor():
+    model, loss_fn, X, y = _saturated(3, 1.0)
+    truth = float(torch.linalg.eigvalsh(_dense64(model, loss_fn, X, y)).max())
+    tight = fasthess.lambda_max(model, loss_fn, (X, y), tol=1e-6)
+    assert tight.all_converged and abs(float(tight.eigenvalues[0]) - truth) <= float(tight.error_bounds[0])
+    assert "checked against float64" in tight.precision
+    default = fasthess.lambda_max(model, loss_fn, (X, y))
+    assert "modelled floor" in default.precision
+    model64 = copy.deepcopy(model).double()
+    assert fasthess.lambda_max(model64, loss_fn, (X.double(), y.double())).precision == "float64 products"

@@ -94,7 +94,7 @@ def test_float64_skew_warning_names_the_asymmetry():
     A = torch.tensor(A + A.T)
     skewed = A + 1e-6 * torch.tensor(rng.standard_normal((200, 200)))  # products that are not symmetric
 
-    class Asym(fasthess.MatrixOperator):
+    class Asym(fasthess.linop.MatrixOperator):
         def _matmat(self, V):
             return skewed @ V
 

@@ -91,8 +91,8 @@ def test_keep_v0_with_a_blind_stand_in_subset_finds_a_new_top():
     old = (R * lam) @ R.T
     lam[n // 2] = 1.03
     new = (R * lam) @ R.T
-    out = eigs_subsampled(fasthess.MatrixOperator(new), tol=1e-6, v0=R[:, :2].clone(), keep_v0=True,
-                          sub_op=fasthess.MatrixOperator(old), fraction=0.125, max_basis=40,
+    out = eigs_subsampled(fasthess.linop.MatrixOperator(new), tol=1e-6, v0=R[:, :2].clone(), keep_v0=True,
+                          sub_op=fasthess.linop.MatrixOperator(old), fraction=0.125, max_basis=40,
                           block_size=2)  # a model operator's CPU block: the full-data step holds no random column
     res = out.result
     assert out.sub_result.all_converged and res.all_converged
