@@ -303,6 +303,7 @@ class SharpnessTracker:
             "certificate": res.certificates[0],
             "certificates": list(res.certificates),
             "basis": _basis(out),
+            "precision": res.precision,
             "num_hvps": int(res.num_hvps),
             "num_passes": int(res.num_passes),
             "subset_hvps": sub_hvps,

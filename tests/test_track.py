@@ -164,6 +164,7 @@ def test_warm_updates_match_the_dense_hessian_and_name_their_basis(explore):
         else:
             assert rec["steps_since"] is None and rec["basis"] == "explored on the full data at this update"
         assert rec["threshold"] == pytest.approx(3.8 / 0.5) and rec["threshold_rule"].startswith("sgd heavy-ball")
+        assert rec["precision"] == "float64 products"
         for _ in range(20):
             opt.zero_grad()
             F.cross_entropy(model(X[:64]), y[:64]).backward()

@@ -33,4 +33,4 @@ def record_text(record: dict[str, Any], prefix: str = "sharpness/") -> dict[str,
     >>> record_text({"basis": "explored on the full data at this update", "threshold_rule": None})
     {'sharpness/basis': 'explored on the full data at this update'}
     """
-    return {f"{prefix}{name}": str(record[name]) for name in ("basis", "threshold_rule") if record.get(name)}
+    return {f"{prefix}{name}": str(record[name]) for name in ("basis", "precision", "threshold_rule") if record.get(name)}
