@@ -292,6 +292,8 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
     interval excludes c. Above: θ₁ − ω > c, since a Ritz value is a Rayleigh quotient, a lower bound on λ_max up to
     the rounding floor ω, whatever the Krylov space has missed. Below: the bound only has to reach c − θ₁ (looser
     than tol when c is far), under every rule of a converged claim."""
+    # One function over 60 lines on purpose: every step reads and extends the same state (Q, HQ, T, G, the block
+    # width and the previous pass's claim); split, that state would travel through every call.
     gen = torch.Generator().manual_seed(seed)
     V0 = _check_v0(v0, n, device) if v0 is not None else None
     b = min(n, max(block_size, V0.shape[0] + random_columns if V0 is not None else 0))
