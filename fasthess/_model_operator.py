@@ -213,6 +213,12 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         """W, what the loss on the whole data divides by (1 for a sum); None before the first pass."""
         return self._normalizer
 
+    @property
+    def products_share_a_pass(self) -> bool:
+        """Do the b products of a pass share its cost? Not on the CPU, where each tangent is its own backward pass;
+        on an accelerator the b tangents are vmapped into one (:func:`fasthess.lanczos.default_block_size`)."""
+        return self.device.type != "cpu"
+
     def in_float64(self) -> ModelOperator:
         """This operator with its products computed in float64 (parameters, floating buffers, inputs and floating
         targets are cast for the products; the model is not changed): the reference against which a solve checks

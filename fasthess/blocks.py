@@ -215,7 +215,7 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
                                 "eigenvalues are all of them and no Krylov certificate applies; merge it into another "
                                 "block with blocks={name: [parameters]}, or lower k")
     block_size = solver.pop("block_size", None)
-    width = block_size or default_block_size(k, op.device, model_operator=True)
+    width = block_size or default_block_size(k, op)
     solves = {name: _Solve(layout, lanczos_steps(layout[1].numel(), op.device, op.dtype, k=k, which="LA", tol=tol,
                                                  block_size=width, requested_block=block_size, **solver))
               for name, layout in layouts.items()}

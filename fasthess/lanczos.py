@@ -52,24 +52,19 @@ MIN_DEPTH = 3  # passes before a claim that rests on random columns: they must h
 MAX_WARM_EXTRA = 2  # Ritz vectors tied with the (k+1)-th that ritz_vectors carries beyond the top k + 1
 
 
-def default_block_size(k: int, device: torch.device | str | None = None, model_operator: bool = False) -> int:
-    """Block size when none is given: k + 1 for a model operator on the CPU, otherwise max(k + 1, 4).
+def default_block_size(k: int, op=None) -> int:
+    """Block size when none is given: k + 1 where the products of a pass do not share its cost, else max(k + 1, 4).
 
     One random column more than the wanted eigenvalues: a single Krylov vector cannot tell a near-degenerate pair
     from one eigenvalue, so with b = k neither the gap nor even the residual bound is safe
-    (:mod:`fasthess._certificate`). On the CPU a pass of a model's Hessian costs about b times a single product
-    (measured on 2 cores, benchmarks/PEERS.md), so the block stays as small as honesty allows; on an accelerator
-    the b vmapped tangents share one pass, and other operators (e.g. a dense :class:`MatrixOperator`) take 4.
+    (:mod:`fasthess._certificate`). An operator says whether its b products share a pass
+    (``products_share_a_pass``, default True): a model's Hessian on the CPU does not, a pass costs about b single
+    products (measured on 2 cores, benchmarks/PEERS.md), so its block stays as small as honesty allows; on an
+    accelerator the b vmapped tangents share one pass, and a dense matrix product shares it too.
     """
-    if model_operator and device is not None and torch.device(device).type == "cpu":
+    if op is not None and not getattr(op, "products_share_a_pass", True):
         return k + 1
     return max(k + 1, 4)
-
-
-def _is_model_operator(op) -> bool:
-    from fasthess._model_operator import ModelOperator
-
-    return isinstance(op, ModelOperator)
 
 
 def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -191,7 +186,7 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
     products = products_dtype(op)
     steps = lanczos_steps(n, op.device, products, k=k, which=which, tol=tol,
-                          block_size=block_size or default_block_size(k, op.device, _is_model_operator(op)),
+                          block_size=block_size or default_block_size(k, op),
                           requested_block=block_size, max_iters=max_iters, v0=v0, seed=seed, progress=progress,
                           max_basis=max_basis, random_columns=random_columns)
     with fixed(op):
