@@ -122,6 +122,16 @@ def _rule_text(rule) -> str | None:
     return f"{rule.rule} = {rule.value:.6g}, for the preconditioned λ_max(P⁻¹H), not this λ_max(H)"
 
 
+def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Tensor | None) -> dict[str, Any]:
+    """``gradient_fraction`` ‖Vᵀg‖²/‖g‖² for the orthonormal eigenvectors V (n, k), and ``top_overlap``
+    |⟨x₁, x₁'⟩| with the previous update's top Ritz vector (the first column of its warm start), or None."""
+    V, g = vectors.detach().double(), gradient.detach().double().to(vectors.device)
+    norm2 = float(g @ g)
+    top = V[:, 0].cpu()
+    return {"gradient_fraction": float((V.T @ g).pow(2).sum()) / norm2 if norm2 > 0 else None,
+            "top_overlap": None if previous is None else abs(float(previous[:, 0].double() @ top))}
+
+
 def _as_float(x) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.detach().reshape(-1)[0].item()) if x.numel() else float("nan")
@@ -145,6 +155,11 @@ class SharpnessTracker:
             this fraction of the wall time since it was built (measured, so it adapts to the model and machine):
             a step is taken when the last update's cost, added now, would keep the share at or below ``budget``.
         explore: ``"subsample"`` or ``"full"`` (module docstring); every record's ``basis`` says which was used.
+        geometry: add two record fields: ``gradient_fraction`` = ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient g
+            in the span of the top-k eigenvectors Vₖ (Gur-Ari et al., 2018; one extra gradient pass), and
+            ``top_overlap`` = |⟨x₁(t), x₁(t')⟩|, how far the top eigenvector turned since the previous update
+            (None at the first one); both are as accurate as the eigenvectors (their angle error is about
+            √(error_bound/gap)).
         mode, disable_dropout: see :func:`sharpness_mode`.
         warm_start: start each solve from the previous top k + 1 Ritz vectors.
         params: the parameters to differentiate (a list, or a callable returning one); a generator such as
@@ -161,7 +176,8 @@ class SharpnessTracker:
     """
 
     def __init__(self, loss_fn, data, *, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
-                 every: int = 1, budget: float | None = None, explore: str = "subsample", mode: str = "train",
+                 every: int = 1, budget: float | None = None, explore: str = "subsample", geometry: bool = False,
+                 mode: str = "train",
                  disable_dropout: bool = True, warm_start: bool = True, params=None, lr: float | None = None,
                  allow_stochastic: bool = False, progress: bool = False, distributed: bool = False,
                  process_group=None, loggers: Sequence[Callable[[dict], None]] = (), batch=None,
@@ -189,6 +205,7 @@ class SharpnessTracker:
         self.every = every
         self.budget = budget
         self.explore = explore
+        self.geometry = geometry
         self.mode = mode
         self.disable_dropout = disable_dropout
         self.warm_start = warm_start
@@ -223,15 +240,16 @@ class SharpnessTracker:
     def compute(self, model: torch.nn.Module, v0: torch.Tensor | None = None):
         """One certified solve on the model's current weights, explored as ``explore`` says; returns the full-data
         :class:`fasthess.EigResult`. Does not touch the history or the warm-start vectors."""
-        return self._explore_and_certify(model, v0).result
+        return self._explore_and_certify(model, v0)[0].result
 
-    def _explore_and_certify(self, model: torch.nn.Module, v0: torch.Tensor | None):
+    def _explore_and_certify(self, model: torch.nn.Module, v0: torch.Tensor | None, gradient: bool = False):
         """:meth:`compute` as a :class:`fasthess.warm.SubsampledEigResult` (``sub_result``: the exploring subset
-        solve, or None when the exploration ran on the full data)."""
+        solve, or None when the exploration ran on the full data), and the full-data gradient when asked for
+        (None otherwise)."""
         self._check_batchnorm_chunks(model)
         try:
             with sharpness_mode(model, self.mode, self.disable_dropout):
-                return self._solve(model, v0)
+                return self._solve(model, v0, gradient)
         except StochasticModelError as err:
             if self.mode == "eval":
                 raise
@@ -240,7 +258,7 @@ class SharpnessTracker:
                 "are switched off (e.g. functional dropout, as in Hugging Face attention); pass "
                 "SharpnessTracker(..., mode='eval'), which switches every module to eval") from err
 
-    def _solve(self, model: torch.nn.Module, v0: torch.Tensor | None):
+    def _solve(self, model: torch.nn.Module, v0: torch.Tensor | None, gradient: bool):
         import fasthess
         from fasthess.warm import SubsampledEigResult, eigs_subsampled
 
@@ -259,9 +277,11 @@ class SharpnessTracker:
         if v0 is None or self.explore == "full":
             res = fasthess.eigs(op, k=self.k, which="LA", tol=self.tol, v0=v0, progress=self.progress, seed=seed,
                                 **kw)
-            return SubsampledEigResult(result=res, sub_result=None, fraction=0.0, seconds=res.seconds)
-        return eigs_subsampled(op, k=self.k, tol=self.tol, fraction=FRACTION, v0=v0, seed=seed,
-                               progress=self.progress, keep_v0=True, **kw)
+            out = SubsampledEigResult(result=res, sub_result=None, fraction=0.0, seconds=res.seconds)
+        else:
+            out = eigs_subsampled(op, k=self.k, tol=self.tol, fraction=FRACTION, v0=v0, seed=seed,
+                                  progress=self.progress, keep_v0=True, **kw)
+        return out, (op.gradient() if gradient else None)
 
     def _check_batchnorm_chunks(self, model: torch.nn.Module) -> None:
         """Train mode normalizes each chunk by its own statistics, so the chunk size must be chosen."""
@@ -281,7 +301,7 @@ class SharpnessTracker:
         """
         t0 = time.perf_counter()
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
-        out = self._explore_and_certify(model, v0)
+        out, grad = self._explore_and_certify(model, v0, gradient=self.geometry)
         res, sub = out.result, out.sub_result
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
         self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
@@ -314,6 +334,8 @@ class SharpnessTracker:
             "threshold": rule.value if rule is not None and rule.operator == "hessian" else None,
             "threshold_rule": _rule_text(rule),
         }
+        if self.geometry:
+            rec.update(_geometry(res.eigenvectors, grad, v0 if warm else None))
         rec.update(extra)
         self.history.append(rec)
         for log in self.loggers:

@@ -239,3 +239,38 @@ def test_tracker_options_refused_when_built(kwargs, match):
     _, X, y = _setup()
     with pytest.raises(fasthess.FasthessError, match=match):
         SharpnessTracker(F.cross_entropy, (X, y), **kwargs)
+
+
+def test_geometry_fields_match_dense_eigenvectors_and_gradient():
+    """gradient_fraction = ‖Vₖᵀg‖²/‖g‖² and top_overlap = |⟨u₁(t), u₁(t')⟩| against the dense Hessian and gradient."""
+    from tests.conftest import dense_hessian_of
+
+    model, X, y = _big_setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128, k=2, tol=1e-10, geometry=True)
+
+    def dense():
+        loss_of = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (X,)), y)  # noqa: E731
+        H = dense_hessian_of(model, loss_of)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(X), y),
+                                                                  list(model.parameters()))])
+        return torch.linalg.eigh(H)[1][:, -2:], g
+
+    previous = None
+    for step in (0, 20):
+        rec = tr.update(model, step=step)
+        U, g = dense()
+        assert rec["converged"]
+        assert rec["gradient_fraction"] == pytest.approx(float((U.T @ g).pow(2).sum() / (g @ g)), abs=1e-7)
+        if previous is None:
+            assert rec["top_overlap"] is None
+        else:
+            assert rec["top_overlap"] == pytest.approx(abs(float(previous @ U[:, -1])), abs=1e-7)
+            assert rec["top_overlap"] < 1 - 1e-6  # the sharp direction turned
+        previous = U[:, -1].clone()
+        for _ in range(20):
+            opt.zero_grad()
+            F.cross_entropy(model(X[:64]), y[:64]).backward()
+            opt.step()
+    plain = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128).update(model)
+    assert "gradient_fraction" not in plain and "top_overlap" not in plain

@@ -10,7 +10,8 @@ def record_scalars(record: dict[str, Any], prefix: str = "sharpness/") -> dict[s
 
     ``lambda_max``, ``residual`` (‖Hx − θx‖ of the top pair), ``num_hvps`` (full-data products),
     ``hvp_equivalents`` (plus the exploring subset's products scaled by its fraction) and ``threshold`` (the
-    optimizer's stability threshold on λ_max(H), e.g. 2/η; only when the record has one); for ``k > 1`` also
+    optimizer's stability threshold on λ_max(H), e.g. 2/η; only when the record has one), ``gradient_fraction`` and
+    ``top_overlap`` (a ``geometry=True`` tracker's, when set); for ``k > 1`` also
     ``lambda_2`` … ``lambda_k``.
 
     >>> record_scalars({"lambda_max": 4.0, "eigenvalues": [4.0, 1.0], "residual": 1e-6, "num_hvps": 7, "threshold": None})
@@ -18,7 +19,7 @@ def record_scalars(record: dict[str, Any], prefix: str = "sharpness/") -> dict[s
     """
     out = {f"{prefix}lambda_max": float(record["lambda_max"]), f"{prefix}residual": float(record["residual"]),
            f"{prefix}num_hvps": float(record["num_hvps"])}
-    for name in ("hvp_equivalents", "threshold"):
+    for name in ("hvp_equivalents", "threshold", "gradient_fraction", "top_overlap"):
         value = record.get(name)
         if value is not None and math.isfinite(value):
             out[f"{prefix}{name}"] = float(value)
