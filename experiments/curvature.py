@@ -6,7 +6,9 @@ Each measure takes the model in its sharpness mode (train mode, dropout off; see
 * ``trace``: tr(H) by Hutch++ with ``TRACE_MATVECS`` products;
 * ``ggn_lambda_max``: λ_max of the generalized Gauss-Newton matrix, to the run's ``lambda_tol``;
 * ``batch_sharpness``: E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over ``NUM_BATCHES`` minibatches of the training batch size;
-* ``minibatch_lambda_max``: E_B[λ_max(H_B)] over the same minibatches.
+* ``minibatch_lambda_max``: E_B[λ_max(H_B)] over the same minibatches;
+* ``gradient_fraction``: ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient in the span of the tracker's top-k
+  eigenvectors of this tracking point (one gradient pass).
 """
 from __future__ import annotations
 
@@ -39,13 +41,21 @@ def _minibatch(fn: Callable) -> Callable[[dict[str, Any]], float]:
     return measure
 
 
+def _gradient_fraction(ctx: dict[str, Any]) -> float:
+    op = fasthess.HessianOperator(ctx["model"], ctx["loss_fn"], ctx["data"], batch_size=ctx["chunk"], **ctx["comm"])
+    g = op.gradient()
+    V = ctx["tracker"].eigenvectors[:, :ctx["tracker"].k].to(g.device)  # the top k of the update just taken
+    return float((V.T @ g).pow(2).sum() / (g @ g))
+
+
 MEASURES: dict[str, Callable[[dict[str, Any]], float]] = {
     "trace": _trace,
     "ggn_lambda_max": _ggn_lambda_max,
     "batch_sharpness": _minibatch(fasthess.batch_sharpness),
     "minibatch_lambda_max": _minibatch(fasthess.minibatch_lambda_max),
+    "gradient_fraction": _gradient_fraction,
 }
-SHARDED = ("trace", "ggn_lambda_max")  # the minibatch measures need the whole data set in one process
+SHARDED = ("trace", "ggn_lambda_max", "gradient_fraction")  # the minibatch measures need the whole data set in one process
 
 
 def measure(names: list[str], model: torch.nn.Module, tracker, *, batch_size: int, seed: int) -> dict[str, float]:
@@ -53,5 +63,5 @@ def measure(names: list[str], model: torch.nn.Module, tracker, *, batch_size: in
     comm = {"distributed": True, "process_group": tracker.process_group} if tracker.distributed else {}
     with fasthess.sharpness_mode(model, tracker.mode, tracker.disable_dropout):
         ctx = {"model": model, "loss_fn": tracker.loss_fn, "data": tracker.data, "chunk": tracker.batch_size,
-               "batch_size": batch_size, "tol": tracker.tol, "seed": seed, "comm": comm}
+               "batch_size": batch_size, "tol": tracker.tol, "seed": seed, "comm": comm, "tracker": tracker}
         return {name: MEASURES[name](ctx) for name in names}

@@ -226,7 +226,8 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         data, the checked contract and W, and counts its own products."""
         twin = copy.copy(self)
         twin.compute_dtype = torch.float64
-        if self.loss.kind == "criterion" and any(t.is_floating_point() for t in self.loss_fn.buffers()):
+        if (self.loss.kind == "criterion" and isinstance(self.loss_fn, nn.Module)
+                and any(t.is_floating_point() for t in self.loss_fn.buffers())):
             # a criterion's class weights must meet float64 outputs in float64
             twin.loss = contract_of(copy.deepcopy(self.loss_fn).double(), batch_loss=self.data.spec.batch_loss)
         twin.num_hvps = twin.num_passes = 0

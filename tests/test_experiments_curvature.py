@@ -29,6 +29,7 @@ def test_extra_measures_are_logged_and_consistent(tmp_path):
         assert r["ggn_lambda_max"] > 0
         assert r["minibatch_lambda_max"] >= r["batch_sharpness"] - 1e-9
         assert r["trace"] > 0
+        assert 0 <= r["gradient_fraction"] <= 1 + 1e-12
 
 
 @pytest.mark.parametrize("bad", [["hessian_norm"], "trace", [3]])

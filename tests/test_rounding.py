@@ -75,3 +75,10 @@ def test_tight_float32_claims_are_checked_and_default_ones_rest_on_the_floor():
     assert "modelled floor" in default.precision
     model64 = copy.deepcopy(model).double()
     assert fasthess.lambda_max(model64, loss_fn, (X.double(), y.double())).precision == "float64 products"
+
+
+def test_functional_loss_gets_a_float64_twin():
+    """F.cross_entropy (a function, not a module) at a tight tol: the check runs, with no module to cast."""
+    model, _, X, y = _float32_problem()
+    res = fasthess.lambda_max(model, torch.nn.functional.cross_entropy, (X, y), tol=1e-6)
+    assert res.all_converged and "checked against float64" in res.precision
