@@ -2,8 +2,8 @@
 
 :func:`compare_lambda_max` runs the block Lanczos iteration of :func:`fasthess.eigs` and stops as soon as the
 certified interval [θ₁ − ω, θ₁ + bound] excludes c. "Above" needs no gap argument and no Krylov assumption: θ₁ is a
-Rayleigh quotient, so λ_max ≥ θ₁ − ω (ω the rounding floor). "Below" needs the full certificate of a converged
-claim (:mod:`fasthess._certificate`), with the bound only as tight as c − θ₁ requires. When c lies inside the
+Rayleigh quotient, so λ_max ≥ θ₁ − ω (ω the rounding floor). "Below" needs the full certificate of a claim converged
+at ``tol`` (:mod:`fasthess._certificate`), so it costs what :func:`fasthess.eigs` does. When c lies inside the
 interval at ``tol`` the answer is ``None`` (λ_max is within tol of c).
 
 :func:`stability_threshold` gives the curvature at which an optimizer's iteration on a quadratic stops being stable
@@ -17,6 +17,7 @@ and any other optimizer, get no threshold.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from fasthess.lanczos import _check_operator, check_options, default_block_size, drive, \
     lanczos_steps
+from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
 
@@ -53,6 +55,8 @@ def compare_lambda_max(op, c: float, *, tol: float = 1e-4, block_size: int | Non
     Arguments as in :func:`fasthess.eigs` (k = 1, ``which="LA"``); ``tol`` is the accuracy at which a c inside the
     interval is reported as undecided (``above=None``).
     """
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        raise FasthessError(f"c={c!r} must be a finite number, the threshold λ_max is compared with (e.g. 2 / lr)")
     check_options(1, "LA", tol, block_size, max_iters, None, random_columns)
     n = _check_operator(op, 1)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
@@ -82,21 +86,27 @@ class StabilityThreshold:
 
 def stability_threshold(optimizer: Any, lr: float | None = None) -> StabilityThreshold | None:
     """The threshold that fits ``optimizer`` (its first parameter group; every group must agree), or, with no
-    optimizer, 2/lr for plain gradient descent; None where nothing fits (AdamW-type, other optimizers, lr 0)."""
+    optimizer, 2/lr for plain gradient descent; None where nothing fits (AdamW-type, other optimizers, lr ≤ 0,
+    ``maximize=True``: gradient ascent is unstable at every positive curvature, and heavy-ball with dampening 1,
+    whose gradient never enters the step)."""
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+        raise FasthessError(f"lr={lr!r} must be a number (the learning rate), e.g. lr=0.1")
     if optimizer is None:
-        return StabilityThreshold(2.0 / lr, "gd: 2/lr", "hessian") if lr else None
+        return StabilityThreshold(2.0 / lr, "gd: 2/lr", "hessian") if lr is not None and lr > 0 else None
     groups = optimizer.param_groups
     keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas")
     if len({tuple(repr(g.get(key)) for key in keys) for g in groups}) != 1:
         return None  # groups that disagree on the step have no single threshold
     g = groups[0]
     eta = float(g["lr"])
-    if eta <= 0:
+    if eta <= 0 or g.get("maximize"):
         return None
     if type(optimizer) is torch.optim.SGD:
         beta, damp, wd = float(g.get("momentum", 0)), float(g.get("dampening", 0)), float(g.get("weight_decay", 0))
         if g.get("nesterov"):
             value, rule = (2 + 2 * beta) / ((1 + 2 * beta) * eta), "sgd nesterov: (2+2β)/((1+2β)lr)"
+        elif beta and damp >= 1:
+            return None
         elif beta:
             value, rule = (2 + 2 * beta) / ((1 - damp) * eta), "sgd heavy-ball: (2+2β)/((1-dampening)lr)"
         else:

@@ -210,6 +210,8 @@ class SharpnessTracker:
         self.disable_dropout = disable_dropout
         self.warm_start = warm_start
         self.params = _materialize(params)
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+            raise FasthessError(f"lr={lr!r} must be a number (the learning rate), e.g. lr=0.1")
         self.lr = lr
         self.allow_stochastic = allow_stochastic
         self.progress = progress
@@ -226,6 +228,9 @@ class SharpnessTracker:
     # ------------------------------------------------------------------ computing
     def should_update(self, step: int) -> bool:
         """``step % every == 0`` and, with a budget, (spent + last cost) ≤ budget·(elapsed + last cost)."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise FasthessError(f"step={step!r} must be an integer (the training step); call update(model) to "
+                                "compute without one")
         if step % self.every:
             return False
         if self.budget is None or not self.history:
@@ -300,6 +305,10 @@ class SharpnessTracker:
         (:func:`fasthess.threshold.stability_threshold`); ``extra`` key/values are copied into the record.
         """
         t0 = time.perf_counter()
+        if optimizer is not None and lr is not None and optimizer.param_groups \
+                and float(optimizer.param_groups[0]["lr"]) != float(lr):
+            raise FasthessError(f"update got lr={lr} and an optimizer whose lr is {optimizer.param_groups[0]['lr']}; "
+                                "the record's threshold comes from the optimizer, so pass one of them")
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
         out, grad = self._explore_and_certify(model, v0, gradient=self.geometry)
         res, sub = out.result, out.sub_result
@@ -378,6 +387,9 @@ class SharpnessTracker:
                 "vectors": None if self._vectors is None else self._vectors.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [dict(r) for r in state.get("history", [])]
         v = state.get("vectors")
+        if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 2 or not bool(torch.isfinite(v).all())):
+            raise FasthessError("the state's warm-start vectors are not a finite (n, j) tensor (a corrupted "
+                                "checkpoint?); load the history without them, or call tracker.reset() after loading")
+        self.history = [dict(r) for r in state.get("history", [])]
         self._vectors = None if v is None else v.detach().to("cpu", torch.float64).clone()

@@ -274,3 +274,20 @@ def test_geometry_fields_match_dense_eigenvectors_and_gradient():
             opt.step()
     plain = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128).update(model)
     assert "gradient_fraction" not in plain and "top_overlap" not in plain
+
+
+def test_bad_arguments_and_state_are_refused_before_any_product():
+    model, X, y = _setup()
+    tr = SharpnessTracker(F.cross_entropy, (X, y))
+    with pytest.raises(fasthess.FasthessError, match="must be an integer"):
+        tr.maybe_update(model, None)
+    with pytest.raises(fasthess.FasthessError, match="must be a number"):
+        SharpnessTracker(F.cross_entropy, (X, y), lr="0.1")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fasthess.FasthessError, match="pass one of them"):
+        tr.update(model, 0, optimizer=opt, lr=0.5)
+    state = tr.state_dict()
+    state["vectors"] = torch.full((5, 2), float("nan"))
+    with pytest.raises(fasthess.FasthessError, match="reset"):
+        tr.load_state_dict(state)
+    assert tr.history == []
