@@ -165,10 +165,11 @@ WARM_GUARD = 0.8  # a tracker update may cost at most this share of a cold solve
 
 
 def test_tracker_update(benchmark, problem):
-    """A SharpnessTracker update (default explore="subsample") after 10 SGD steps; guards its products: the median
+    """A SharpnessTracker update with explore="subsample" after 10 SGD steps; guards its products: the median
     hvp_equivalents (full-data HVPs + 1/8 of the subset's) must stay ≤ WARM_GUARD × a cold solve's HVPs."""
     p = copy.deepcopy(problem)
-    tracker = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=TOL, mode="eval")
+    tracker = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=TOL, mode="eval",
+                                        explore="subsample")
     tracker.update(p.model, step=0)
     cold = []
 

@@ -11,15 +11,18 @@ Usage inside any training loop::
 Each update builds a :class:`fasthess.HessianOperator` on the model's current weights and certifies λ_max on the
 full data. How it explores (``explore``):
 
-* ``"subsample"`` (default, for in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started
-  from the previous update's Ritz vectors plus a fresh random column taken to the full minimum depth, explores;
-  the full-data solve then starts from the previous top k vectors and k more columns that add the previous
-  (k+1)-th vector to the subset's top Ritz vectors, with no further random column
-  (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``). Its claim rests on the
-  full-data residuals (the certificate is unchanged) and on the subset's exploration for the Krylov assumption;
-  the record's ``basis`` says so. Data that cannot be subsampled (iterables, datasets, distributed) is explored
-  on the full data.
-* ``"full"``: every update carries a fresh random column on the full data, as a cold solve does.
+* ``"full"`` (default): every update carries a fresh random column on the full data next to the previous Ritz
+  vectors, as a cold solve does.
+* ``"subsample"`` (opt-in, in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started from
+  the previous update's Ritz vectors plus a fresh random column taken to the full minimum depth, explores; the
+  full-data solve then starts from the previous top k vectors and k more columns that add the previous (k+1)-th
+  vector to the subset's top Ritz vectors, with no further random column (:func:`fasthess.warm.eigs_subsampled`
+  with ``keep_v0=True``). Its claim rests on the full-data residuals and on the subset's exploration for the
+  Krylov assumption; the record's ``basis`` says so. Data that cannot be subsampled is explored on the full data.
+
+Both warm modes can certify the old top when a direction from deep in the bulk rises past it between two updates
+(red-team rates in docs/guides/tracking.md, "Known false records"); ``warm_start=False`` makes every update a
+cold solve.
 
 Measured on the CPU (benchmarks/tracking_overhead.py, an update every 20 steps of SGD with momentum, tol 1e-4): a
 subsample-explored update costs 0.52–0.84 of a cold solve's products (full-data products plus 1/8 of the
@@ -154,7 +157,8 @@ class SharpnessTracker:
         budget: with ``maybe_update`` called every step, compute only while the tracker's own time stays within
             this fraction of the wall time since it was built (measured, so it adapts to the model and machine):
             a step is taken when the last update's cost, added now, would keep the share at or below ``budget``.
-        explore: ``"subsample"`` or ``"full"`` (module docstring); every record's ``basis`` says which was used.
+        explore: ``"full"`` (default) or ``"subsample"`` (module docstring); every record's ``basis`` says which was
+            used.
         geometry: add two record fields: ``gradient_fraction`` = ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient g
             in the span of the top-k eigenvectors Vₖ (Gur-Ari et al., 2018; one extra gradient pass), and
             ``top_overlap`` = |⟨x₁(t), x₁(t')⟩|, how far the top eigenvector turned since the previous update
@@ -176,7 +180,7 @@ class SharpnessTracker:
     """
 
     def __init__(self, loss_fn, data, *, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
-                 every: int = 1, budget: float | None = None, explore: str = "subsample", geometry: bool = False,
+                 every: int = 1, budget: float | None = None, explore: str = "full", geometry: bool = False,
                  mode: str = "train",
                  disable_dropout: bool = True, warm_start: bool = True, params=None, lr: float | None = None,
                  allow_stochastic: bool = False, progress: bool = False, distributed: bool = False,
