@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fasthess.lanczos import _check_operator, check_options, default_block_size, drive, \
+from fasthess.lanczos import _check_operator, check_options, default_block_size, drive, products_dtype, \
     lanczos_steps
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
@@ -60,7 +60,7 @@ def compare_lambda_max(op, c: float, *, tol: float = 1e-4, block_size: int | Non
     check_options(1, "LA", tol, block_size, max_iters, None, random_columns)
     n = _check_operator(op, 1)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
-    steps = lanczos_steps(n, op.device, getattr(op, "dtype", torch.float64), k=1, which="LA", tol=tol,
+    steps = lanczos_steps(n, op.device, products_dtype(op), k=1, which="LA", tol=tol,
                           block_size=block_size or default_block_size(1, op),
                           requested_block=block_size, max_iters=max_iters, v0=v0, seed=seed,
                           random_columns=random_columns, threshold=float(c))
