@@ -6,6 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.fasthess-demo
 DEV_STAMP  := $(VENV)/.fasthess-dev
+# The demo layer is installed without byte-compiling: Python compiles a module when it is first imported, so
+# only the modules the demo runs get a .pyc (pip would compile all of them: 200 MB, mostly never imported).
+DEMO_PIP   := $(PY) -m pip install -q --no-compile
 SOURCES := setup.py pyproject.toml requirements-demo.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 export CUDA_HOME ?= /usr/local/cuda
 
@@ -15,9 +18,9 @@ setup: $(DEV_STAMP)
 
 $(DEMO_STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-demo.txt
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(DEMO_PIP) --upgrade pip
+	$(DEMO_PIP) -r requirements-demo.txt
+	$(DEMO_PIP) --no-build-isolation -e .
 	$(PY) -m fasthess
 	touch $@
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.resources
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ def test_version_and_typing_marker_are_installed() -> None:
     assert (PACKAGE / "py.typed").is_file()
     meta = importlib.metadata.metadata("fasthess")
     assert meta["Requires-Python"] == ">=3.10"
-    assert {"experiments", "test", "docs", "integrations", "peers"} <= set(meta.get_all("Provides-Extra"))
+    assert {"demo", "experiments", "test", "docs", "integrations", "peers"} <= set(meta.get_all("Provides-Extra"))
     for requirement in meta.get_all("Requires-Dist"):  # no extra may pin a torch other than the user's
         assert not requirement.startswith("torch") or requirement.startswith("torch>=")
 
@@ -44,13 +45,18 @@ def _requirement_names(path: Path) -> set[str]:
     return {re.split(r"[<>=;\[ ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
 
 
-def test_make_demo_installs_the_runner_extra_and_the_build_tools_only() -> None:
+def test_make_demo_installs_the_demo_extra_and_the_build_tools_only() -> None:
     demo, dev = SOURCE / "requirements-demo.txt", SOURCE / "requirements-dev.txt"
     assert "torch==" in demo.read_text()  # an unpinned torch would pull a multi-GB CUDA build
     assert "-r requirements-demo.txt" in dev.read_text().splitlines()  # make test adds the rest on top
     requires = importlib.metadata.metadata("fasthess").get_all("Requires-Dist")
-    extra = {re.split(r"[<>=;\[ ]", r)[0].lower() for r in requires if 'extra == "experiments"' in r}
+    extra = {re.split(r"[<>=;\[ ]", r)[0].lower() for r in requires if 'extra == "demo"' in r}
     assert _requirement_names(demo) == extra | {"torch", "numpy", "ninja", "setuptools", "wheel"}
+
+
+def test_the_runner_ships_its_embedded_data() -> None:  # the demo's MNIST-1D: no mnist1d, no scikit-learn
+    embedded = importlib.resources.files("fasthess_experiments") / "embedded"
+    assert {"digits.npz", "mnist1d.npz"} <= {p.name for p in embedded.iterdir()}
 
 
 def test_readme_is_a_first_screen_naming_the_runner_once() -> None:
