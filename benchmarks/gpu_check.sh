@@ -2,7 +2,7 @@
 # The whole GPU check in one call (a CUDA machine, no network; peers carried in benchmarks/.peers):
 #   1. builds fasthess._C with CUDA in place (sm_90) and checks both CUDA kernels are registered,
 #   2. runs tests/test_ops.py (CUDA parametrizations included),
-#   3. benchmarks the CUDA kernels (bench_ops.py) and reports accumulate_dot's bandwidth against 4.3 TB/s,
+#   3. benchmarks the CUDA kernels (bench_ops.py) and reports accumulate's bandwidth against 4.3 TB/s,
 #   4. benchmarks HVP passes by method, cold and warm λ_max on the CNN problem (bench_core.py),
 #   5. compares fasthess with curvlinops + eigsh on VGG-11 / 50k CIFAR-shaped examples (compare_peers.py,
 #      float32 reference; the issue-5 target is λ_max to 1e-4 in ≤ 5 s),
@@ -50,7 +50,7 @@ step build 240 "$PY" setup.py build_ext --inplace
 step loaded 30 "$PY" -c '
 from fasthess import _ext
 assert _ext._LOAD_ERROR is None, _ext._LOAD_ERROR
-missing = [op for op in ("accumulate_dot", "tridiag_eigh") if not _ext.has_kernel(op, "CUDA")]
+missing = [op for op in ("accumulate", "tridiag_eigh") if not _ext.has_kernel(op, "CUDA")]
 assert not missing, f"no CUDA kernel for {missing}"
 print("backend", _ext.backend(), _ext.native_ops())'
 step test_ops 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -ra
@@ -71,7 +71,7 @@ PEAK = 4300.0  # GB/s, H200 HBM3e
 rows = [b for b in json.load(open(sys.argv[1]))["benchmarks"]
         if b["name"].startswith("test_accumulate[native") and b["params"]["device"] == "cuda"]
 best = max(b["extra_info"]["GBps"] for b in rows)
-print(f"accumulate_dot best bandwidth: {best:.0f} GB/s = {best / PEAK:.1%} of 4.3 TB/s")
+print(f"accumulate best bandwidth: {best:.0f} GB/s = {best / PEAK:.1%} of 4.3 TB/s")
 PYEOF
 fi
 { for name in bench_ops bench_core; do

@@ -1,4 +1,4 @@
-// Argument checks and flat layout of fasthess::accumulate_dot, shared by its CPU and CUDA kernels.
+// Argument checks and flat layout of fasthess::accumulate, shared by its CPU and CUDA kernels.
 #pragma once
 
 #include "common.h"
@@ -16,16 +16,14 @@ struct AccumulatePlan {
   std::vector<at::Tensor> tensors;    // contiguous copies (views when already contiguous)
   std::vector<int64_t> offset;        // column offset of tensor i in acc
   std::vector<int64_t> numel;         // per-row numel of tensor i
-  at::Tensor other;                   // contiguous, or undefined
 };
 
-// Checks acc (b, n), tensors[i] (b, ...) with per-row numels summing to n, other (b, n); builds the plan.
-inline AccumulatePlan plan_accumulate(const at::Tensor& acc, at::TensorList tensors,
-                                      const std::optional<at::Tensor>& other) {
-  TORCH_CHECK(acc.dim() == 2, "accumulate_dot: acc must have shape (b, n), got ", acc.sizes());
+// Checks acc (b, n) and tensors[i] (b, ...) with per-row numels summing to n; builds the plan.
+inline AccumulatePlan plan_accumulate(const at::Tensor& acc, at::TensorList tensors) {
+  TORCH_CHECK(acc.dim() == 2, "accumulate: acc must have shape (b, n), got ", acc.sizes());
   TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
-              "accumulate_dot: acc must be float32 or float64, got ", acc.scalar_type());
-  TORCH_CHECK(acc.is_contiguous(), "accumulate_dot: acc is updated in place and must be contiguous; "
+              "accumulate: acc must be float32 or float64, got ", acc.scalar_type());
+  TORCH_CHECK(acc.is_contiguous(), "accumulate: acc is updated in place and must be contiguous; "
               "pass acc.contiguous() and copy the result back");
   AccumulatePlan plan;
   plan.rows = acc.size(0);
@@ -33,29 +31,20 @@ inline AccumulatePlan plan_accumulate(const at::Tensor& acc, at::TensorList tens
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device() == acc.device(), "accumulate_dot: tensors[", i, "] is on ", t.device(),
+    TORCH_CHECK(t.device() == acc.device(), "accumulate: tensors[", i, "] is on ", t.device(),
                 " but acc is on ", acc.device(), "; move it with .to(acc.device)");
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                "accumulate_dot: tensors[", i, "] must be float32 or float64, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() >= 1 && t.size(0) == plan.rows, "accumulate_dot: tensors[", i, "] has shape ",
+                "accumulate: tensors[", i, "] must be float32 or float64, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() >= 1 && t.size(0) == plan.rows, "accumulate: tensors[", i, "] has shape ",
                 t.sizes(), " but must have acc's ", plan.rows, " rows along dim 0");
     plan.tensors.push_back(t.contiguous());
     plan.offset.push_back(total);
     plan.numel.push_back(c10::multiply_integers(t.sizes().slice(1)));
     total += plan.numel.back();
   }
-  TORCH_CHECK(tensors.empty() || total == plan.cols, "accumulate_dot: the tensors hold ", total,
+  TORCH_CHECK(tensors.empty() || total == plan.cols, "accumulate: the tensors hold ", total,
               " elements per row but acc has ", plan.cols, " columns; pass every parameter's tensor, "
               "in flat-layout order");
-  if (other.has_value() && other->defined()) {
-    TORCH_CHECK(other->sizes() == acc.sizes(), "accumulate_dot: other has shape ", other->sizes(),
-                " but must match acc's ", acc.sizes());
-    TORCH_CHECK(other->scalar_type() == acc.scalar_type(), "accumulate_dot: other is ",
-                other->scalar_type(), " but must have acc's dtype ", acc.scalar_type());
-    TORCH_CHECK(other->device() == acc.device(), "accumulate_dot: other is on ", other->device(),
-                " but acc is on ", acc.device());
-    plan.other = other->contiguous();
-  }
   return plan;
 }
 

@@ -14,11 +14,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fasthess, m) {
-  // acc (b, n) += alpha * concat_i tensors[i].reshape(b, -1); returns the float64 (b,) dots of
-  // that contribution with other's rows (zeros without other).
-  m.def("accumulate_dot(Tensor(a!) acc, Tensor[] tensors, float alpha, Tensor? other=None) -> Tensor");
-  // Eigen-decomposition of B symmetric tridiagonal m x m matrices (diagonal d (B, m), off-diagonal
-  // e (B, m-1)): eigenvalues (B, m) ascending, and by `vectors`: 0 -> (B, 0) empty,
-  // 1 -> first components (B, m) (row 0 of the eigenvector matrix), 2 -> eigenvectors (B, m, m) as columns.
-  m.def("tridiag_eigh(Tensor d, Tensor e, int vectors) -> (Tensor, Tensor)");
+  // acc (b, n) += concat_i tensors[i].reshape(b, -1), in place.
+  m.def("accumulate(Tensor(a!) acc, Tensor[] tensors) -> ()");
+  // Eigenvalues (B, m) ascending of B symmetric tridiagonal m x m matrices (diagonal d (B, m),
+  // off-diagonal e (B, m-1)) and the first components (B, m) of their unit eigenvectors.
+  m.def("tridiag_eigh(Tensor d, Tensor e) -> (Tensor, Tensor)");
 }

@@ -1,9 +1,9 @@
 // Implicit QL iteration with Wilkinson shifts for symmetric tridiagonal matrices, written so that the
 // CPU kernel (one matrix per task) and the CUDA kernel (one thread block per matrix) share it:
 //   ql_sweep         one shifted QL sweep on d, e; records its Givens rotations in c, s;
-//   apply_rotations  applies a sweep's rotations to the eigenvector work array;
+//   rotate_first_row applies a sweep's rotations to the first row z of the eigenvector matrix Z
+//                    (T = Z diag(d) Z^T), all that Gauss quadrature (SLQ) needs: O(m) per sweep, not O(m^2);
 //   sorted_rank      position of an eigenvalue in the ascending order.
-// The eigenvector matrix Z (T = Z diag(d) Z^T) is kept transposed: W[k * ldw + r] = Z[r, k].
 #pragma once
 
 #include "common.h"
@@ -14,8 +14,6 @@
 #include <ATen/core/Tensor.h>
 
 namespace fasthess {
-
-enum class Vectors : int64_t { kNone = 0, kFirst = 1, kFull = 2 };
 
 constexpr int kMaxSweepsPerEigenvalue = 60;
 
@@ -80,23 +78,17 @@ FASTHESS_HD inline bool ql_sweep(double* d, double* e, int m, int& l, int& sweep
   return false;
 }
 
-// Z <- Z G_{hi-1} ... G_{lo} on rows r0 .. r0+L-1 of Z (entries W[k * ldw + r]); row k+1 is final
-// after rotation k, so each step loads one entry and stores one.
-template <int L>
-FASTHESS_HD inline void apply_rotations(double* W, int64_t ldw, int64_t r0, int lo, int hi, const double* c,
-                                        const double* s) {
+// z <- z G_{hi-1} ... G_{lo} for the first row z of Z; z[k+1] is final after rotation k, so each step
+// loads one entry and stores one.
+FASTHESS_HD inline void rotate_first_row(double* z, int lo, int hi, const double* c, const double* s) {
   if (lo >= hi) return;
-  double carry[L];
-  for (int q = 0; q < L; ++q) carry[q] = W[hi * ldw + r0 + q];
+  double carry = z[hi];
   for (int i = hi - 1; i >= lo; --i) {
-    double* row = W + i * ldw + r0;
-    for (int q = 0; q < L; ++q) {
-      const double v = row[q];
-      row[ldw + q] = s[i] * v + c[i] * carry[q];
-      carry[q] = c[i] * v - s[i] * carry[q];
-    }
+    const double v = z[i];
+    z[i + 1] = s[i] * v + c[i] * carry;
+    carry = c[i] * v - s[i] * carry;
   }
-  for (int q = 0; q < L; ++q) W[lo * ldw + r0 + q] = carry[q];
+  z[lo] = carry;
 }
 
 // Rank of d[k] in ascending order (NaN last, ties by index): a permutation of 0..m-1.
@@ -111,8 +103,8 @@ FASTHESS_HD inline int sorted_rank(const double* d, int m, int k) {
   return rank;
 }
 
-// Checks d (B, m), e (B, m-1), the mode; returns the mode.
-inline Vectors check_tridiag(const at::Tensor& d, const at::Tensor& e, int64_t vectors) {
+// Checks d (B, m) and e (B, m-1).
+inline void check_tridiag(const at::Tensor& d, const at::Tensor& e) {
   TORCH_CHECK(d.dim() == 2 && d.size(1) >= 1, "tridiag_eigh: d must have shape (B, m) with m >= 1, got ",
               d.sizes());
   TORCH_CHECK(e.dim() == 2 && e.size(0) == d.size(0) && e.size(1) == d.size(1) - 1,
@@ -120,16 +112,7 @@ inline Vectors check_tridiag(const at::Tensor& d, const at::Tensor& e, int64_t v
   TORCH_CHECK(d.scalar_type() == e.scalar_type() && d.device() == e.device(),
               "tridiag_eigh: d and e must share dtype and device, got ", d.scalar_type(), "/", e.scalar_type(),
               " on ", d.device(), "/", e.device());
-  TORCH_CHECK(vectors >= 0 && vectors <= 2, "tridiag_eigh: vectors must be 0 (none), 1 (first row) or 2 (full), got ",
-              vectors);
   TORCH_CHECK(d.size(1) < (int64_t{1} << 30), "tridiag_eigh: m too large");
-  return static_cast<Vectors>(vectors);
-}
-
-// Shape of the second output: (B, 0), (B, m) or (B, m, m).
-inline std::vector<int64_t> vectors_shape(int64_t batch, int64_t m, Vectors mode) {
-  if (mode == Vectors::kFull) return {batch, m, m};
-  return {batch, mode == Vectors::kFirst ? m : 0};
 }
 
 }  // namespace fasthess

@@ -15,10 +15,10 @@ width σ at each node gives a smooth density.
 All probes run together: each Lanczos step applies the operator to the (n, num_probes) block of the
 current vectors, one data pass for all probes, and every probe's new vector is fully reorthogonalized
 (two Gram–Schmidt passes) against that probe's own basis, so no ghost eigenvalues appear. The basis
-costs num_probes · steps · n · 8 bytes. The tridiagonals are eigendecomposed in one batched call to
-:func:`fasthess.ops.tridiag_eigh` with ``vectors="first"``. If a probe's Krylov space closes early
-(βₖ = 0, the quadrature is already exact) its recurrence continues from a fresh Gaussian vector orthogonal
-to its basis with βₖ = 0, so T decouples and the extra nodes get weight exactly 0.
+costs num_probes · steps · n · 8 bytes. One batched call to :func:`fasthess.ops.tridiag_eigh` gives every
+tridiagonal's nodes and the first components of its eigenvectors (the weights are their squares). If a probe's
+Krylov space closes early (βₖ = 0, the quadrature is already exact) its recurrence continues from a fresh Gaussian
+vector orthogonal to its basis with βₖ = 0, so T decouples and the extra nodes get weight exactly 0.
 
 >>> import torch
 >>> from fasthess.linop import MatrixOperator
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from fasthess import ops
+from fasthess._deprecation import positional_until
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.trace import rademacher
@@ -91,7 +92,8 @@ class Density:
         kernel = torch.exp(-0.5 * z * z) / (sigma * math.sqrt(2 * math.pi))
         return (kernel * self.weights).sum(dim=(-2, -1)) / self.nodes.shape[0]
 
-    def plot(self, ax=None, sigma: float | None = None, num_points: int = 1000, log: bool = True):
+    @positional_until(2)
+    def plot(self, ax=None, *, sigma: float | None = None, num_points: int = 1000, log: bool = True):
         """Draw :meth:`pdf` on a grid padded around the nodes (σ defaults to 1% of their range); returns the axes."""
         import matplotlib.pyplot as plt
 
@@ -150,7 +152,8 @@ def _lanczos(op, V: torch.Tensor, steps: int, gen: torch.Generator) -> tuple[tor
     return alpha, beta
 
 
-def spectral_density(op, num_probes: int = 10, lanczos_steps: int = 80, seed: int = 0) -> Density:
+@positional_until(1)
+def spectral_density(op, *, num_probes: int = 10, lanczos_steps: int = 80, seed: int = 0) -> Density:
     """Estimate the spectral density of a symmetric operator by SLQ (see the module docstring).
 
     Args:
@@ -171,6 +174,6 @@ def spectral_density(op, num_probes: int = 10, lanczos_steps: int = 80, seed: in
     V = rademacher(n, num_probes, gen, op.device).T / math.sqrt(n)
     with fixed(op):
         alpha, beta = _lanczos(op, V, steps, gen)
-    nodes, first = ops.tridiag_eigh(alpha, beta, vectors="first")
+    nodes, first = ops.tridiag_eigh(alpha, beta)
     return Density(nodes=nodes, weights=first * first, num_params=n, num_hvps=op.num_hvps - start_hvps,
                    num_passes=op.num_passes - start_passes)
