@@ -62,8 +62,9 @@ def many_seeds(H: torch.Tensor, budgets: list[int], seeds: int) -> None:
     print("| products | hutch++ | hutchinson (= PyHessian trace) |")
     print("| --- | --- | --- |")
     for m in budgets:
-        rms = [math.sqrt(statistics.mean(((trace(MatrixOperator(H), m, method, seed=s).estimate - exact) / exact) ** 2
-                                         for s in range(seeds))) for method in ("hutch++", "hutchinson")]
+        rms = [math.sqrt(statistics.mean(
+            ((trace(MatrixOperator(H), num_matvecs=m, method=method, seed=s).estimate - exact) / exact) ** 2
+            for s in range(seeds))) for method in ("hutch++", "hutchinson")]
         print(f"| {m} | {rms[0]:.2e} | {rms[1]:.2e} |")
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fasthess._data import is_tensor_pair
+from fasthess._deprecation import renamed_keywords
 from fasthess.errors import FasthessError
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import eigs
@@ -136,27 +137,29 @@ class MinibatchEstimate:
                 f"num_batches={len(self.indices)}, num_hvps={self.num_hvps})")
 
 
-def _minibatches(num_examples: int, batch_size: int, num_batches: int, seed: int) -> list[torch.Tensor]:
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= num_examples:
-        raise FasthessError(f"batch_size={batch_size!r} must be an integer between 1 and the {num_examples} examples")
+def _minibatches(num_examples: int, minibatch_size: int, num_batches: int, seed: int) -> list[torch.Tensor]:
+    size = minibatch_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= num_examples:
+        raise FasthessError(f"minibatch_size={minibatch_size!r} must be an integer between 1 and the {num_examples} "
+                            "examples")
     if not isinstance(num_batches, int) or num_batches < 2:
         raise FasthessError(f"num_batches={num_batches!r} must be an integer ≥ 2 (to estimate a standard error)")
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randperm(num_examples, generator=gen)[:batch_size] for _ in range(num_batches)]
+    return [torch.randperm(num_examples, generator=gen)[:minibatch_size] for _ in range(num_batches)]
 
 
-def _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, per_batch) -> MinibatchEstimate:
-    """Apply ``per_batch(op, x, y) -> (value, hvps)`` to the HessianOperator of each random minibatch."""
+def _estimate(model, loss_fn, data, minibatch_size, num_batches, seed, params, per_batch) -> MinibatchEstimate:
+    """Apply ``per_batch(op, x, y) -> value`` to the HessianOperator of each random minibatch (one chunk each)."""
     if not is_tensor_pair(data):
         raise FasthessError("minibatch sharpness needs the data as a tuple (X, y) of tensors, to draw random minibatches")
     X, y = data
     if X.shape[0] != y.shape[0]:
         raise FasthessError(f"X and y have different lengths ({X.shape[0]} vs {y.shape[0]})")
-    indices = _minibatches(X.shape[0], batch_size, num_batches, seed)
+    indices = _minibatches(X.shape[0], minibatch_size, num_batches, seed)
     values, hvps = [], 0
     for idx in indices:
         xb, yb = X[idx], y[idx]
-        op = HessianOperator(model, loss_fn, (xb, yb), batch_size=batch_size, params=params)
+        op = HessianOperator(model, loss_fn, (xb, yb), batch_size=minibatch_size, params=params)
         values.append(per_batch(op, xb.to(op.device), yb.to(op.device)))
         hvps += op.num_hvps
     vals = torch.tensor(values, dtype=torch.float64)
@@ -164,12 +167,16 @@ def _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, per_b
                              values=vals, indices=indices, num_hvps=hvps)
 
 
-def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: int, num_batches: int = 32,
+@renamed_keywords(batch_size="minibatch_size")
+def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, minibatch_size: int, num_batches: int = 32,
                     seed: int = 0, params: Sequence[torch.Tensor] | None = None) -> MinibatchEstimate:
-    """Batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over random minibatches of ``batch_size`` (see the module docstring).
+    """Batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over random minibatches B (see the module docstring).
 
     Args:
         data: a tuple ``(X, y)`` of tensors from which the minibatches are drawn.
+        minibatch_size: examples per minibatch |B| (the training batch size whose sharpness is measured; each
+            minibatch's products run as one chunk). Formerly ``batch_size``, which elsewhere in fasthess is the
+            chunk size of an operator; ``batch_size=`` still works, with a FutureWarning, for one release.
         num_batches: minibatches averaged (≥ 2); the cost is one gradient and one HVP each.
         seed: seed of the minibatch draws (``indices`` of the result lists them).
         params: the parameters to differentiate (default: all with ``requires_grad``).
@@ -182,13 +189,14 @@ def batch_sharpness(model: nn.Module, loss_fn: Callable, data, *, batch_size: in
                                 "minibatches or evaluate away from an exact minimum")
         return float(g @ op.matvec(g)) / gg
 
-    return _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, along_gradient)
+    return _estimate(model, loss_fn, data, minibatch_size, num_batches, seed, params, along_gradient)
 
 
-def minibatch_lambda_max(model: nn.Module, loss_fn: Callable, data, *, batch_size: int, num_batches: int = 32,
+@renamed_keywords(batch_size="minibatch_size")
+def minibatch_lambda_max(model: nn.Module, loss_fn: Callable, data, *, minibatch_size: int, num_batches: int = 32,
                          seed: int = 0, params: Sequence[torch.Tensor] | None = None, **eigs_kwargs
                          ) -> MinibatchEstimate:
-    """E_B[λ_max(H_B)] over random minibatches of ``batch_size``, each λ_max certified by :func:`fasthess.eigs`.
+    """E_B[λ_max(H_B)] over random minibatches of ``minibatch_size``, each λ_max certified by :func:`fasthess.eigs`.
 
     Arguments as :func:`batch_sharpness`; ``eigs_kwargs`` (``tol``, ``block_size``, ...) go to ``eigs``.
     Each solve is warm-started from the previous minibatch's top eigenvector. Raises if a solve does not
@@ -203,4 +211,4 @@ def minibatch_lambda_max(model: nn.Module, loss_fn: Callable, data, *, batch_siz
         state["v0"] = res.eigenvectors[:, 0]
         return float(res.eigenvalues[0])
 
-    return _estimate(model, loss_fn, data, batch_size, num_batches, seed, params, top)
+    return _estimate(model, loss_fn, data, minibatch_size, num_batches, seed, params, top)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fasthess._deprecation import positional_until
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 
@@ -109,7 +110,8 @@ def _check(op, num_matvecs, method, block_size) -> None:
         raise FasthessError(f"block_size={block_size!r} must be a positive integer (products per data pass)")
 
 
-def trace(op, num_matvecs: int = 99, method: str = "hutch++", seed: int = 0,
+@positional_until(1)
+def trace(op, *, num_matvecs: int = 99, method: str = "hutch++", seed: int = 0,
           block_size: int | None = None) -> TraceResult:
     """Estimate tr(A) of a symmetric operator with ``num_matvecs`` products (see the module docstring).
 

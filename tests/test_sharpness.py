@@ -97,8 +97,8 @@ def _minibatch_reference(model, X, y, idx):
 def test_batch_sharpness_and_minibatch_lambda_max_match_dense():
     model, shape = make_model("tanh_mlp")
     X, y = make_data(shape, n=40)
-    bs = batch_sharpness(model, LOSSES["ce"], (X, y), batch_size=8, num_batches=4, seed=3)
-    mb = minibatch_lambda_max(model, LOSSES["ce"], (X, y), batch_size=8, num_batches=4, seed=3, tol=1e-8)
+    bs = batch_sharpness(model, LOSSES["ce"], (X, y), minibatch_size=8, num_batches=4, seed=3)
+    mb = minibatch_lambda_max(model, LOSSES["ce"], (X, y), minibatch_size=8, num_batches=4, seed=3, tol=1e-8)
     assert [i.tolist() for i in bs.indices] == [i.tolist() for i in mb.indices]
     assert all(len(set(i.tolist())) == 8 for i in bs.indices)
     quotients, tops = [], []
@@ -118,18 +118,34 @@ def test_batch_sharpness_leaves_batchnorm_statistics_alone():
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().train()
     X, y = make_data((6,))
     before = [b.clone() for b in model.buffers()]
-    batch_sharpness(model, LOSSES["ce"], (X, y), batch_size=8, num_batches=2)
+    batch_sharpness(model, LOSSES["ce"], (X, y), minibatch_size=8, num_batches=2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_batches": 1}, "num_batches"),
-    ({"batch_size": 100}, "batch_size"),
+    ({"minibatch_size": 100}, "minibatch_size"),
+    ({"minibatch_size": True}, "minibatch_size"),
 ])
 def test_minibatch_arguments(kwargs, match):
     model, shape = make_model("tanh_mlp")
     X, y = make_data(shape)
     with pytest.raises(FasthessError, match=match):
-        batch_sharpness(model, LOSSES["ce"], (X, y), **{"batch_size": 8, "num_batches": 4, **kwargs})
+        batch_sharpness(model, LOSSES["ce"], (X, y), **{"minibatch_size": 8, "num_batches": 4, **kwargs})
     with pytest.raises(FasthessError, match="tuple"):
-        batch_sharpness(model, LOSSES["ce"], [(X, y)], batch_size=8)
+        batch_sharpness(model, LOSSES["ce"], [(X, y)], minibatch_size=8)
+
+
+@pytest.mark.parametrize("fn", [batch_sharpness, minibatch_lambda_max])
+def test_minibatch_batch_size_is_the_deprecated_name_of_minibatch_size(fn):
+    """batch_size= (the chunk size everywhere else) still selects the minibatch size, with a FutureWarning naming
+    minibatch_size=, and gives the same draws and values; giving both names is refused."""
+    model, shape = make_model("tanh_mlp")
+    X, y = make_data(shape, n=24)
+    new = fn(model, LOSSES["ce"], (X, y), minibatch_size=6, num_batches=2, seed=1)
+    with pytest.warns(FutureWarning, match="minibatch_size="):
+        old = fn(model, LOSSES["ce"], (X, y), batch_size=6, num_batches=2, seed=1)
+    assert [i.tolist() for i in old.indices] == [i.tolist() for i in new.indices]
+    assert torch.equal(old.values, new.values)
+    with pytest.raises(TypeError, match="only minibatch_size="):
+        fn(model, LOSSES["ce"], (X, y), batch_size=6, minibatch_size=6)

@@ -48,13 +48,13 @@ def test_within_three_standard_errors_of_dense_trace(hessian_problem, method, se
 
 def test_hutchinson_is_unbiased_over_many_seeds():
     A = _decaying()
-    ests = torch.tensor([trace(MatrixOperator(A), 8, "hutchinson", seed=s).estimate for s in range(200)])
+    ests = torch.tensor([trace(MatrixOperator(A), num_matvecs=8, method="hutchinson", seed=s).estimate for s in range(200)])
     assert abs(float(ests.mean()) - float(A.trace())) <= 3 * float(ests.std()) / math.sqrt(200)
 
 
 def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
     A, exact = _decaying(), float(_decaying().trace())
-    err = {m: torch.tensor([trace(MatrixOperator(A), 30, m, seed=s).estimate - exact for s in range(20)]).abs().mean()
+    err = {m: torch.tensor([trace(MatrixOperator(A), num_matvecs=30, method=m, seed=s).estimate - exact for s in range(20)]).abs().mean()
            for m in ("hutch++", "hutchinson")}
     assert err["hutch++"] < 0.2 * err["hutchinson"]
 
@@ -70,7 +70,8 @@ def test_hutch_plus_plus_is_exact_on_low_rank():
 
 def test_block_size_changes_passes_not_estimate():
     A = MatrixOperator(_decaying())
-    one, many = trace(A, 24, "hutchinson", block_size=24), trace(A, 24, "hutchinson", block_size=5)
+    one, many = (trace(A, num_matvecs=24, method="hutchinson", block_size=24),
+                  trace(A, num_matvecs=24, method="hutchinson", block_size=5))
     assert (one.num_passes, many.num_passes) == (1, 5)
     assert one.estimate == pytest.approx(many.estimate, rel=1e-12)
 
