@@ -1,5 +1,5 @@
 """Data sets: CIFAR-10 and Fashion-MNIST from a local folder (torchvision layout, md5-checked), and
-data that needs no network: scikit-learn's digits and the default MNIST-1D (both embedded in ``embedded/``, so
+data that needs no network: scikit-learn's digits and the default MNIST-1D (both embedded as .npz files here, so
 the runner needs neither scikit-learn nor mnist1d for them), other MNIST-1D sizes (generated offline by the
 mnist1d package) and synthetic.
 
@@ -179,13 +179,13 @@ def read_fashion_mnist(root: str | Path | None = None, verify: bool = True):
 
 
 # ---------------------------------------------------------------------------- embedded
-EMBEDDED = Path(__file__).with_name("embedded")
+EMBEDDED = Path(__file__).parent  # digits.npz, mnist1d.npz
 # The MNIST-1D arguments whose data set is embedded (the mnist1d package's defaults, used by the quick presets).
 MNIST1D_EMBEDDED = {"num_samples": 5000, "seed": 42}
 
 
 def _read_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features and int64 labels of ``embedded/<name>.npz`` (written by tools/embed_data.py)."""
+    """Features and int64 labels of ``<name>.npz`` beside this module (written by tools/embed_data.py)."""
     with np.load(EMBEDDED / f"{name}.npz") as f:
         return f["x"], f["y"].astype(np.int64)
 

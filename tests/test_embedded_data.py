@@ -1,4 +1,4 @@
-"""The embedded data sets (experiments/embedded/) equal their sources, and the runner loads them without the
+"""The embedded data sets (experiments/*.npz) equal their sources, and the runner loads them without the
 packages that made them (so `make demo` installs neither scikit-learn nor mnist1d)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Write the data sets embedded in experiments/embedded/ from their sources (needs scikit-learn and mnist1d):
+"""Write the data sets embedded in experiments/ (.npz) from their sources (needs scikit-learn and mnist1d):
 
 * ``digits.npz``: ``sklearn.datasets.load_digits`` as uint8 images (N, 8, 8) with values 0..16 and uint8 labels;
 * ``mnist1d.npz``: MNIST-1D with the mnist1d package's default arguments (``MNIST1D_EMBEDDED``), float32 (N, 40)
