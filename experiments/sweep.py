@@ -69,7 +69,7 @@ def _same_config(prev: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(prev) | set(new) if prev.get(k) != new.get(k))
 
 
-def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bool = False,
+def run_one(cfg: dict[str, Any], run_dir: str | Path, *, data=None, progress: bool | None = False,
             wait: bool = True, info: dict | None = None) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one configuration in ``run_dir``; returns its summary.
 
@@ -118,7 +118,7 @@ def _data_for(cfg: dict[str, Any]):
     return _DATA[key]
 
 
-def _attempt(cfg: dict[str, Any], run_dir: str, wait: bool, progress: bool = False) -> dict[str, Any]:
+def _attempt(cfg: dict[str, Any], run_dir: str, wait: bool, progress: bool | None = False) -> dict[str, Any]:
     """Train (or find finished) one run; ``{"summary", "trained", "seconds"}`` or ``{"holder"}`` if locked."""
     t = time.time()
     info: dict[str, Any] = {}
@@ -159,7 +159,7 @@ def _parse_jobs(jobs: int) -> int:
 
 
 def run_sweep(preset_name: str, out: str | Path | None = None, overrides: dict[str, Any] | None = None,
-              progress: bool = True, report: bool = True, log=print, seeds: Sequence[int] | None = None,
+              progress: bool | None = None, report: bool = True, log=print, seeds: Sequence[int] | None = None,
               jobs: int = 1) -> Path:
     from .presets import get_preset
 

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fasthess import _progress
+from fasthess.records import SharpnessRecord
+
 from . import curvature, ddp, records, sam
 from .config import data_args, resolve_config
 from .data import DataSplit, load_dataset, subset_indices
@@ -35,6 +38,16 @@ from .evaluation import bitstring, evaluate
 from .models import build_model
 from .storage import (_jsonable, atomic_torch_save, atomic_write_json, atomic_write_jsonl, load_checkpoint,
                       save_checkpoint)
+
+
+#: the metrics.jsonl name of each tracker record field the runner keeps (the one place they are renamed)
+TRACKER_METRICS = {"lambda_max": "lambda_max", "lambda_residual": "residual", "lambda_error_bound": "error_bound",
+                   "lambda_hvps": "num_hvps", "lambda_seconds": "seconds", "lambda_converged": "converged"}
+
+
+def tracker_metrics(record: SharpnessRecord) -> dict[str, Any]:
+    """A tracker record's fields under their metrics.jsonl names (:data:`TRACKER_METRICS`)."""
+    return {name: getattr(record, field) for name, field in TRACKER_METRICS.items()}
 
 
 def has_batchnorm(model) -> bool:
@@ -49,7 +62,7 @@ def config_record(cfg: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     """Holds data, model, optimizer and tracker for one run; ``run(run_dir)`` trains with checkpoints."""
 
-    def __init__(self, cfg: dict[str, Any], data: DataSplit | None = None, progress: bool = False,
+    def __init__(self, cfg: dict[str, Any], data: DataSplit | None = None, progress: bool | None = False,
                  distributed: bool | None = None):
         """``distributed``: None = data-parallel when torch.distributed is initialized (under torchrun),
         False = single process even then, True = require an initialized process group."""
@@ -62,7 +75,7 @@ class Trainer:
             raise ValueError(f"track_extra measures {unsharded} need the whole data set in one process; "
                              f"under torchrun use only {list(curvature.SHARDED)}")
         self.device = torch.device(cfg["device"])
-        self.progress = progress and self.dist.is_main
+        self.progress = _progress.wanted(progress) and self.dist.is_main  # None: when stderr is a terminal
         self.data = data if data is not None else load_dataset(cfg["dataset"], **data_args(cfg))
         self.N = len(self.data.X_train)
         self.B = self.N if cfg["optimizer"] == "gd" or cfg["batch_size"] is None else min(int(cfg["batch_size"]), self.N)
@@ -316,11 +329,13 @@ class Trainer:
             rec = self._eval_record()
             evals_done += 1
             if cfg["track_every_evals"] and evals_done % cfg["track_every_evals"] == 0:
+                if bar is not None:  # a large model's update takes a while: say why the bar stands still
+                    bar.set_postfix_str("certifying λ_max on the full data", refresh=True)
                 self._track(rec)
             self.metrics.append(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3g}", acc=f"{rec['train_acc']:.3f}",
-                                lam=("-" if self.tracker.latest is None else f"{self.tracker.lambda_max:.4g}"))
+                                lam=_lambda_text(self.tracker.latest))
             if rec["train_acc"] >= cfg["target_train_acc"]:
                 status = "completed"
             elif run_dir and evals_done % cfg["checkpoint_every_evals"] == 0:
@@ -366,7 +381,7 @@ class Trainer:
             "lambda_between_converged": final.get("lambda_between_converged"),
             "lr": cfg["lr"], "batch_size": self.B, "two_over_lr": 2.0 / cfg["lr"],
             "target_train_acc": cfg["target_train_acc"],
-            "lambda_hvps_total": sum(r["num_hvps"] for r in self.tracker.history),
+            "lambda_hvps_total": sum(r.num_hvps for r in self.tracker.history),
             "last_batch_loss": last_loss, "wall_seconds": seconds,
             "test_correct": correct,  # '0'/'1' per test example, in test-set order
             "config": cfg, "environment": records.environment(cfg["device"]),
@@ -390,13 +405,17 @@ class Trainer:
         return rec
 
     def _track(self, rec: dict[str, Any]) -> None:
-        r = self.tracker.update(self.model, step=self.step, optimizer=self.opt)
-        rec.update({"lambda_max": r["lambda_max"], "lambda_residual": r["residual"],
-                    "lambda_error_bound": r["error_bound"], "lambda_hvps": r["num_hvps"],
-                    "lambda_seconds": r["seconds"], "lambda_converged": r["converged"]})
+        rec.update(tracker_metrics(self.tracker.update(self.model, step=self.step, optimizer=self.opt)))
         if self.cfg["track_extra"]:
             rec.update(curvature.measure(self.cfg["track_extra"], self.model, self.tracker, batch_size=self.B,
                                          seed=self.step))
+
+
+def _lambda_text(record: SharpnessRecord | None) -> str:
+    """The progress bar's λ_max: "-" before the first update, marked when not certified."""
+    if record is None:
+        return "-"
+    return f"{record.lambda_max:.4g}" + ("" if record.converged else " (not certified)")
 
 
 def ckpt_path(run_dir: Path) -> Path:

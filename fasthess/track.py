@@ -6,10 +6,10 @@ Usage inside any training loop::
     for step in range(num_steps):
         train_step(...)
         rec = tracker.maybe_update(model, step, optimizer=opt)   # a record while within budget, else None
-    tracker.history[-1]["lambda_max"], tracker.history[-1]["threshold"]
+    tracker.latest.lambda_max, tracker.latest.error_bound, tracker.latest.threshold
 
 Each update builds a :class:`fasthess.HessianOperator` on the model's current weights and certifies λ_max on the
-full data. How it explores (``explore``):
+full data, and returns a :class:`fasthess.SharpnessRecord`. How it explores (``explore``):
 
 * ``"full"`` (default): every update carries a fresh random column on the full data next to the previous Ritz
   vectors, as a cold solve does.
@@ -44,8 +44,10 @@ from typing import Any
 
 import torch
 
+from fasthess import _progress
 from fasthess._data import is_batched_iterable
 from fasthess.errors import FasthessError, StochasticModelError
+from fasthess.records import SharpnessRecord, check_extra
 from fasthess.threshold import stability_threshold
 
 __all__ = ["SharpnessTracker", "sharpness_mode"]
@@ -135,6 +137,17 @@ def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Ten
             "top_overlap": None if previous is None else abs(float(previous[:, 0].double() @ top))}
 
 
+def _update_line(rec: SharpnessRecord, tol: float, share: float) -> str:
+    """One update in words, for the ``progress`` display."""
+    rel = rec.error_bound / max(abs(rec.lambda_max), 1e-300)
+    claim = (f"λ_max {rec.lambda_max:.6g} certified (bound {rel:.1e} of λ, target {tol:.0e})" if rec.converged else
+             f"λ_max ≈ {rec.lambda_max:.6g} NOT certified (bound {rel:.1e} of λ, target {tol:.0e})")
+    at = "" if rec.step is None else f" at step {rec.step}"
+    threshold = "" if rec.threshold is None else f", threshold {rec.threshold:.6g} ({rec.threshold_rule})"
+    return (f"SharpnessTracker{at}: {claim}{threshold}, {rec.hvp_equivalents:.4g} HVPs, {rec.seconds:.2f} s "
+            f"({share:.1%} of the wall time so far)")
+
+
 def _as_float(x) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.detach().reshape(-1)[0].item()) if x.numel() else float("nan")
@@ -174,8 +187,10 @@ class SharpnessTracker:
             steps (a collective; the results are identical on all processes).
         batch, penalty, graph_memory: passed to :class:`fasthess.HessianOperator` (the batch layout as a
             :class:`fasthess.BatchSpec`, a penalty added to the loss, the kept-graph budget).
-        loggers: callables, each called with every new record dict after it is appended to the history (e.g.
-            :class:`fasthess.integrations.tensorboard.TensorBoardSink`).
+        loggers: callables, each called with every new :class:`fasthess.SharpnessRecord` after it is appended to
+            the history (e.g. :class:`fasthess.integrations.tensorboard.TensorBoardSink`).
+        progress: show each solve's passes (:mod:`fasthess._progress`) and one line per update on stderr; ``None``:
+            only when stderr is a terminal. Off by default: a training loop usually has its own display.
         eigs_kwargs: passed to :func:`fasthess.eigs` (``block_size``, ``max_iters``, ``seed``, ...).
     """
 
@@ -183,8 +198,8 @@ class SharpnessTracker:
                  every: int = 1, budget: float | None = None, explore: str = "full", geometry: bool = False,
                  mode: str = "train",
                  disable_dropout: bool = True, warm_start: bool = True, params=None, lr: float | None = None,
-                 allow_stochastic: bool = False, progress: bool = False, distributed: bool = False,
-                 process_group=None, loggers: Sequence[Callable[[dict], None]] = (), batch=None,
+                 allow_stochastic: bool = False, progress: bool | None = False, distributed: bool = False,
+                 process_group=None, loggers: Sequence[Callable[[SharpnessRecord], None]] = (), batch=None,
                  penalty: Callable | None = None, graph_memory: int | None = None, **eigs_kwargs: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise FasthessError(f"every must be an integer >= 1, got {every!r}")
@@ -223,7 +238,7 @@ class SharpnessTracker:
         self.eigs_kwargs = eigs_kwargs
         self.loggers = list(loggers)
         self.operator_kwargs = {"batch": batch, "penalty": penalty, "graph_memory": graph_memory}
-        self.history: list[dict[str, Any]] = []
+        self.history: list[SharpnessRecord] = []
         self._vectors: torch.Tensor | None = None  # (n, k + 1) float64 on CPU
         self._born = time.perf_counter()
         self._spent = 0.0  # seconds inside update, for the budget
@@ -242,7 +257,7 @@ class SharpnessTracker:
         elapsed = time.perf_counter() - self._born
         return self._spent + self._last_cost <= self.budget * (elapsed + self._last_cost)
 
-    def maybe_update(self, model: torch.nn.Module, step: int, **kw) -> dict[str, Any] | None:
+    def maybe_update(self, model: torch.nn.Module, step: int, **kw) -> SharpnessRecord | None:
         """``update(model, step)`` when :meth:`should_update`, else None."""
         return self.update(model, step=step, **kw) if self.should_update(step) else None
 
@@ -302,13 +317,15 @@ class SharpnessTracker:
                 "or mode='eval' to use the running statistics")
 
     def update(self, model: torch.nn.Module, step: int | None = None, *, lr: float | None = None,
-               optimizer: Any = None, **extra: Any) -> dict[str, Any]:
+               optimizer: Any = None, **extra: Any) -> SharpnessRecord:
         """Compute λ_max now, warm-started from the last Ritz vectors; append and return the record.
 
         ``optimizer`` (or ``lr``, else the tracker's ``lr``) gives the record's stability ``threshold``
-        (:func:`fasthess.threshold.stability_threshold`); ``extra`` key/values are copied into the record.
+        (:func:`fasthess.threshold.stability_threshold`); ``extra`` key/values go to the record's ``extra`` (their
+        names must differ from the record's fields).
         """
         t0 = time.perf_counter()
+        check_extra(extra)
         if optimizer is not None and lr is not None and optimizer.param_groups \
                 and float(optimizer.param_groups[0]["lr"]) != float(lr):
             raise FasthessError(f"update got lr={lr} and an optimizer whose lr is {optimizer.param_groups[0]['lr']}; "
@@ -323,38 +340,40 @@ class SharpnessTracker:
         lr = self.lr if lr is None else lr
         rule = stability_threshold(optimizer, lr)
         ev = res.eigenvalues.detach().cpu().double()
-        previous = self.history[-1]["step"] if self.history else None
+        previous = self.history[-1].step if self.history else None
         sub_hvps = 0 if sub is None else int(sub.num_hvps)
-        rec: dict[str, Any] = {
-            "step": step,
-            "steps_since": None if step is None or previous is None else step - previous,
-            "lambda_max": float(ev[0]),
-            "eigenvalues": [float(e) for e in ev],
-            "residual": _as_float(res.residuals),
-            "error_bound": _as_float(res.error_bounds),
-            "converged": bool(torch.as_tensor(res.converged).all()),
-            "certificate": res.certificates[0],
-            "certificates": list(res.certificates),
-            "basis": _basis(out),
-            "precision": res.precision,
-            "num_hvps": int(res.num_hvps),
-            "num_passes": int(res.num_passes),
-            "subset_hvps": sub_hvps,
-            "hvp_equivalents": int(res.num_hvps) + out.fraction * sub_hvps,
-            "seconds": float(out.seconds),
-            "warm_started": bool(warm),
-            "lr": lr,
-            "threshold": rule.value if rule is not None and rule.operator == "hessian" else None,
-            "threshold_rule": _rule_text(rule),
-        }
-        if self.geometry:
-            rec.update(_geometry(res.eigenvectors, grad, v0 if warm else None))
-        rec.update(extra)
+        geometry = _geometry(res.eigenvectors, grad, v0 if warm else None) if self.geometry else {}
+        rec = SharpnessRecord(
+            step=step,
+            steps_since=None if step is None or previous is None else step - previous,
+            lambda_max=float(ev[0]),
+            eigenvalues=tuple(float(e) for e in ev),
+            residual=_as_float(res.residuals),
+            error_bound=_as_float(res.error_bounds),
+            converged=bool(torch.as_tensor(res.converged).all()),
+            certificate=res.certificates[0],
+            certificates=tuple(res.certificates),
+            basis=_basis(out),
+            precision=res.precision,
+            num_hvps=int(res.num_hvps),
+            num_passes=int(res.num_passes),
+            subset_hvps=sub_hvps,
+            hvp_equivalents=int(res.num_hvps) + out.fraction * sub_hvps,
+            seconds=float(out.seconds),
+            warm_started=bool(warm),
+            lr=lr,
+            threshold=rule.value if rule is not None and rule.operator == "hessian" else None,
+            threshold_rule=_rule_text(rule),
+            **geometry,
+            extra=dict(extra),
+        )
         self.history.append(rec)
         for log in self.loggers:
             log(rec)
         self._last_cost = time.perf_counter() - t0
         self._spent += self._last_cost
+        if _progress.wanted(self.progress):
+            _progress.write(_update_line(rec, self.tol, self.time_share))
         return rec
 
     @property
@@ -364,12 +383,14 @@ class SharpnessTracker:
 
     # ------------------------------------------------------------------ access
     @property
-    def latest(self) -> dict[str, Any] | None:
+    def latest(self) -> SharpnessRecord | None:
+        """The last record, or None before the first update."""
         return self.history[-1] if self.history else None
 
     @property
     def lambda_max(self) -> float:
-        return self.history[-1]["lambda_max"] if self.history else math.nan
+        """The last record's λ_max, or NaN before the first update."""
+        return self.history[-1].lambda_max if self.history else math.nan
 
     @property
     def eigenvectors(self) -> torch.Tensor | None:
@@ -386,14 +407,16 @@ class SharpnessTracker:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """History and warm-start vectors, for ``torch.save`` with the rest of a checkpoint."""
-        return {"history": [dict(r) for r in self.history],
+        """History (as plain dicts, :meth:`fasthess.SharpnessRecord.to_dict`, so ``torch.load(weights_only=True)``
+        reads it) and warm-start vectors, for ``torch.save`` with the rest of a checkpoint."""
+        return {"history": [r.to_dict() for r in self.history],
                 "vectors": None if self._vectors is None else self._vectors.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s history and vectors; dict histories saved by older versions load too."""
         v = state.get("vectors")
         if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 2 or not bool(torch.isfinite(v).all())):
             raise FasthessError("the state's warm-start vectors are not a finite (n, j) tensor (a corrupted "
                                 "checkpoint?); load the history without them, or call tracker.reset() after loading")
-        self.history = [dict(r) for r in state.get("history", [])]
+        self.history = [SharpnessRecord.from_dict(r) for r in state.get("history", [])]
         self._vectors = None if v is None else v.detach().to("cpu", torch.float64).clone()

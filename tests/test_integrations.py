@@ -16,6 +16,7 @@ from conftest import dense_hessian
 from fasthess import FasthessError, SharpnessTracker
 from fasthess.integrations import (HFSharpnessCallback, LightningSharpnessCallback, TensorBoardSink, WandbSink,
                                    record_scalars)
+from fasthess.records import SharpnessRecord
 
 N, D, C, BATCH = 64, 6, 3, 16
 loss_fn = nn.CrossEntropyLoss()
@@ -89,13 +90,13 @@ def test_lightning_callback_logs_lambda_max_through_the_trainers_logger(tmp_path
         trainer.fit(module, loader)
 
     history = callback.tracker.history
-    assert [r["step"] for r in history] == [0, 4, 8]  # 4 steps per epoch, 2 epochs, step 0 before training
-    assert all(r["converged"] and r["lr"] == 0.2 and r["threshold"] == 10.0 and r["threshold_rule"] == "sgd: 2/lr"
+    assert [r.step for r in history] == [0, 4, 8]  # 4 steps per epoch, 2 epochs, step 0 before training
+    assert all(r.converged and r.lr == 0.2 and r.threshold == 10.0 and r.threshold_rule == "sgd: 2/lr"
                for r in history)
-    assert history[-1]["lambda_max"] == pytest.approx(_dense_lambda_max(module.net, X, y), rel=1e-7)
+    assert history[-1].lambda_max == pytest.approx(_dense_lambda_max(module.net, X, y), rel=1e-7)
     logged = _scalars(Path(logger.log_dir), "sharpness/lambda_max")
     assert [s for s, _ in logged] == [0, 4, 8]
-    assert [v for _, v in logged] == pytest.approx([r["lambda_max"] for r in history], rel=1e-6)  # float32 events
+    assert [v for _, v in logged] == pytest.approx([r.lambda_max for r in history], rel=1e-6)  # float32 events
     assert [s for s, _ in _scalars(Path(logger.log_dir), "sharpness/threshold")] == [0, 4, 8]
 
 
@@ -141,12 +142,12 @@ def test_hf_trainer_callback_logs_lambda_max_to_tensorboard(tmp_path: Path) -> N
     sink.close()
 
     history = callback.tracker.history
-    assert [(r["step"], r["epoch"]) for r in history] == [(4, 1), (8, 2)]
-    assert all(r["converged"] and r["lr"] == pytest.approx(0.2) for r in history)
-    assert history[-1]["lambda_max"] == pytest.approx(_dense_lambda_max(model.net, X, y), rel=1e-7)
+    assert [(r.step, r.extra["epoch"]) for r in history] == [(4, 1), (8, 2)]
+    assert all(r.converged and r.lr == pytest.approx(0.2) for r in history)
+    assert history[-1].lambda_max == pytest.approx(_dense_lambda_max(model.net, X, y), rel=1e-7)
     logged = _scalars(tmp_path / "tb", "sharpness/lambda_max")
-    assert logged == [(4, pytest.approx(history[0]["lambda_max"], rel=1e-6)),
-                      (8, pytest.approx(history[1]["lambda_max"], rel=1e-6))]
+    assert logged == [(4, pytest.approx(history[0].lambda_max, rel=1e-6)),
+                      (8, pytest.approx(history[1].lambda_max, rel=1e-6))]
     in_state = [e for e in trainer.state.log_history if "sharpness/lambda_max" in e]
     assert [e["step"] for e in in_state] == [4, 8]
 
@@ -162,10 +163,10 @@ def test_tensorboard_sink_as_tracker_logger(tmp_path: Path) -> None:
     assert _scalars(tmp_path, "h/lambda_max") == [(1, pytest.approx(tracker.lambda_max, rel=1e-6)),
                                                   (3, pytest.approx(tracker.lambda_max, rel=1e-6))]
     assert _scalars(tmp_path, "h/threshold") == [(1, 4.0), (3, 4.0)]
-    assert _texts(tmp_path, "h/basis/text_summary") == [(1, tracker.history[1]["basis"]), (3, tracker.history[0]["basis"])]
+    assert _texts(tmp_path, "h/basis/text_summary") == [(1, tracker.history[1].basis), (3, tracker.history[0].basis)]
     first = tracker.history[0]  # the update at step 3
-    assert dict(_scalars(tmp_path, "h/lambda_2"))[3] == pytest.approx(first["eigenvalues"][1], rel=1e-6)
-    assert dict(_scalars(tmp_path, "h/num_hvps"))[3] == first["num_hvps"]
+    assert dict(_scalars(tmp_path, "h/lambda_2"))[3] == pytest.approx(first.eigenvalues[1], rel=1e-6)
+    assert dict(_scalars(tmp_path, "h/num_hvps"))[3] == first.num_hvps
 
 
 def test_wandb_sink_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,7 +181,7 @@ def test_wandb_sink_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         tracker.update(_net(), step=5)
         assert run.summary["sharpness/lambda_max"] == pytest.approx(tracker.lambda_max)
         assert run.summary["sharpness/step"] == 5 and run.summary["sharpness/threshold"] == pytest.approx(20.0)
-        assert run.summary["sharpness/basis"] == tracker.latest["basis"]
+        assert run.summary["sharpness/basis"] == tracker.latest.basis
     finally:
         run.finish()
     assert list(tmp_path.rglob("*.wandb")), "no offline run file written"
@@ -199,8 +200,10 @@ def test_callbacks_need_one_schedule() -> None:
     for kwargs in ({}, {"every_n_steps": 2, "every_n_epochs": 1}, {"every_n_steps": 0}):
         with pytest.raises(FasthessError, match="every_n"):
             LightningSharpnessCallback(loss_fn, (X, y), **kwargs)
-    assert record_scalars({"lambda_max": 1.0, "residual": 0.0, "num_hvps": 3, "threshold": None}) == {
-        "sharpness/lambda_max": 1.0, "sharpness/residual": 0.0, "sharpness/num_hvps": 3.0}
+    record = SharpnessRecord(lambda_max=1.0, eigenvalues=(1.0,), residual=0.0, error_bound=0.0, converged=True,
+                             num_hvps=3, num_passes=1, seconds=0.0, warm_started=False)
+    assert record_scalars(record) == {"sharpness/lambda_max": 1.0, "sharpness/residual": 0.0,
+                                      "sharpness/num_hvps": 3.0}
 
 
 def test_budget_schedule_considers_every_step_and_refuses_epochs() -> None:
@@ -224,4 +227,4 @@ def test_hf_callback_refuses_batch_size_with_dict_batches_when_built() -> None:
         HFSharpnessCallback(loss_fn, batches, every_n_steps=1, batch_size=8)
     callback = HFSharpnessCallback(loss_fn, batches, every_n_steps=1)  # the batches are the chunks
     record = callback.schedule.update(HFClassifier(), 0)
-    assert record["lambda_max"] == pytest.approx(_dense_lambda_max(_net(), X, y), rel=1e-6)
+    assert record.lambda_max == pytest.approx(_dense_lambda_max(_net(), X, y), rel=1e-6)

@@ -50,13 +50,13 @@ def test_lambda_max_matches_dense_hessian_and_logs_record():
     logged = []
     tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=16, tol=1e-8, lr=0.1, loggers=[logged.append])
     rec = tr.update(model, step=0, epoch=0)
-    assert logged == [rec] and rec["certificate"] in ("gap", "residual", "exhausted")
-    assert rec["lambda_max"] == pytest.approx(_dense_top(model, X, y), rel=1e-6)
-    assert rec["threshold"] == pytest.approx(20.0) and rec["threshold_rule"] == "gd: 2/lr"
-    assert rec["epoch"] == 0 and rec["step"] == 0
+    assert logged == [rec] and rec.certificate in ("gap", "residual", "exhausted")
+    assert rec.lambda_max == pytest.approx(_dense_top(model, X, y), rel=1e-6)
+    assert rec.threshold == pytest.approx(20.0) and rec.threshold_rule == "gd: 2/lr"
+    assert rec.extra["epoch"] == 0 and rec.step == 0
     for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged", "certificates"):
-        assert key in rec
-    assert rec["num_hvps"] > 0 and rec["warm_started"] is False
+        assert getattr(rec, key) is not None
+    assert rec.num_hvps > 0 and rec.warm_started is False
     # the warm start for the next update: the eigenvector and its neighbour
     assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 2)
 
@@ -66,17 +66,17 @@ def test_warm_start_every_and_state_dict_roundtrip():
     tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
     recs = [tr.maybe_update(model, s) for s in range(7)]
     assert [r is not None for r in recs] == [True, False, False, True, False, False, True]
-    assert [r["warm_started"] for r in tr.history] == [False, True, True]
+    assert [r.warm_started for r in tr.history] == [False, True, True]
     # warm start from an exact eigenvector converges in no more products than the cold start
-    assert tr.history[1]["num_hvps"] <= tr.history[0]["num_hvps"]
+    assert tr.history[1].num_hvps <= tr.history[0].num_hvps
     st = tr.state_dict()
     tr2 = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
     tr2.load_state_dict(st)
     assert torch.equal(tr2.eigenvectors, tr.eigenvectors) and tr2.history == tr.history
-    assert tr2.update(model, 9)["warm_started"]
+    assert tr2.update(model, 9).warm_started
     # a different parameter count: falls back to a cold start instead of failing
     tr2.load_state_dict({"history": [], "vectors": torch.ones(3, 1, dtype=torch.float64)})
-    assert tr2.update(model, 10)["warm_started"] is False
+    assert tr2.update(model, 10).warm_started is False
     tr2.reset()
     assert tr2.eigenvectors is None and len(tr2.history) == 1
 
@@ -87,8 +87,8 @@ def test_dropout_switched_off_and_modes_restored():
     model[-2].eval()  # an odd mix of flags must survive
     flags = [m.training for m in model.modules()]
     tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=32, tol=1e-6)
-    r1 = tr.update(model)["lambda_max"]
-    r2 = tr.update(model)["lambda_max"]
+    r1 = tr.update(model).lambda_max
+    r2 = tr.update(model).lambda_max
     assert r1 == pytest.approx(r2, rel=1e-5)  # deterministic: dropout was off
     assert [m.training for m in model.modules()] == flags
     bn = model[1]
@@ -133,7 +133,7 @@ def test_batchnorm_without_batch_size_names_the_tracker_fix():
         tracker.update(model)
     assert not model.training
     eval_tracker = SharpnessTracker(torch.nn.functional.cross_entropy, (X, y), mode="eval")
-    assert eval_tracker.update(model)["converged"]
+    assert eval_tracker.update(model).converged
 
 
 def _big_setup(seed=0):
@@ -153,18 +153,18 @@ def test_warm_updates_match_the_dense_hessian_and_name_their_basis(explore):
     for step in (0, 20, 40, 60):
         rec = tr.update(model, step=step, optimizer=opt)
         truth = _dense_top(model, X, y)
-        assert rec["converged"] and abs(rec["lambda_max"] - truth) <= max(rec["error_bound"], 1e-6 * truth)
+        assert rec.converged and abs(rec.lambda_max - truth) <= max(rec.error_bound, 1e-6 * truth)
         if step:
-            assert rec["warm_started"] and rec["steps_since"] == 20
+            assert rec.warm_started and rec.steps_since == 20
             if explore == "subsample":
-                assert rec["basis"] == "explored at this update on a 0.125 subsample" and rec["subset_hvps"] > 0
-                assert rec["hvp_equivalents"] == pytest.approx(rec["num_hvps"] + 0.125 * rec["subset_hvps"])
+                assert rec.basis == "explored at this update on a 0.125 subsample" and rec.subset_hvps > 0
+                assert rec.hvp_equivalents == pytest.approx(rec.num_hvps + 0.125 * rec.subset_hvps)
             else:
-                assert rec["basis"] == "explored on the full data at this update" and rec["subset_hvps"] == 0
+                assert rec.basis == "explored on the full data at this update" and rec.subset_hvps == 0
         else:
-            assert rec["steps_since"] is None and rec["basis"] == "explored on the full data at this update"
-        assert rec["threshold"] == pytest.approx(3.8 / 0.5) and rec["threshold_rule"].startswith("sgd heavy-ball")
-        assert rec["precision"] == "float64 products"
+            assert rec.steps_since is None and rec.basis == "explored on the full data at this update"
+        assert rec.threshold == pytest.approx(3.8 / 0.5) and rec.threshold_rule.startswith("sgd heavy-ball")
+        assert rec.precision == "float64 products"
         for _ in range(20):
             opt.zero_grad()
             F.cross_entropy(model(X[:64]), y[:64]).backward()
@@ -175,10 +175,10 @@ def test_threshold_none_for_adam_and_adamw():
     model, X, y = _setup()
     tr = SharpnessTracker(F.cross_entropy, (X, y), lr=0.1)
     rec = tr.update(model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01))
-    assert rec["threshold"] is None and "preconditioned" in rec["threshold_rule"] and rec["lr"] == 0.01
+    assert rec.threshold is None and "preconditioned" in rec.threshold_rule and rec.lr == 0.01
     rec = tr.update(model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01))
-    assert rec["threshold"] is None and rec["threshold_rule"] is None
-    assert tr.update(model, lr=0.0)["threshold"] is None
+    assert rec.threshold is None and rec.threshold_rule is None
+    assert tr.update(model, lr=0.0).threshold is None
 
 
 def test_budget_keeps_the_trackers_share_of_wall_time(monkeypatch):
@@ -201,15 +201,15 @@ def test_budget_keeps_the_trackers_share_of_wall_time(monkeypatch):
         now[0] += 0.1
         tr.maybe_update(model, step)
     assert 0.15 <= tr.time_share <= 0.2 + 1e-9
-    assert len(tr.history) > 3 and all(r["steps_since"] >= 1 for r in tr.history[1:])
-    assert sum(r["steps_since"] for r in tr.history[1:]) == tr.history[-1]["step"]
+    assert len(tr.history) > 3 and all(r.steps_since >= 1 for r in tr.history[1:])
+    assert sum(r.steps_since for r in tr.history[1:]) == tr.history[-1].step
 
 
 def test_params_generator_is_materialized_once():
     model, X, y = _setup()
     tr = SharpnessTracker(F.cross_entropy, (X, y), params=model.parameters())
     first, second = tr.update(model), tr.update(model)
-    assert second["lambda_max"] == pytest.approx(first["lambda_max"], rel=1e-4)
+    assert second.lambda_max == pytest.approx(first.lambda_max, rel=1e-4)
     with pytest.raises(fasthess.FasthessError, match=r"params=\[p\]"):
         SharpnessTracker(F.cross_entropy, (X, y), params=next(model.parameters()))
 
@@ -230,7 +230,7 @@ def test_functional_dropout_error_names_mode_eval():
     model = _FunctionalDropout().double()
     with pytest.raises(fasthess.StochasticModelError, match="mode='eval'"):
         SharpnessTracker(F.cross_entropy, (X, y)).update(model)
-    assert SharpnessTracker(F.cross_entropy, (X, y), mode="eval").update(model)["converged"]
+    assert SharpnessTracker(F.cross_entropy, (X, y), mode="eval").update(model).converged
 
 
 @pytest.mark.parametrize("kwargs, match", [({"explore": "never"}, "explore='never'"), ({"budget": 0}, "budget=0"),
@@ -260,20 +260,20 @@ def test_geometry_fields_match_dense_eigenvectors_and_gradient():
     for step in (0, 20):
         rec = tr.update(model, step=step)
         U, g = dense()
-        assert rec["converged"]
-        assert rec["gradient_fraction"] == pytest.approx(float((U.T @ g).pow(2).sum() / (g @ g)), abs=1e-7)
+        assert rec.converged
+        assert rec.gradient_fraction == pytest.approx(float((U.T @ g).pow(2).sum() / (g @ g)), abs=1e-7)
         if previous is None:
-            assert rec["top_overlap"] is None
+            assert rec.top_overlap is None
         else:
-            assert rec["top_overlap"] == pytest.approx(abs(float(previous @ U[:, -1])), abs=1e-7)
-            assert rec["top_overlap"] < 1 - 1e-6  # the sharp direction turned
+            assert rec.top_overlap == pytest.approx(abs(float(previous @ U[:, -1])), abs=1e-7)
+            assert rec.top_overlap < 1 - 1e-6  # the sharp direction turned
         previous = U[:, -1].clone()
         for _ in range(20):
             opt.zero_grad()
             F.cross_entropy(model(X[:64]), y[:64]).backward()
             opt.step()
     plain = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128).update(model)
-    assert "gradient_fraction" not in plain and "top_overlap" not in plain
+    assert plain.gradient_fraction is None and plain.top_overlap is None
 
 
 def test_bad_arguments_and_state_are_refused_before_any_product():

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+from fasthess.records import SharpnessRecord
 
-def record_scalars(record: dict[str, Any], prefix: str = "sharpness/") -> dict[str, float]:
+
+def _as_record(record: SharpnessRecord | Mapping[str, Any]) -> SharpnessRecord:
+    """The record itself, or one read from a dict (a history saved by an older version)."""
+    return record if isinstance(record, SharpnessRecord) else SharpnessRecord.from_dict(record)
+
+
+def record_scalars(record: SharpnessRecord | Mapping[str, Any], prefix: str = "sharpness/") -> dict[str, float]:
     """The scalars of one :meth:`fasthess.SharpnessTracker.update` record, keyed ``prefix + name``.
 
     ``lambda_max``, ``residual`` (‖Hx − θx‖ of the top pair), ``num_hvps`` (full-data products),
@@ -14,24 +22,33 @@ def record_scalars(record: dict[str, Any], prefix: str = "sharpness/") -> dict[s
     ``top_overlap`` (a ``geometry=True`` tracker's, when set); for ``k > 1`` also
     ``lambda_2`` … ``lambda_k``.
 
-    >>> record_scalars({"lambda_max": 4.0, "eigenvalues": [4.0, 1.0], "residual": 1e-6, "num_hvps": 7, "threshold": None})
+    >>> rec = SharpnessRecord(lambda_max=4.0, eigenvalues=(4.0, 1.0), residual=1e-6, error_bound=1e-9,
+    ...                       converged=True, num_hvps=7, num_passes=2, seconds=0.1, warm_started=False)
+    >>> record_scalars(rec)
     {'sharpness/lambda_max': 4.0, 'sharpness/residual': 1e-06, 'sharpness/num_hvps': 7.0, 'sharpness/lambda_2': 1.0}
     """
-    out = {f"{prefix}lambda_max": float(record["lambda_max"]), f"{prefix}residual": float(record["residual"]),
-           f"{prefix}num_hvps": float(record["num_hvps"])}
+    rec = _as_record(record)
+    out = {f"{prefix}lambda_max": float(rec.lambda_max), f"{prefix}residual": float(rec.residual),
+           f"{prefix}num_hvps": float(rec.num_hvps)}
     for name in ("hvp_equivalents", "threshold", "gradient_fraction", "top_overlap"):
-        value = record.get(name)
+        value = getattr(rec, name)
         if value is not None and math.isfinite(value):
             out[f"{prefix}{name}"] = float(value)
-    for i, value in enumerate(record.get("eigenvalues", [])[1:], start=2):
+    for i, value in enumerate(rec.eigenvalues[1:], start=2):
         out[f"{prefix}lambda_{i}"] = float(value)
     return out
 
 
-def record_text(record: dict[str, Any], prefix: str = "sharpness/") -> dict[str, str]:
-    """The text fields of a record: ``basis`` (what the claim that θ₁ is λ_max rests on) and ``threshold_rule``.
+def record_text(record: SharpnessRecord | Mapping[str, Any], prefix: str = "sharpness/") -> dict[str, str]:
+    """The text fields of a record: ``basis`` (what the claim that θ₁ is λ_max rests on), ``precision`` (what it
+    assumes about rounding) and ``threshold_rule``, those that are set.
 
-    >>> record_text({"basis": "explored on the full data at this update", "threshold_rule": None})
+    >>> rec = SharpnessRecord(lambda_max=4.0, eigenvalues=(4.0,), residual=1e-6, error_bound=1e-9, converged=True,
+    ...                       num_hvps=7, num_passes=2, seconds=0.1, warm_started=False,
+    ...                       basis="explored on the full data at this update")
+    >>> record_text(rec)
     {'sharpness/basis': 'explored on the full data at this update'}
     """
-    return {f"{prefix}{name}": str(record[name]) for name in ("basis", "precision", "threshold_rule") if record.get(name)}
+    rec = _as_record(record)
+    return {f"{prefix}{name}": str(getattr(rec, name)) for name in ("basis", "precision", "threshold_rule")
+            if getattr(rec, name)}

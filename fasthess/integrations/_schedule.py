@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fasthess.errors import FasthessError
+from fasthess.records import SharpnessRecord
 from fasthess.track import SharpnessTracker
 
 
@@ -18,7 +19,7 @@ class TrackingSchedule:
     ``every_n_steps`` (default every step) and taken while the tracker stays within the budget."""
 
     def __init__(self, loss_fn: Callable, data: Any, every_n_steps: int | None, every_n_epochs: int | None,
-                 sinks: Sequence[Callable[[dict], None]], tracker_kwargs: dict[str, Any],
+                 sinks: Sequence[Callable[[SharpnessRecord], None]], tracker_kwargs: dict[str, Any],
                  budget: float | None = None) -> None:
         if budget is not None:
             if every_n_epochs is not None:
@@ -44,7 +45,7 @@ class TrackingSchedule:
     def epoch_due(self, epochs_done: int) -> bool:
         return self.every_n_epochs is not None and epochs_done % self.every_n_epochs == 0
 
-    def update(self, model: torch.nn.Module, step: int, optimizer: Any = None, **extra: Any) -> dict[str, Any]:
+    def update(self, model: torch.nn.Module, step: int, optimizer: Any = None, **extra: Any) -> SharpnessRecord:
         """λ_max now (warm-started); the record carries ``step``, the optimizer's learning rate and stability
         threshold, and ``extra``."""
         self._last_step = step

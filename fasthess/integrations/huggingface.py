@@ -8,6 +8,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from fasthess.integrations._records import record_scalars
 from fasthess.integrations._schedule import TrackingSchedule
+from fasthess.records import SharpnessRecord
 
 __all__ = ["HFSharpnessCallback"]
 
@@ -37,7 +38,7 @@ class HFSharpnessCallback(TrainerCallback):
 
     def __init__(self, loss_fn: Callable, data: Any, *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, budget: float | None = None,
-                 sinks: Sequence[Callable[[dict], None]] = (),
+                 sinks: Sequence[Callable[[SharpnessRecord], None]] = (),
                  prefix: str = "sharpness/", **tracker_kwargs: Any) -> None:
         self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs,
                                          budget)

@@ -9,6 +9,7 @@ import torch
 
 from fasthess.integrations._records import record_scalars
 from fasthess.integrations._schedule import TrackingSchedule
+from fasthess.records import SharpnessRecord
 
 __all__ = ["LightningSharpnessCallback"]
 
@@ -38,7 +39,8 @@ class LightningSharpnessCallback(pl.Callback):
     def __init__(self, loss_fn: Callable, data: Any, *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, budget: float | None = None,
                  module: str | None = None,
-                 sinks: Sequence[Callable[[dict], None]] = (), prefix: str = "sharpness/", **tracker_kwargs: Any) -> None:
+                 sinks: Sequence[Callable[[SharpnessRecord], None]] = (), prefix: str = "sharpness/",
+                 **tracker_kwargs: Any) -> None:
         super().__init__()
         self.schedule = TrackingSchedule(loss_fn, data, every_n_steps, every_n_epochs, sinks, tracker_kwargs,
                                          budget)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from fasthess.integrations._records import record_scalars, record_text
+from fasthess.records import SharpnessRecord
 
 __all__ = ["TensorBoardSink"]
 
@@ -33,9 +34,8 @@ class TensorBoardSink:
         self.prefix = prefix
         self._count = 0
 
-    def __call__(self, record: dict[str, Any]) -> None:
-        step = record.get("step")
-        step = self._count if step is None else int(step)
+    def __call__(self, record: SharpnessRecord) -> None:
+        step = self._count if record.step is None else int(record.step)
         self._count += 1
         for tag, value in record_scalars(record, self.prefix).items():
             self.writer.add_scalar(tag, value, global_step=step)

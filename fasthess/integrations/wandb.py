@@ -5,6 +5,7 @@ from typing import Any
 
 from fasthess.errors import FasthessError
 from fasthess.integrations._records import record_scalars, record_text
+from fasthess.records import SharpnessRecord
 
 __all__ = ["WandbSink"]
 
@@ -34,9 +35,8 @@ class WandbSink:
         run.define_metric(f"{prefix}*", step_metric=f"{prefix}step")
         self._count = 0
 
-    def __call__(self, record: dict[str, Any]) -> None:
-        step = record.get("step")
-        step = self._count if step is None else int(step)
+    def __call__(self, record: SharpnessRecord) -> None:
+        step = self._count if record.step is None else int(record.step)
         self._count += 1
         self.run.log({f"{self.prefix}step": step, **record_scalars(record, self.prefix),
                       **record_text(record, self.prefix)})
