@@ -20,6 +20,10 @@ between them (:class:`BlockDiagonalHessian`): the embedded product of the whole 
 per column, which made a lockstep of the benchmark CNN's 4 blocks and H 2.1 times as slow as 5 separate solves
 (benchmarks/bench_blocks.py, 2 loaded cores). With forward-over-reverse products (accelerators) the b tangents
 share one vmapped pass and the embedded product is used.
+
+The same holds for the generalized Gauss-Newton matrix G = Jᵀ (∇²_o ℓ) J (``curvature="ggn"``,
+:class:`fasthess.ggn.GGNOperator`): with J_b = ∂o/∂θ_b, block b's rows of G E_b v_b are J_bᵀ (∇²_o ℓ) J_b v_b
+= G_bb v_b, so the embedded product serves every block, and the GGN's vmapped columns share one pass per chunk.
 """
 from __future__ import annotations
 
@@ -34,12 +38,16 @@ from fasthess._data import Chunk
 from fasthess._graph_cache import ChunkGraph
 from fasthess._model_operator import PassState
 from fasthess.errors import FasthessError
+from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
 from fasthess.lanczos import Outcome, check_options, default_block_size, lanczos_steps
 from fasthess.linop import fixed
 from fasthess.results import EigResult
 
 FULL = "full"
+CURVATURES = ("hessian", "ggn")
+#: options of :class:`HessianOperator` that choose how its products are formed, which the GGN does not take
+HESSIAN_ONLY = ("hvp", "graph_memory")
 #: options of :func:`fasthess.eigs` that every block solve shares (``v0`` has no meaning across blocks)
 SOLVER_OPTIONS = ("block_size", "max_iters", "seed", "progress", "max_basis")
 #: keyword arguments of :class:`HessianOperator` besides ``batch_size`` (``params`` is what ``blocks`` sets)
@@ -162,8 +170,29 @@ class _Solve:
             self.result = stop.value.result(self.num_hvps, self.num_passes, seconds)
 
 
-def _lockstep(op: BlockDiagonalHessian, solves: dict[str, _Solve]) -> dict[str, EigResult]:
-    """Answer every live solve's block from one ``op.block_matmat`` per round until all have returned."""
+#: ``product(V, supports)``: the operator's columns V[:, j] in the rows of the parameter tensors ``supports[j]``
+BlockProduct = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
+
+
+def _block_operator(curvature: str, model: nn.Module, loss_fn: Callable, data, batch_size: int | None,
+                    params: list[torch.Tensor], options: dict) -> tuple[HessianOperator | GGNOperator, BlockProduct]:
+    """The operator of ``curvature`` over ``params`` and its product of block-restricted columns."""
+    if curvature not in CURVATURES:
+        raise FasthessError(f"curvature={curvature!r} must be one of {CURVATURES}")
+    if curvature == "hessian":
+        op = BlockDiagonalHessian(model, loss_fn, data, batch_size=batch_size, params=params, **options)
+        return op, op.block_matmat
+    given = sorted(set(options) & set(HESSIAN_ONLY))
+    if given:
+        raise FasthessError(f"{given} choose how Hessian-vector products are formed and do not apply to "
+                            "curvature='ggn'; leave them out")
+    ggn = GGNOperator(model, loss_fn, data, batch_size=batch_size, params=params, **options)
+    return ggn, lambda V, supports: ggn.matmat(V)  # block b's rows of G E_b v_b are G_bb v_b (module docstring)
+
+
+def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
+              solves: dict[str, _Solve]) -> dict[str, EigResult]:
+    """Answer every live solve's block from one ``product`` per round until all have returned."""
     t0 = time.perf_counter()
     with fixed(op):
         while live := [s for s in solves.values() if s.result is None]:
@@ -172,7 +201,7 @@ def _lockstep(op: BlockDiagonalHessian, solves: dict[str, _Solve]) -> dict[str, 
             V = torch.zeros(op.num_params, sum(widths), dtype=torch.float64, device=op.device)
             for s, cols in zip(live, columns):
                 V[s.index[:, None], cols] = s.block.T
-            HV = op.block_matmat(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
+            HV = product(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
     return {name: s.result for name, s in solves.items()}
@@ -180,7 +209,7 @@ def _lockstep(op: BlockDiagonalHessian, solves: dict[str, _Solve]) -> dict[str, 
 
 def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mapping[str, Sequence[torch.Tensor]]
                      | None = None, batch_size: int | None = None, k: int = 1, tol: float = 1e-4, full: bool = True,
-                     **options) -> dict[str, EigResult]:
+                     curvature: str = "hessian", **options) -> dict[str, EigResult]:
     """Certified top-k eigenvalues of every diagonal block H_bb of the Hessian and of H itself (module docstring).
 
     Args:
@@ -188,6 +217,8 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
             (:func:`module_blocks`). The full Hessian is that of all the blocks' parameters together.
         k, tol: as :func:`fasthess.eigs` (``which="LA"``), for every block and for the full Hessian.
         full: solve the full Hessian too, in the same lockstep (its products cost a whole second backward each).
+        curvature: ``"hessian"`` or ``"ggn"`` (the blocks G_bb of the generalized Gauss-Newton matrix, and G;
+            ``hvp`` and ``graph_memory`` do not apply).
         options: :class:`HessianOperator` options (``allow_stochastic``, ``hvp``, ``graph_memory``, ``batch``,
             ``penalty``, ``distributed``, ``process_group``) and :func:`fasthess.eigs` options (``block_size``,
             ``max_iters``, ``seed``, ``progress``, ``max_basis``), shared by every solve.
@@ -203,7 +234,7 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
     check_options(k, "LA", tol, solver.get("block_size"), solver.get("max_iters"), solver.get("max_basis"))
     chosen = module_blocks(model) if blocks is None else _checked_blocks(blocks)
     union = list({id(p): p for params in chosen.values() for p in params}.values())
-    op = BlockDiagonalHessian(model, loss_fn, data, batch_size=batch_size, params=union, **op_options)
+    op, product = _block_operator(curvature, model, loss_fn, data, batch_size, union, op_options)
     # The one operator over the union of the blocks is what shares the pass: B operators with params= each block
     # would each run their own forward, gradient graph and data pass per round.
     layouts = {name: _layout(op, params) for name, params in chosen.items()}
@@ -219,4 +250,4 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
     solves = {name: _Solve(layout, lanczos_steps(layout[1].numel(), op.device, op.dtype, k=k, which="LA", tol=tol,
                                                  block_size=width, requested_block=block_size, **solver))
               for name, layout in layouts.items()}
-    return _lockstep(op, solves)
+    return _lockstep(op, product, solves)

@@ -9,7 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import LOSSES, dense_hessian, make_data, make_model
 from fasthess import FasthessError, HessianOperator, LossContractError, StochasticModelError
+from fasthess.ggn import GGNOperator
 from fasthess.blocks import block_lambda_max, module_blocks
+from test_ggn import dense_ggn
 
 
 class TinyTransformer(nn.Module):
@@ -68,6 +70,22 @@ def test_every_module_block_matches_dense(kind, hvp, k):
     _check_against_dense(results, blocks, H, _positions(model), k)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_ggn_block_matches_dense(kind, k, monkeypatch):
+    """curvature="ggn": each block G_bb = J_bᵀ (∇²_o ℓ) J_b from the embedded GGN product's rows."""
+    model, shape = _transformer() if kind == "transformer" else make_model("cnn")
+    X, y = make_data(shape, n=23)
+    blocks = module_blocks(model)
+    # the eval-mode encoder's fused fast path has no forward-mode AD, which the GGN's J v needs
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+    results = block_lambda_max(model, LOSSES["ce"], (X, y), batch_size=10, k=k, curvature="ggn")
+    assert list(results) == [*blocks, "full"]
+    with sdpa_kernel(SDPBackend.MATH):
+        G = dense_ggn(model, LOSSES["ce"], X, y)
+    _check_against_dense(results, blocks, G, _positions(model), k)
+
+
 def test_custom_blocks_and_union():
     model, shape = make_model("gelu_mlp")
     X, y = make_data(shape, loss="mse")
@@ -106,13 +124,16 @@ def test_one_data_pass_per_round(monkeypatch):
     (dict(blocks={"a": []}), FasthessError, "non-empty list"),
     (dict(blocks={"a": torch.zeros(2)}), FasthessError, "non-empty list"),
     (dict(k=3), FasthessError, "not more than k = 3"),
+    (dict(curvature="fisher"), FasthessError, "curvature="),
+    (dict(curvature="ggn", hvp="double-backward"), FasthessError, "do not apply to curvature='ggn'"),
 ])
 def test_refusals_before_any_product(kwargs, error, match, monkeypatch):
     model, shape = make_model("cnn")  # its last Linear's bias has 3 entries: k=3 leaves that block no room
     X, y = make_data(shape)
     if "blocks" not in kwargs:
         kwargs.setdefault("blocks", {"conv": list(model[0].parameters()), "bias": [model[4].bias]})
-    monkeypatch.setattr(HessianOperator, "_matmat", lambda self, V: pytest.fail("a product ran"))
+    for operator in (HessianOperator, GGNOperator):
+        monkeypatch.setattr(operator, "_matmat", lambda self, V: pytest.fail("a product ran"))
     with pytest.raises(error, match=match):
         block_lambda_max(model, LOSSES["ce"], (X, y), batch_size=10, **kwargs)
 
