@@ -84,7 +84,7 @@ class SolveProgress:
         if tqdm is not None:
             # no bar graphic: the pass budget is a ceiling, not a distance to the end; the postfix says what is left
             self._bar = tqdm(total=self.max_passes, desc=label, file=sys.stderr, leave=False, dynamic_ncols=True,
-                             unit="pass", bar_format="{desc}: pass {n}/{total} [{elapsed}] {postfix}")
+                             unit="pass", bar_format="{desc}: pass {n}/{total} [{elapsed}]{postfix}")
 
     def step(self, pass_no: int, rel_bound: float, hvps: int, exploring: bool) -> None:
         """Pass ``pass_no`` (from 1) ended with the largest relative bound ``rel_bound`` (bound / |θ|) over the
@@ -127,7 +127,7 @@ class SolveProgress:
             n = passes_left(self._history, self.tol)
             budget = self.max_passes - self._last[0]
             if n is None:
-                left = "passes left: unknown (the bound is not falling yet)"
+                left = "passes left: unknown (no steady decrease of the bound yet)"
             elif n == 0:
                 left = "target met; a further pass confirms it"
             elif n > budget:
