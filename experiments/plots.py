@@ -3,7 +3,9 @@
 * ``effect.png``: test accuracy and λ_max against the varied hyperparameter, one column per batch size or
   setting; points are means over seeds with 95 % t-intervals (λ_max: geometric mean, interval on log λ);
 * ``lambda_vs_test_acc.png``: λ_max against test accuracy, one small point per seed, a large one per mean;
-* ``lambda_over_training.png``: λ_max during training, one line per seed, dashed 2/η per learning rate.
+* ``lambda_over_training.png``: λ_max during training, one line per seed, dashed 2/η per learning rate;
+* ``geometry_over_training.png``: the tracker's geometry fields during training, one panel per field the runs
+  logged (:data:`GEOMETRY`), one line per seed.
 Titles state the claim; legends say what the error bars are."""
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ PANELS: dict[str, Callable[[dict], tuple[float, str]]] = {  # name: (sort key, l
     "batch": lambda c: (math.inf, "full-batch GD") if c["optimizer"] == "gd" else (c["batch_size"], f"B={c['batch_size']}"),
     "batch_norm": lambda c: (float(c["batch_norm"]), "with BatchNorm" if c["batch_norm"] else "without BatchNorm"),
     "none": lambda c: (0.0, ""),
+}
+
+
+GEOMETRY: dict[str, str] = {  # metrics.jsonl field: axis label
+    "gradient_fraction": "‖Vₖᵀg‖² / ‖g‖²  (gradient in the top-k eigenspace)",
+    "top_overlap": "|⟨x₁(t), x₁(t')⟩|  (top eigenvector vs the previous update's)",
 }
 
 
@@ -112,28 +120,58 @@ def scatter_plot(ev: Evidence, label: Callable[[dict], str], title: str, path: P
                    "small dots: one per seed; diamonds: means", title, path)
 
 
-def training_plot(ev: Evidence, label: Callable[[dict], str], title: str,
-                  path: Path) -> Path | None:
-    """λ_max over training, one line per run (seed), colour per configuration; dashed 2/η."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    drawn = False
+def _logged(ev: Evidence, key: str) -> bool:
+    return any(m.get(key) is not None for c in ev.configs for r in c.runs.values() for m in r["metrics"])
+
+
+def _lines(ax, ev: Evidence, label: Callable[[dict], str], key: str) -> list[tuple[dict, tuple]]:
+    """The metric ``key`` over steps on ``ax``, one line per run (seed), colour per configuration; returns the
+    (configuration, colour) of each configuration drawn."""
+    cmap = _plt().get_cmap("tab10")
+    drawn = []
     for i, c in enumerate(ev.configs):
-        col = plt.get_cmap("tab10")(i % 10)
+        col = cmap(i % 10)
         first = True
-        for s, r in sorted(c.runs.items()):
-            pts = [(m["step"], m["lambda_max"]) for m in r["metrics"] if m.get("lambda_max") is not None]
+        for _, r in sorted(c.runs.items()):
+            pts = [(m["step"], m[key]) for m in r["metrics"] if m.get(key) is not None]
             if not pts:
                 continue
             ax.plot(*zip(*pts), "-", color=col, lw=0.9, alpha=0.8, label=label(c.cfg) if first else None)
-            first, drawn = False, True
+            first = False
         if not first:
-            ax.axhline(2.0 / c.cfg["lr"], color=col, ls="--", lw=0.8)
-    if not drawn:
-        plt.close(fig)
+            drawn.append((c.cfg, col))
+    return drawn
+
+
+def training_plot(ev: Evidence, label: Callable[[dict], str], title: str,
+                  path: Path) -> Path | None:
+    """λ_max over training, one line per run (seed), colour per configuration; dashed 2/η."""
+    if not _logged(ev, "lambda_max"):
         return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for cfg, col in _lines(ax, ev, label, "lambda_max"):
+        ax.axhline(2.0 / cfg["lr"], color=col, ls="--", lw=0.8)
     ax.set_yscale("log")
     return _finish(fig, ax, "step", "λ_max   (dashed: 2/η)", "one line per seed", title, path)
+
+
+def geometry_plot(ev: Evidence, label: Callable[[dict], str], title: str, path: Path) -> Path | None:
+    """Each :data:`GEOMETRY` field the runs logged over training, one panel per field (both lie in [0, 1]), one
+    line per run (seed), colour per configuration; None when no run logged any."""
+    fields = [key for key in GEOMETRY if _logged(ev, key)]
+    if not fields:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(fields), 1, figsize=(7, 3.2 * len(fields) + 0.8), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], fields):
+        _lines(ax, ev, label, key)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(GEOMETRY[key], fontsize=8)
+        ax.legend(fontsize=6, loc="best", title="one line per seed", title_fontsize=6)
+    axes[-1, 0].set_xlabel("step")
+    _title(fig, title)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
