@@ -137,6 +137,39 @@ def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Ten
             "top_overlap": None if previous is None else abs(float(previous[:, 0].double() @ top))}
 
 
+def _record(out, *, step: int | None, previous: SharpnessRecord | None, lr: float | None, rule, warm: bool,
+            geometry: dict[str, Any], extra: dict[str, Any]) -> SharpnessRecord:
+    """The record of one update: its solve ``out`` (a :class:`fasthess.warm.SubsampledEigResult`), the step, the
+    previous record, the learning rate and its threshold ``rule``, and the geometry fields."""
+    res, sub = out.result, out.sub_result
+    ev = res.eigenvalues.detach().cpu().double()
+    sub_hvps = 0 if sub is None else int(sub.num_hvps)
+    return SharpnessRecord(
+        step=step,
+        steps_since=None if step is None or previous is None or previous.step is None else step - previous.step,
+        lambda_max=float(ev[0]),
+        eigenvalues=tuple(float(e) for e in ev),
+        residual=_as_float(res.residuals),
+        error_bound=_as_float(res.error_bounds),
+        converged=bool(torch.as_tensor(res.converged).all()),
+        certificate=res.certificates[0],
+        certificates=tuple(res.certificates),
+        basis=_basis(out),
+        precision=res.precision,
+        num_hvps=int(res.num_hvps),
+        num_passes=int(res.num_passes),
+        subset_hvps=sub_hvps,
+        hvp_equivalents=int(res.num_hvps) + out.fraction * sub_hvps,
+        seconds=float(out.seconds),
+        warm_started=bool(warm),
+        lr=lr,
+        threshold=rule.value if rule is not None and rule.operator == "hessian" else None,
+        threshold_rule=_rule_text(rule),
+        **geometry,
+        extra=dict(extra),
+    )
+
+
 def _update_line(rec: SharpnessRecord, tol: float, share: float) -> str:
     """One update in words, for the ``progress`` display."""
     rel = rec.error_bound / max(abs(rec.lambda_max), 1e-300)
@@ -332,41 +365,15 @@ class SharpnessTracker:
                                 "the record's threshold comes from the optimizer, so pass one of them")
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
         out, grad = self._explore_and_certify(model, v0, gradient=self.geometry)
-        res, sub = out.result, out.sub_result
+        res = out.result
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
         self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
         if optimizer is not None and lr is None and optimizer.param_groups:
             lr = float(optimizer.param_groups[0]["lr"])
         lr = self.lr if lr is None else lr
-        rule = stability_threshold(optimizer, lr)
-        ev = res.eigenvalues.detach().cpu().double()
-        previous = self.history[-1].step if self.history else None
-        sub_hvps = 0 if sub is None else int(sub.num_hvps)
         geometry = _geometry(res.eigenvectors, grad, v0 if warm else None) if self.geometry else {}
-        rec = SharpnessRecord(
-            step=step,
-            steps_since=None if step is None or previous is None else step - previous,
-            lambda_max=float(ev[0]),
-            eigenvalues=tuple(float(e) for e in ev),
-            residual=_as_float(res.residuals),
-            error_bound=_as_float(res.error_bounds),
-            converged=bool(torch.as_tensor(res.converged).all()),
-            certificate=res.certificates[0],
-            certificates=tuple(res.certificates),
-            basis=_basis(out),
-            precision=res.precision,
-            num_hvps=int(res.num_hvps),
-            num_passes=int(res.num_passes),
-            subset_hvps=sub_hvps,
-            hvp_equivalents=int(res.num_hvps) + out.fraction * sub_hvps,
-            seconds=float(out.seconds),
-            warm_started=bool(warm),
-            lr=lr,
-            threshold=rule.value if rule is not None and rule.operator == "hessian" else None,
-            threshold_rule=_rule_text(rule),
-            **geometry,
-            extra=dict(extra),
-        )
+        rec = _record(out, step=step, previous=self.latest, lr=lr, rule=stability_threshold(optimizer, lr),
+                      warm=warm, geometry=geometry, extra=extra)
         self.history.append(rec)
         for log in self.loggers:
             log(rec)

@@ -38,8 +38,8 @@ def test_plain_writer_one_line_per_pass(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         f"fasthess.eigs: pass 1/50, bound 3.0e-01 of λ, target 1e-04, 8 HVPs, {EXPLORING}",
-        "fasthess.eigs: pass 2/50, bound 1.0e-02 of λ, target 1e-04, 16 HVPs, passes left: unknown (no "
-        "steady decrease of the bound yet)",
+        ("fasthess.eigs: pass 2/50, bound 1.0e-02 of λ, target 1e-04, 16 HVPs, passes left: unknown (no "
+         "steady decrease of the bound yet)"),
         "fasthess.eigs: pass 3/50, bound 1.0e-03 of λ, target 1e-04, 24 HVPs, about 1 pass left",
         "fasthess.eigs: pass 4/50, bound 1.0e-03 of λ, target 1e-04, 32 HVPs, about 2 passes left",
         lines[-1]]
