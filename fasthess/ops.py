@@ -7,9 +7,11 @@ package works without the extension.  Schemas live in ``csrc/fasthess.cpp``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
 from fasthess import _ext
+
 
 def _native(op: str, device: torch.device) -> bool:
     """True when ``fasthess::op`` has a native kernel for tensors on ``device``."""
@@ -36,7 +38,8 @@ def accumulate(acc: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
 
 
 def accumulate_dot(acc: torch.Tensor, tensors: Sequence[torch.Tensor], alpha: float) -> None:
-    """:func:`accumulate` under its former name, for callers that still pass ``alpha=1.0``."""
+    """:func:`accumulate` under its former name, for ``fasthess._model_operator``'s calls with ``alpha=1.0``; goes
+    when they call :func:`accumulate`."""
     if alpha != 1.0:
         raise ValueError(f"accumulate_dot: alpha={alpha!r}; only 1.0 is supported (use ops.accumulate)")
     accumulate(acc, tensors)

@@ -138,8 +138,8 @@ class MinibatchEstimate:
 
 
 def _minibatches(num_examples: int, minibatch_size: int, num_batches: int, seed: int) -> list[torch.Tensor]:
-    size = minibatch_size
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= num_examples:
+    if (isinstance(minibatch_size, bool) or not isinstance(minibatch_size, int)
+            or not 1 <= minibatch_size <= num_examples):
         raise FasthessError(f"minibatch_size={minibatch_size!r} must be an integer between 1 and the {num_examples} "
                             "examples")
     if not isinstance(num_batches, int) or num_batches < 2:
