@@ -50,7 +50,10 @@ eigenvectors in v0 are resolved at once and would otherwise hide the random colu
 (found by a red-team battery: v0 = the eigenvectors of λ₂ and λ₃ was certified as λ_max in 18–20 of 20 seeds).
 Together with a minimum depth of three passes before a claim that rests on random columns
 (:data:`fasthess.lanczos.MIN_DEPTH`), this kept every warm start of benchmarks/certificate_battery.py from being
-certified before the random columns had found the top.
+certified before the random columns had found the top. It was not enough in wide spaces: a random column holds a
+~1/√n share of an eigenvector that rose from deep in the bulk, and three passes do not amplify it into a threat (at
+n = 20000, the old top certified in 3 to 20 of 20 seeds). So a warm start also waits until its frontier has stopped
+climbing (:func:`climbing`), as a cold solve's Ritz values have by the time its top converges.
 
 A start without a fresh random column (``random_columns=0``: the Ritz vectors of a subset solve that carried one,
 :func:`fasthess.warm.eigs_subsampled`, as a tracker update with ``explore="subsample"`` does) takes its Krylov
@@ -83,6 +86,7 @@ KINDS = ("gap", "residual", "exhausted")
 RESOLVED = 0.5  # a neighbour is resolved when its residual is at most this share of the distance
 SKEW_FACTOR = 4.0  # ω ≥ this × the measured antisymmetric part of T
 REACH = 3.0  # an unresolved unwanted θₚ threatens when θₚ + REACH·‖rₚ‖ reaches the last wanted θ
+CLIMB = 0.1  # after a warm start, the frontier still explores while it rose by more than this share of its distance
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,30 @@ def certify(theta: torch.Tensor, Y: torch.Tensor, order: torch.Tensor, k: int, b
         stop = int(resolved[0]) if resolved.numel() and not warm else others.numel()
         threatened = bool(_beyond(reach[:stop], last, which).any())
     return Certificate(theta[want], X[w], res[w], torch.stack(bounds).to(theta.device), tuple(kinds), threatened)
+
+
+def climbing(ordered: torch.Tensor, previous: torch.Tensor | None, k: int, b: int, which: str) -> bool:
+    """The frontier of a warm-started space is still climbing: one of the b unwanted Ritz values next to the wanted
+    ones (ranks k … k + b − 1, ``ordered`` from most to least wanted) moved toward the last wanted θₖ, in the last
+    pass, by more than CLIMB times its remaining distance to θₖ (``previous``: the last pass's ordered values).
+
+    Why: exact lower eigenvectors in v0 are resolved at once, so a warm start's claim is ready as soon as the random
+    columns do not threaten (the REACH scan). Those columns find an eigenvalue that rose from deep in the bulk only
+    when the Krylov polynomial has amplified its ~1/√n share of a random vector, and while they are still climbing
+    toward the top, that has not happened: at n = 20000, v0 = the exact eigenvectors of λ₂ and λ₃ and a new top 2 % or
+    50 % above them, the frontier rose by 40 % of its distance per pass when the minimum depth was reached, and the
+    old top was certified in 3 to 20 of 20 seeds; once the new top is found the frontier settles to 1–3 % a pass.
+    Rising Ritz values are what any Krylov space shows while it explores (by Cauchy interlacing the j-th most
+    wanted Ritz value only moves toward the wanted end as the space grows), so a space that has stopped climbing
+    has done what a cold solve does before it may converge."""
+    if previous is None:
+        return True
+    m = min(k + b, previous.shape[0], ordered.shape[0])
+    if m <= k:
+        return False
+    now, before, last = ordered[k:m], previous[k:m], ordered[k - 1]
+    rise = distance(before, last, which) - distance(now, last, which)
+    return bool((rise > CLIMB * distance(now, last, which)).any())
 
 
 def distance(x: torch.Tensor, y: torch.Tensor, which: str) -> torch.Tensor:

@@ -36,8 +36,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fasthess import ops
-from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certify, distance, float64_widened,
-                                   needs_float64_check, rounding_floor)
+from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certify, climbing, distance,
+                                   float64_widened, needs_float64_check, rounding_floor)
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -311,7 +311,7 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
     explored = V0 is not None and V0.shape[0] >= b  # no random column: the start was explored by an earlier solve
     warm = V0 is not None and not explored
     skew = 0.0
-    cert = conv = theta = Y = order = last_claim = None
+    cert = conv = theta = Y = order = last_claim = previous = None
     for it in range(max_iters):
         W = yield P
         C, D = Q @ W.T, P @ W.T
@@ -329,7 +329,9 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
         exhausted = Q.shape[0] >= n  # every eigenvalue is then a Ritz value, and the gaps are exact
         target = torch.maximum(tol * cert.values.abs(), ROUNDOFF * theta.abs().max())
         meets = cert.bounds <= target
-        ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH))
+        ready = exhausted or (not cert.threatened and (explored or it + 1 >= MIN_DEPTH)
+                              and not (warm and climbing(theta[order], previous, k, b, which)))
+        previous = theta[order]
         # A gap-based claim stands only once the next pass confirms it (the Ritz values moved by no more than
         # the claimed bounds): an unresolved cluster looks separated until the next block splits it.
         confirmed = bool(meets.all()) and ready and (exhausted or "gap" not in cert.kinds or (

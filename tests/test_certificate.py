@@ -233,6 +233,33 @@ def test_exact_lower_eigenvectors_as_warm_start_do_not_hide_the_random_columns(s
     assert _holds(res, lam.max()[None])
 
 
+class _Diagonal(fasthess.SymmetricOperator):
+    """diag(d) without the dense matrix, for a problem as wide as a small network (n = 20000)."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        super().__init__()
+        self.d, self.num_params, self.device = d, d.shape[0], d.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * V
+
+
+@pytest.mark.parametrize("seed", [2, 8, 10, 12])
+@pytest.mark.parametrize("top", [1.02, 1.5])
+def test_warm_start_waits_until_the_random_columns_stop_climbing(seed, top):
+    """v0 = the exact eigenvectors of 1.0 and 0.99, a bulk in [0.1, 0.7] and a new top above: at n = 20000 the
+    random column's ~1/√n share of the new top is not amplified by the minimum depth, and the old top was certified
+    (these seeds, before the climbing rule; 1.02: every seed)."""
+    n, g = 20000, torch.Generator().manual_seed(seed)
+    d = torch.cat([torch.tensor([1.0, 0.99], dtype=torch.float64),
+                   0.1 + 0.6 * torch.rand(n - 3, generator=g, dtype=torch.float64),
+                   torch.tensor([top], dtype=torch.float64)])
+    v0 = torch.zeros(n, 2, dtype=torch.float64)
+    v0[0, 0] = v0[1, 1] = 1.0
+    res = fasthess.eigs(_Diagonal(d), k=1, v0=v0, seed=seed)
+    assert res.all_converged and _holds(res, torch.tensor([top], dtype=torch.float64))
+
+
 def test_tracker_sees_a_bulk_eigenvalue_rising_past_an_exact_warm_eigenvector():
     d, g = 20, torch.Generator().manual_seed(1)
     X, y = _isotropic_data(d, 2 * d, g)

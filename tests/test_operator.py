@@ -53,14 +53,14 @@ def test_to_scipy_eigsh_agrees(small_problem):
 
 
 def test_warm_start_from_exact_eigenvector_converges_after_the_random_column_has_climbed(small_problem):
-    """The answer is there after one pass; the claim waits for the random column's minimum depth and until its
-    Ritz value no longer reaches the top (θ + 3‖r‖): 5 passes here (3 with a reach of 2), against 12 cold."""
+    """The answer is there after one pass; the claim waits for the random column's minimum depth, until its Ritz
+    value no longer reaches the top (θ + 3‖r‖) and until it has stopped climbing: 6 passes here, against 12 cold."""
     model, loss, X, y = small_problem
     H = dense_hessian(model, loss, X, y, batch_size=1024)
     evals, evecs = torch.linalg.eigh(H)
     op = fasthess.HessianOperator(model, loss, (X, y))
     res = fasthess.eigs(op, k=1, tol=1e-8, v0=evecs[:, -1])
-    assert res.all_converged and fasthess.lanczos.MIN_DEPTH <= res.num_passes <= 5
+    assert res.all_converged and fasthess.lanczos.MIN_DEPTH <= res.num_passes <= 6
     torch.testing.assert_close(res.eigenvalues, evals[-1:], rtol=1e-8, atol=0)
     cold = fasthess.eigs(op, k=1, tol=1e-8)
     assert cold.num_passes >= 2 * res.num_passes
