@@ -181,7 +181,7 @@ def test_tracker_update(benchmark, problem):
 
     rec, clock = _run(benchmark, p, lambda _: tracker.update(p.model, step=p.step), setup=setup)
     warm = sorted(r["hvp_equivalents"] for r in tracker.history[1:])
-    assert rec["converged"]
+    assert rec.converged
     assert warm[len(warm) // 2] <= WARM_GUARD * sorted(cold)[len(cold) // 2], (warm, cold)
     _record(benchmark, p, "tracker update (10 SGD steps)", clock, hvps=[round(w, 2) for w in warm],
             passes=[r["num_passes"] for r in tracker.history[1:]])

@@ -203,11 +203,11 @@ def model_trajectories(seeds: int, updates: int = 6, every: int = 20) -> dict[tu
                 cold = fasthess.eigs(op, tol=TOL, seed=100 + u).num_hvps
                 for mode, tr in trackers.items():
                     rec = tr.update(model, step=u * every, optimizer=opt)
-                    false = rec["converged"] and abs(rec["lambda_max"] - truth) > max(
-                        rec["error_bound"], TOL * abs(truth)) * (1 + 1e-9) + 1e-12
+                    false = rec.converged and abs(rec.lambda_max - truth) > max(
+                        rec.error_bound, TOL * abs(truth)) * (1 + 1e-9) + 1e-12
                     if u:
-                        rows.setdefault((kind, mode), []).append((rec["converged"], false,
-                                                                  rec["hvp_equivalents"] / cold))
+                        rows.setdefault((kind, mode), []).append((rec.converged, false,
+                                                                  rec.hvp_equivalents / cold))
     return rows
 
 

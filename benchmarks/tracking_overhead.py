@@ -52,7 +52,7 @@ def _op(p: P.Problem):
 
 
 def _false(rec: dict, truth: float, tol: float) -> bool:
-    return rec["converged"] and abs(rec["lambda_max"] - truth) > max(rec["error_bound"], tol * abs(truth)) * (1 + 1e-9)
+    return rec.converged and abs(rec.lambda_max - truth) > max(rec.error_bound, tol * abs(truth)) * (1 + 1e-9)
 
 
 def _eigsh_matvecs(op, tol: float) -> int:
@@ -96,8 +96,8 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
             rec = tr.update(p.model, step=p.step, optimizer=opt)
             out["false"].append(_false(rec, truth, tol))
             if u:  # update 0 is cold for both trackers
-                out[mode].append(rec["hvp_equivalents"])
-                out["seconds"][mode].append(rec["seconds"])
+                out[mode].append(rec.hvp_equivalents)
+                out["seconds"][mode].append(rec.seconds)
         if u:
             out["cold"].append(cold.num_hvps)
             lam = float(cold.eigenvalues[0])

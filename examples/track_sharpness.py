@@ -27,24 +27,24 @@ losses = []
 for step in range(301):
     rec = tracker.maybe_update(model, step, optimizer=opt)
     if rec is not None and step % 50 == 0:
-        print(f"step {step:3d}  loss {loss_fn(model(X), y).item():.4f}  λ_max {rec['lambda_max']:.4f}  "
-              f"({rec['threshold_rule']} = {rec['threshold']:.1f}; residual {rec['residual']:.1e}, {rec['num_hvps']} HVPs"
-              f"{', warm start' if rec['warm_started'] else ''})")
+        print(f"step {step:3d}  loss {loss_fn(model(X), y).item():.4f}  λ_max {rec.lambda_max:.4f}  "
+              f"({rec.threshold_rule} = {rec.threshold:.1f}; residual {rec.residual:.1e}, {rec.num_hvps} HVPs"
+              f"{', warm start' if rec.warm_started else ''})")
     opt.zero_grad()
     loss = loss_fn(model(X), y)
     loss.backward()
     opt.step()
     losses.append(loss.item())
 
-hvps = sum(r["num_hvps"] for r in tracker.history)
+hvps = sum(r.num_hvps for r in tracker.history)
 print(f"{len(tracker.history)} solves, {hvps} Hessian-vector products in all "
       f"({hvps / len(tracker.history):.1f} per solve)")
 
-steps = [r["step"] for r in tracker.history]
+steps = [r.step for r in tracker.history]
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
 ax1.plot(losses)
 ax1.set(xlabel="step", ylabel="training loss", yscale="log")
-ax2.plot(steps, [r["lambda_max"] for r in tracker.history], "o-", label="λ_max (exact, full data)")
+ax2.plot(steps, [r.lambda_max for r in tracker.history], "o-", label="λ_max (exact, full data)")
 ax2.axhline(2 / lr, color="k", ls="--", label="2/η")
 ax2.set(xlabel="step", ylabel="sharpness")
 ax2.legend()

@@ -36,7 +36,7 @@ def _ggn_lambda_max(ctx: dict[str, Any]) -> float:
 
 def _minibatch(fn: Callable) -> Callable[[dict[str, Any]], float]:
     def measure(ctx: dict[str, Any]) -> float:
-        return float(fn(ctx["model"], ctx["loss_fn"], ctx["data"], batch_size=ctx["batch_size"],
+        return float(fn(ctx["model"], ctx["loss_fn"], ctx["data"], minibatch_size=ctx["batch_size"],
                         num_batches=NUM_BATCHES, seed=ctx["seed"]).mean)
     return measure
 

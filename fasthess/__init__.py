@@ -21,6 +21,7 @@ from fasthess.sharpness import (MinibatchEstimate, PreconditionedOperator, adam_
 from fasthess.subset import SubsetSize, SubsetStudy, subset_lambda_max
 from fasthess.threshold import Decision, StabilityThreshold, compare_lambda_max, stability_threshold
 from fasthess.trace import TraceResult, trace
+from fasthess.records import SharpnessRecord
 from fasthess.track import SharpnessTracker, sharpness_mode
 from fasthess.warm import SubsampledEigResult
 from fasthess.warm import eigs_subsampled as eigs_from_subset
@@ -36,7 +37,7 @@ __all__ = [
     # solvers on an operator
     "eigs", "eigs_from_subset", "compare_lambda_max", "preconditioned_lambda_max", "trace", "spectral_density",
     # tracking during training
-    "SharpnessTracker", "sharpness_mode", "stability_threshold", "adam_stability_threshold",
+    "SharpnessTracker", "SharpnessRecord", "sharpness_mode", "stability_threshold", "adam_stability_threshold",
     # results
     "EigResult", "SubsampledEigResult", "Decision", "StabilityThreshold", "TraceResult", "Density",
     "MinibatchEstimate", "SubsetStudy", "SubsetSize",
@@ -51,8 +52,10 @@ __all__ = [
 def __getattr__(name: str):
     """Deprecated top-level names, kept for one release."""
     if name == "MatrixOperator":
-        _warnings.warn("fasthess.MatrixOperator is a test helper and leaves the top-level API; import it from "
-                       "fasthess.linop", DeprecationWarning, stacklevel=2)
+        from fasthess._deprecation import warn_deprecated
+
+        warn_deprecated("fasthess.MatrixOperator is a test helper and leaves the top-level API; import it from "
+                        "fasthess.linop", stacklevel=2)
         from fasthess.linop import MatrixOperator
 
         return MatrixOperator

@@ -27,7 +27,6 @@ full block resolves the pair).
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Generator
@@ -36,8 +35,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from fasthess import ops
+from fasthess._deprecation import positional_until
 from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certify, climbing, distance,
                                    float64_widened, needs_float64_check, rounding_floor)
+from fasthess._progress import SolveProgress
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -158,8 +159,9 @@ def _orthonormal_rows(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator) ->
     return torch.stack(out) if out else W[:0]
 
 
-def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int | None = None,
-         max_iters: int | None = None, v0: torch.Tensor | None = None, seed: int = 0, progress: bool = False,
+@positional_until(2)
+def eigs(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, block_size: int | None = None,
+         max_iters: int | None = None, v0: torch.Tensor | None = None, seed: int = 0, progress: bool | None = None,
          max_basis: int | None = None, random_columns: int = 1) -> EigResult:
     """k extreme eigenpairs of a symmetric operator by block Lanczos (see the module docstring).
 
@@ -173,7 +175,8 @@ def eigs(op, k: int = 1, which: str = "LA", tol: float = 1e-4, block_size: int |
         max_iters: most data passes (default: until the Krylov space is exhausted, at most 1000).
         v0: warm start, (n,) or (n, j), e.g. ``previous_result.ritz_vectors``.
         seed: seed of the random start and refill directions.
-        progress: print one line per pass to stderr.
+        progress: show the passes on stderr (:class:`fasthess._progress.SolveProgress`): True always, False
+            never, None (default) when stderr is a terminal.
         max_basis: most basis vectors kept before a thick restart (default from a 2 GiB budget); raised to
             k + 3·block_size, so that a restart keeps k + b Ritz vectors with room for two more blocks (with
             room for one, a red-team battery found a member of a cluster 10⁻³ wide certified as the largest).
@@ -276,7 +279,7 @@ class Outcome:
 
 def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,
                   block_size: int, requested_block: int | None = None, max_iters: int | None = None,
-                  v0: torch.Tensor | None = None, seed: int = 0, progress: bool = False,
+                  v0: torch.Tensor | None = None, seed: int = 0, progress: bool | None = False,
                   max_basis: int | None = None, random_columns: int = 1,
                   threshold: float | None = None) -> Generator[torch.Tensor, torch.Tensor, Outcome]:
     """The block Lanczos iteration of :func:`eigs` as a generator: it yields each block P (b, n) float64 rows and is
@@ -312,6 +315,7 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
     warm = V0 is not None and not explored
     skew = 0.0
     cert = conv = theta = Y = order = last_claim = previous = None
+    display, products = SolveProgress(progress, "fasthess.eigs", tol, max_iters), 0
     for it in range(max_iters):
         W = yield P
         C, D = Q @ W.T, P @ W.T
@@ -339,10 +343,9 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
                                              <= last_claim[1] + 1e-13 * cert.values.abs()).all())))
         conv = meets & confirmed
         last_claim = (cert.values, cert.bounds) if bool(meets.all()) else None
-        if progress:
-            print(f"[fasthess.eigs] pass {it + 1}: basis {Q.shape[0]}, θ={cert.values.tolist()}, "
-                  f"rel. bound={(cert.bounds / cert.values.abs().clamp_min(1e-300)).max().item():.2e} "
-                  f"({','.join(cert.kinds)}{', threatened' if cert.threatened else ''})", file=sys.stderr)
+        products += P.shape[0]
+        display.step(it + 1, float((cert.bounds / cert.values.abs().clamp_min(1e-300)).max()), products,
+                     exploring=not ready)
         above = threshold is not None and float(cert.values[0]) - floor > threshold
         if confirmed or exhausted or above or _below_floor(cert.bounds, floor, target, dtype, tol, skew):
             break
@@ -357,6 +360,7 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
             Yk = Y[:, keep]
             Q, HQ, T, G = Yk.T @ Q, Yk.T @ HQ, torch.diag(theta[keep]), Yk.T @ G @ Yk
             rows = _Rows(Q, cap + b), _Rows(HQ, cap + b)  # new buffers: ``basis`` still views the old ones
+    display.close(bool(conv.all()))
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = Y[:, order[: _warm_count(theta[order], k, which)]].T @ basis
     return Outcome(cert=cert, converged=conv, kinds=kinds, floor=floor, which=which, tol=float(tol),

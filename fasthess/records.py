@@ -3,27 +3,26 @@
 ``record.lambda_max``, ``record.error_bound``, ... are the fields; :meth:`SharpnessRecord.to_dict` is the flat dict
 a JSON sink writes (the keys are the field names, then the ``extra`` keys). Records were plain dicts before; the
 dict reads ``record["lambda_max"]``, ``record.get(...)``, ``"x" in record``, ``keys()``/``items()`` still work for
-one release and emit a :class:`DeprecationWarning` (silent by default outside ``__main__``, shown by pytest), so
-old code keeps running while its tests say what to change.
+one release and emit a :class:`FutureWarning` (shown by default, as every fasthess deprecation:
+:mod:`fasthess._deprecation`), so old code keeps running and says what to change.
 """
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from fasthess._deprecation import warn_deprecated
 from fasthess.errors import FasthessError
 
 __all__ = ["SharpnessRecord"]
 
-_DEPRECATED = ("SharpnessRecord: reading a tracker record as a dict (record[key], .get, in, keys, items, values) is "
-               "deprecated and will be removed in the next release; read its fields (record.lambda_max, "
-               "record.extra['epoch']) or record.to_dict()")
+_DEPRECATED = ("SharpnessRecord: reading a tracker record as a dict (record[key], .get, in, keys, items, values); "
+               "read its fields (record.lambda_max, record.extra['epoch']) or record.to_dict()")
 
 
 def _deprecated() -> None:
-    warnings.warn(_DEPRECATED, DeprecationWarning, stacklevel=3)  # at the caller of the dict read
+    warn_deprecated(_DEPRECATED, stacklevel=3)  # at the caller of the dict read
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fasthess._deprecation import positional_until
 from fasthess.errors import FasthessError
 from fasthess.lanczos import eigs
 from fasthess.results import EigResult
@@ -136,10 +137,11 @@ def _fraction(sub_op, op, fraction: float) -> float:
         return fraction
 
 
-def eigs_subsampled(op, k: int = 1, which: str = "LA", tol: float = 1e-4, *, fraction: float = 0.125,
+@positional_until(2, formerly=("which", "tol"))
+def eigs_subsampled(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, fraction: float = 0.125,
                     sub_tol: float = 1e-2, v0: torch.Tensor | None = None, seed: int = 0,
                     block_size: int | None = None, max_iters: int | None = None, sub_max_iters: int = 40,
-                    progress: bool = False, keep_v0: bool = False, sub_op=None,
+                    progress: bool | None = None, keep_v0: bool = False, sub_op=None,
                     max_basis: int | None = None) -> SubsampledEigResult:
     """:func:`fasthess.eigs` started from a solve on a random ``fraction`` of the data (see the module docstring).
 

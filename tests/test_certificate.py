@@ -141,9 +141,9 @@ def test_tracker_across_eigenvalue_crossings(seed, kind, block):
         model.set_hessian(R, lam)
         rec = tracker.update(model, step=step)
         top = lam.max().item()
-        assert rec["certificate"] in KINDS
-        if rec["converged"]:
-            assert abs(rec["lambda_max"] - top) <= max(rec["error_bound"], 1e-4 * top) + 1e-12, (step, rec)
+        assert rec.certificate in KINDS
+        if rec.converged:
+            assert abs(rec.lambda_max - top) <= max(rec.error_bound, 1e-4 * top) + 1e-12, (step, rec)
 
 
 def test_tracker_carries_a_tie_at_the_second_eigenvalue():
@@ -165,7 +165,7 @@ def test_tracker_carries_a_tie_at_the_second_eigenvalue():
         model.set_hessian(R, L)
         rec = tracker.update(model, step=step)
         top = L.max().item()
-        assert not rec["converged"] or abs(rec["lambda_max"] - top) <= max(rec["error_bound"], 1e-4 * top), (step, rec)
+        assert not rec.converged or abs(rec.lambda_max - top) <= max(rec.error_bound, 1e-4 * top), (step, rec)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -272,8 +272,8 @@ def test_tracker_sees_a_bulk_eigenvalue_rising_past_an_exact_warm_eigenvector():
         current[0] = 0.3 + 0.25 * step  # 0.3, 0.55, 0.8, 1.05: past the top at the last step
         model.set_hessian(R, current)
         rec = tracker.update(model, step)
-        if rec["converged"]:
-            assert abs(rec["lambda_max"] - current.max().item()) <= max(rec["error_bound"], 1e-4) + 1e-12
+        if rec.converged:
+            assert abs(rec.lambda_max - current.max().item()) <= max(rec.error_bound, 1e-4) + 1e-12
 
 
 def test_the_last_pass_ending_in_a_thick_restart_still_returns_ritz_vectors():

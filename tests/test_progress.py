@@ -100,3 +100,18 @@ def test_tracker_writes_one_line_per_update(monkeypatch, capsys):
     assert "target 1e-06), threshold 4 (gd: 2/lr), " in line and f"{rec.num_hvps} HVPs" in line
     SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6).update(model, step=7)  # progress off by default
     assert capsys.readouterr().err == ""
+
+
+def test_eigs_shows_its_passes_and_the_certificate(monkeypatch, capsys):
+    """eigs(progress=True) writes one plain line per pass (tqdm absent) and a closing line naming the outcome."""
+    import torch
+
+    import fasthess
+    from fasthess import _progress
+
+    monkeypatch.setattr(_progress, "_tqdm_class", lambda: None)
+    op = fasthess.linop.MatrixOperator(torch.diag(torch.linspace(1, 2, 50, dtype=torch.float64)))
+    res = fasthess.eigs(op, k=1, tol=1e-6, progress=True)
+    err = capsys.readouterr().err
+    assert "fasthess.eigs: pass 1/1000, " in err
+    assert f"certified after {res.num_passes} passes" in err

@@ -80,16 +80,16 @@ def test_old_dict_histories_load_and_checkpoints_stay_plain():
 
 def test_dict_reads_still_work_and_warn():
     rec = SharpnessRecord.from_dict(OLD_RECORD)
-    with pytest.warns(DeprecationWarning, match="record.lambda_max"):
+    with pytest.warns(FutureWarning, match="record.lambda_max"):
         assert rec["lambda_max"] == 2.5
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(FutureWarning):
         assert rec.get("threshold") is None and rec.get("missing", 7) == 7
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(FutureWarning):
         assert "two_over_lr" in rec and "missing" not in rec
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(FutureWarning):
         assert dict(rec) == rec.to_dict() and rec["eigenvalues"] == [2.5]
     with pytest.raises(KeyError), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         rec["missing"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the typed reads never warn
