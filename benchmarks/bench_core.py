@@ -169,7 +169,7 @@ def test_tracker_update(benchmark, problem):
     hvp_equivalents (full-data HVPs + 1/8 of the subset's) must stay ≤ WARM_GUARD × a cold solve's HVPs."""
     p = copy.deepcopy(problem)
     tracker = fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=TOL, mode="eval",
-                                        explore="subsample")
+                                        explore="subsample", warm_start=True)
     tracker.update(p.model, step=0)
     cold = []
 

@@ -194,7 +194,8 @@ def model_trajectories(seeds: int, updates: int = 6, every: int = 20) -> dict[tu
             model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
             opt = make_opt(model.parameters())
             trackers = {m: fasthess.SharpnessTracker(torch.nn.functional.cross_entropy, (X, y), batch_size=128,
-                                                     tol=TOL, explore=m, seed=seed) for m in ("subsample", "full")}
+                                                     tol=TOL, explore=m, seed=seed, warm_start=True)
+                        for m in ("subsample", "full")}
             for u in range(updates + 1):
                 for _ in range(every):
                     _trajectory_step(kind, model, opt, X, y, g)

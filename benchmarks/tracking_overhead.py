@@ -9,7 +9,7 @@ Run::
 Per problem (benchmarks/problems.py: the finding-cpu MLP on MNIST-1D, the small CNN, the digits MLP), in one process:
 
 1. **Warm against cold.** SGD with momentum 0.9 (lr = the problem's / 4) for ``--updates`` × ``--every`` steps; at
-   every ``--every``-th step a :class:`fasthess.SharpnessTracker` with ``explore="subsample"`` (the default) and one
+   every ``--every``-th step a :class:`fasthess.SharpnessTracker` with ``warm_start=True, explore="subsample"`` and one
    with ``explore="full"`` update on the same weights, next to a cold :func:`fasthess.eigs` (the cost unit) and a
    tight reference (tol 1e-6, near a float32 model's rounding floor) that checks every converged record (a record is false when |λ − θ| > max(bound, tol·λ)).
    Products: full-data HVPs + 1/8 of the subset's (``hvp_equivalents``).
@@ -81,7 +81,7 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
     """Section 1-3 of the module docstring on one problem; returns lists per update."""
     opt = torch.optim.SGD(p.model.parameters(), lr=p.lr / 4, momentum=0.9)
     trackers = {mode: fasthess.SharpnessTracker(p.loss_fn, p.data, batch_size=p.batch_size, tol=tol, mode="eval",
-                                                explore=mode) for mode in ("subsample", "full")}
+                                                explore=mode, warm_start=True) for mode in ("subsample", "full")}
     out: dict[str, list] = {"cold": [], "subsample": [], "full": [], "false": [], "eigsh": [], "pyhessian": [],
                             "decide": [], "decide_warm": [], "seconds": {"cold": [], "subsample": [], "full": []}}
     for u in range(updates + 1):

@@ -9,24 +9,25 @@ Usage inside any training loop::
     tracker.latest.lambda_max, tracker.latest.error_bound, tracker.latest.threshold
 
 Each update builds a :class:`fasthess.HessianOperator` on the model's current weights and certifies λ_max on the
-full data, and returns a :class:`fasthess.SharpnessRecord`. How it explores (``explore``):
+full data, and returns a :class:`fasthess.SharpnessRecord`. By default every update is a cold solve
+(:func:`fasthess.eigs` from fresh random columns, its certificate exactly), and what keeps tracking cheap is how
+often it runs: ``budget=0.1`` computes only while the tracker stays within a tenth of the loop's wall time.
 
-* ``"full"`` (default): every update carries a fresh random column on the full data next to the previous Ritz
-  vectors, as a cold solve does.
-* ``"subsample"`` (opt-in, in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started from
-  the previous update's Ritz vectors plus a fresh random column taken to the full minimum depth, explores; the
-  full-data solve then starts from the previous top k vectors and k more columns that add the previous (k+1)-th
-  vector to the subset's top Ritz vectors, with no further random column (:func:`fasthess.warm.eigs_subsampled`
-  with ``keep_v0=True``). Its claim rests on the full-data residuals and on the subset's exploration for the
-  Krylov assumption; the record's ``basis`` says so. Data that cannot be subsampled is explored on the full data.
+Warm starts are opt-in (``warm_start=True``), because on the CPU they no longer save products: an update carries
+the previous Ritz vectors next to a fresh random column, and the carried vectors converge in a pass or two, but the
+claim must wait until the random column has explored as far as a cold solve's would (three passes, no threatening
+Ritz value, a frontier that has stopped climbing: :mod:`fasthess._certificate`). Measured
+(benchmarks/tracking_overhead.py, updates every 20 steps of SGD with momentum, tol 1e-4): 1.07 of a cold solve's
+products on the finding-cpu MLP. And they keep a false-record class the cold solve does not have (a direction that
+rises from deep in the bulk past the top between two updates; rates in docs/guides/tracking.md, "Known false
+records"). How a warm update explores (``explore``):
 
-Both warm modes can certify the old top when a direction from deep in the bulk rises past it between two updates
-(red-team rates in docs/guides/tracking.md, "Known false records"); ``warm_start=False`` makes every update a
-cold solve.
-
-Measured on the CPU (benchmarks/tracking_overhead.py, an update every 20 steps of SGD with momentum, tol 1e-4): a
-subsample-explored update costs 0.52–0.84 of a cold solve's products (full-data products plus 1/8 of the
-subset's), a full-exploration update 0.75–1.07 (docs/guides/tracking.md has the table).
+* ``"full"``: the fresh random column runs on the full data.
+* ``"subsample"`` (in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started from the
+  previous update's Ritz vectors plus a fresh random column, explores; the full-data solve then starts from the
+  previous top k vectors and k more columns that add the previous (k+1)-th vector to the subset's top Ritz vectors,
+  with no further random column (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``): 0.68 of a cold
+  solve's products, and blind to a direction carried by examples the subset misses. The record's ``basis`` says so.
 
 The Hessian is taken in ``mode="train"`` by default (BatchNorm uses per-chunk "ghost batch" statistics over chunks
 of ``batch_size``; running statistics are never changed) with dropout modules switched off
@@ -129,7 +130,7 @@ def _rule_text(rule) -> str | None:
 
 def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Tensor | None) -> dict[str, Any]:
     """``gradient_fraction`` ‖Vᵀg‖²/‖g‖² for the orthonormal eigenvectors V (n, k), and ``top_overlap``
-    |⟨x₁, x₁'⟩| with the previous update's top Ritz vector (the first column of its warm start), or None."""
+    |⟨x₁, x₁'⟩| with the previous update's top Ritz vector (the first column of ``previous``), or None."""
     V, g = vectors.detach().double(), gradient.detach().double().to(vectors.device)
     norm2 = float(g @ g)
     top = V[:, 0].cpu()
@@ -203,15 +204,17 @@ class SharpnessTracker:
         budget: with ``maybe_update`` called every step, compute only while the tracker's own time stays within
             this fraction of the wall time since it was built (measured, so it adapts to the model and machine):
             a step is taken when the last update's cost, added now, would keep the share at or below ``budget``.
-        explore: ``"full"`` (default) or ``"subsample"`` (module docstring); every record's ``basis`` says which was
-            used.
+        explore: how a warm update explores, ``"full"`` (default) or ``"subsample"`` (module docstring); every
+            record's ``basis`` says which was used. A cold update (each one without ``warm_start``, else the first)
+            is :func:`fasthess.eigs`.
         geometry: add two record fields: ``gradient_fraction`` = ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient g
             in the span of the top-k eigenvectors Vₖ (Gur-Ari et al., 2018; one extra gradient pass), and
             ``top_overlap`` = |⟨x₁(t), x₁(t')⟩|, how far the top eigenvector turned since the previous update
             (None at the first one); both are as accurate as the eigenvectors (their angle error is about
             √(error_bound/gap)).
         mode, disable_dropout: see :func:`sharpness_mode`.
-        warm_start: start each solve from the previous top k + 1 Ritz vectors.
+        warm_start: start each solve from the previous top k + 1 Ritz vectors (opt-in: on the CPU it costs about
+            what a cold solve costs and keeps a measured false-record class; module docstring).
         params: the parameters to differentiate (a list, or a callable returning one); a generator such as
             ``model.parameters()`` is materialized once, here.
         lr: default learning rate, for the threshold when no optimizer is passed to ``update`` (2/lr).
@@ -230,7 +233,7 @@ class SharpnessTracker:
     def __init__(self, loss_fn, data, *, batch_size: int | None = None, k: int = 1, tol: float = 1e-4,
                  every: int = 1, budget: float | None = None, explore: str = "full", geometry: bool = False,
                  mode: str = "train",
-                 disable_dropout: bool = True, warm_start: bool = True, params=None, lr: float | None = None,
+                 disable_dropout: bool = True, warm_start: bool = False, params=None, lr: float | None = None,
                  allow_stochastic: bool = False, progress: bool | None = False, distributed: bool = False,
                  process_group=None, loggers: Sequence[Callable[[SharpnessRecord], None]] = (), batch=None,
                  penalty: Callable | None = None, graph_memory: int | None = None, **eigs_kwargs: Any) -> None:
@@ -363,15 +366,17 @@ class SharpnessTracker:
                 and float(optimizer.param_groups[0]["lr"]) != float(lr):
             raise FasthessError(f"update got lr={lr} and an optimizer whose lr is {optimizer.param_groups[0]['lr']}; "
                                 "the record's threshold comes from the optimizer, so pass one of them")
-        v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
+        previous = self._vectors
+        v0 = previous if self.warm_start else None
         out, grad = self._explore_and_certify(model, v0, gradient=self.geometry)
         res = out.result
         warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
+        same_shape = previous is not None and previous.shape[0] == res.eigenvectors.shape[0]
         self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
         if optimizer is not None and lr is None and optimizer.param_groups:
             lr = float(optimizer.param_groups[0]["lr"])
         lr = self.lr if lr is None else lr
-        geometry = _geometry(res.eigenvectors, grad, v0 if warm else None) if self.geometry else {}
+        geometry = _geometry(res.eigenvectors, grad, previous if same_shape else None) if self.geometry else {}
         rec = _record(out, step=step, previous=self.latest, lr=lr, rule=stability_threshold(optimizer, lr),
                       warm=warm, geometry=geometry, extra=extra)
         self.history.append(rec)

@@ -136,7 +136,7 @@ def test_tracker_across_eigenvalue_crossings(seed, kind, block):
     g = torch.Generator().manual_seed(seed)
     model = LinearHessianModel(d)
     kw = {} if block is None else {"block_size": block}
-    tracker = fasthess.SharpnessTracker(_mse, _isotropic_data(d, 4 * d, g), **kw)
+    tracker = fasthess.SharpnessTracker(_mse, _isotropic_data(d, 4 * d, g), warm_start=True, **kw)
     for step, (R, lam) in enumerate(_crossing(kind, d, 6, g)):
         model.set_hessian(R, lam)
         rec = tracker.update(model, step=step)
@@ -158,7 +158,7 @@ def test_tracker_carries_a_tie_at_the_second_eigenvalue():
     lam[-1], lam[-2] = 1.0, 0.8
     R = _rotation(d, g)
     model = LinearHessianModel(d)
-    tracker = fasthess.SharpnessTracker(_mse, data, tol=1e-4, seed=864)
+    tracker = fasthess.SharpnessTracker(_mse, data, tol=1e-4, seed=864, warm_start=True)
     for step in range(4):
         L = lam.clone()
         L[0] = 0.3 + 0.25 * step
@@ -266,7 +266,7 @@ def test_tracker_sees_a_bulk_eigenvalue_rising_past_an_exact_warm_eigenvector():
     lam = torch.rand(d, generator=g, dtype=torch.float64) * 0.5
     lam[-1], lam[-2] = 1.0, 0.8
     R, model = _rotation(d, g), LinearHessianModel(d)
-    tracker = fasthess.SharpnessTracker(_mse, (X, y))
+    tracker = fasthess.SharpnessTracker(_mse, (X, y), warm_start=True)
     for step in range(4):
         current = lam.clone()
         current[0] = 0.3 + 0.25 * step  # 0.3, 0.55, 0.8, 1.05: past the top at the last step

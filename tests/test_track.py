@@ -63,14 +63,14 @@ def test_lambda_max_matches_dense_hessian_and_logs_record():
 
 def test_warm_start_every_and_state_dict_roundtrip():
     model, X, y = _setup()
-    tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
+    tr = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3, warm_start=True)
     recs = [tr.maybe_update(model, s) for s in range(7)]
     assert [r is not None for r in recs] == [True, False, False, True, False, False, True]
     assert [r.warm_started for r in tr.history] == [False, True, True]
     # warm start from an exact eigenvector converges in no more products than the cold start
     assert tr.history[1].num_hvps <= tr.history[0].num_hvps
     st = tr.state_dict()
-    tr2 = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3)
+    tr2 = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3, warm_start=True)
     tr2.load_state_dict(st)
     assert torch.equal(tr2.eigenvectors, tr.eigenvectors) and tr2.history == tr.history
     assert tr2.update(model, 9).warm_started
@@ -149,7 +149,7 @@ def _big_setup(seed=0):
 def test_warm_updates_match_the_dense_hessian_and_name_their_basis(explore):
     model, X, y = _big_setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128, tol=1e-6, explore=explore)
+    tr = SharpnessTracker(F.cross_entropy, (X, y), batch_size=128, tol=1e-6, explore=explore, warm_start=True)
     for step in (0, 20, 40, 60):
         rec = tr.update(model, step=step, optimizer=opt)
         truth = _dense_top(model, X, y)
