@@ -134,3 +134,11 @@ def test_three_way_decisions_and_combinations():
     assert stats.all_of([REPRODUCED, INCONCLUSIVE]) == INCONCLUSIVE
     assert stats.all_of([INCONCLUSIVE, CONTRADICTED]) == CONTRADICTED
     assert stats.bonferroni(0.95, 5) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("df", [0.5, 1, 2, 3.7, 9, 30, 1000, 1e5])
+@pytest.mark.parametrize("p", [1e-6, 0.025, 0.3, 0.5, 0.8, 0.975, 0.999999])
+def test_t_quantile_matches_scipy(p, df):
+    """The scipy-free Student-t quantile (the demo installs no scipy) against scipy.stats.t.ppf."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert stats.t_quantile(p, df) == pytest.approx(float(scipy_stats.t.ppf(p, df)), rel=1e-9, abs=1e-12)
