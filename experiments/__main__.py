@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             return _error(exc)
         ddp.init()  # under torchrun: the process group (a no-op in a plain process)
         try:
-            out = run_sweep(args.preset, args.out, overrides, progress=False if args.no_progress else None, seeds=seeds,
-                            jobs=args.jobs)
+            out = run_sweep(args.preset, args.out, overrides, progress=False if args.no_progress else None,
+                            seeds=seeds, jobs=args.jobs)
             if sizes and ddp.is_main():
                 from .report import build_report
 
