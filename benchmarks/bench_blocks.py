@@ -10,10 +10,19 @@ Both sides solve the same problems with the same tolerance and must certify ever
 the same in number (each block's solve takes the same path). On the CPU each column still costs about one
 Hessian-vector product, so what the lockstep saves is per round, not per column: one data pass instead of B + 1,
 one forward and one gradient graph per chunk (built on the first pass, kept after) instead of B + 1 of each.
+The script also times those graph builds alone, which is the saving to expect.
+
+glibc's malloc hands freed heap memory back to the system and faults it in again, and how often depends on the
+order of earlier allocations: on the CNN a lockstep call (blocks only) took 1.2-1.4 million minor page faults, the
+separate calls 0.3-1.6 million, seconds of CPU either way. To compare the work itself, run with an allocator that
+keeps freed memory:
+``MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=536870912`` (the header
+names the ``MALLOC_`` settings a table was measured with).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import pytest
@@ -41,15 +50,26 @@ def separate(p: P.Problem, clock: dict[str, tuple[float, float]] | None = None) 
 
 
 def timed(clock: dict[str, tuple[float, float]] | None, label: str, fn):
-    """``fn()``, keeping in ``clock[label]`` the least wall and the least CPU seconds (process time: with one torch
-    thread it is the work done, which other processes on a shared machine inflate far less than the wall time)."""
+    """``fn()``, keeping in ``clock[label]`` the least wall and the least CPU seconds (:func:`keep_least`)."""
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if clock is not None:
-        old = clock.get(label, (float("inf"), float("inf")))
-        clock[label] = (min(old[0], wall), min(old[1], cpu))
+        keep_least(clock, label, (time.perf_counter() - wall, time.process_time() - cpu))
     return out
+
+
+def keep_least(clock: dict[str, tuple[float, float]], label: str, times: tuple[float, float]) -> None:
+    """``clock[label]`` becomes the least (wall, CPU) seconds seen (process time: with one torch thread it is the
+    work done, which other processes on a shared machine inflate far less than the wall time)."""
+    old = clock.get(label, (float("inf"), float("inf")))
+    clock[label] = (min(old[0], times[0]), min(old[1], times[1]))
+
+
+def graph_builds(p: P.Problem, params: list[torch.Tensor]) -> None:
+    """What one solve builds once per chunk and keeps: the forward and the ``create_graph`` backward of the chunk's
+    loss to ``params`` (the lockstep builds one over all parameters, separate solves one per block)."""
+    for X, y in p.batches():
+        torch.autograd.grad(p.loss_fn(p.model(X), y), params, create_graph=True)
 
 
 def compare(problem: str = "cnn_cifar", rounds: int = 3) -> str:
@@ -59,17 +79,26 @@ def compare(problem: str = "cnn_cifar", rounds: int = 3) -> str:
     P.full_gradient(p)  # warm-up
     clock: dict[str, tuple[float, float]] = {}
     lock, sep = {}, {}
+    blocks = module_blocks(p.model)
     for _ in range(rounds):
         timed(clock, "gradient", lambda: P.full_gradient(p))
+        for name, params in [*blocks.items(), ("full", list(p.model.parameters()))]:
+            timed(clock, f"graph {name}", lambda: graph_builds(p, params))
         lock = timed(clock, "lockstep", lambda: lockstep(p))
         timed(clock, "lockstep, blocks only", lambda: lockstep(p, full=False))
-        sep = separate(p, clock)
-    blocks = [name for name in lock if name != "full"]
-    clock["separate"] = tuple(sum(clock[n][i] for n in [*blocks, "full"]) for i in (0, 1))
-    clock["separate, blocks only"] = tuple(sum(clock[n][i] for n in blocks) for i in (0, 1))
+        calls: dict[str, tuple[float, float]] = {}
+        sep = separate(p, calls)
+        for name, times in calls.items():
+            keep_least(clock, name, times)
+        # a side's time is its least total over the rounds, as for the lockstep: summing each call's least time
+        # would favour the separate side on a loaded machine
+        for what, names in (("", calls), (", blocks only", blocks)):
+            keep_least(clock, f"separate{what}", tuple(sum(calls[n][i] for n in names) for i in (0, 1)))
     grad_wall, grad_cpu = clock["gradient"]
+    allocator = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
     lines = [f"problem {problem}, {len(blocks)} blocks + full, tol {TOL:g}, torch threads {torch.get_num_threads()}, "
-             f"least of {rounds} alternating rounds; one gradient {grad_wall:.3f} s wall, {grad_cpu:.3f} s CPU", "",
+             f"least of {rounds} alternating rounds; one gradient {grad_wall:.3f} s wall, {grad_cpu:.3f} s CPU; "
+             f"glibc malloc settings: {allocator}", "",
              "| block | λ_max lockstep | λ_max separate | HVPs lock/sep | passes lock/sep | certified lock/sep |"
              " separate call wall / CPU (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -88,10 +117,16 @@ def compare(problem: str = "cnn_cifar", rounds: int = 3) -> str:
               f"{sum(r.num_hvps for n, r in lock.items() if n != 'full')} |",
               f"| separate, blocks only | {_row(clock['separate, blocks only'], grad_cpu)} | "
               f"{sum(sep[n].num_passes for n in blocks)} | {sum(sep[n].num_hvps for n in blocks)} |", ""]
+    builds = {name: clock[f"graph {name}"][1] for name in [*blocks, "full"]}
+    block_builds = sum(builds[n] for n in blocks)
+    lines.append("graph builds over all chunks (forward + create_graph backward, CPU s): "
+                 + ", ".join(f"{n} {t:.2f}" for n, t in builds.items())
+                 + f"; the lockstep builds the full one once instead of one per solve, which saves "
+                 f"{block_builds:.2f} s with the full Hessian and {block_builds - builds['full']:.2f} s without")
     for what in ("", ", blocks only"):
         a, b = clock[f"lockstep{what}"], clock[f"separate{what}"]
         lines.append(f"ratio lockstep / separate{what or ' (B blocks + full)'}: wall {a[0] / b[0]:.2f}, "
-                     f"CPU {a[1] / b[1]:.2f}")
+                     f"CPU {a[1] / b[1]:.2f} (saved {b[1] - a[1]:.2f} s CPU)")
     return "\n".join(lines)
 
 
