@@ -129,8 +129,8 @@ def test_lambda_max_cold(benchmark, problem):
 
 
 def test_lambda_max_cold_subsampled(benchmark, problem):
-    """λ_max to TOL: Lanczos on 1/8 of the data, then certified on the full data (fasthess.warm)."""
-    from fasthess.warm import eigs_subsampled
+    """λ_max to TOL: Lanczos on 1/8 of the data, then certified on the full data (fasthess.from_subset)."""
+    from fasthess.from_subset import eigs_subsampled
 
     op = fasthess.HessianOperator(problem.model, problem.loss_fn, problem.data, batch_size=problem.batch_size)
     res, clock = _run(benchmark, problem, lambda: eigs_subsampled(op, k=1, tol=TOL, seed=0))

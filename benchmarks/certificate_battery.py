@@ -39,7 +39,7 @@ import torch
 import fasthess
 from fasthess.testing import Float32MatrixOperator
 from fasthess.threshold import compare_lambda_max
-from fasthess.warm import eigs_subsampled
+from fasthess.from_subset import eigs_subsampled
 
 GAPS = (1e-2, 1e-3, 3e-4, 1e-4, 1e-5)
 

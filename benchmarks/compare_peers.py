@@ -11,7 +11,7 @@ benchmarks/.cache), then runs each tool cold, with the tool's own stopping rule 
 
 * fasthess: ``eigs`` (default block size and HVP method, chunk graphs kept between passes), the same with
   ``graph_memory=0`` (graphs rebuilt every pass, to show what keeping them saves) and
-  ``fasthess.warm.eigs_subsampled`` (Lanczos on a random 1/8 of the data, then refined and certified on the
+  ``fasthess.from_subset.eigs_subsampled`` (Lanczos on a random 1/8 of the data, then refined and certified on the
   full data);
 * PyHessian: power iteration over a data loader (double-backward HVPs), ``eigenvalues(tol=tol)``;
 * hessian-eigenthings 1.0: ``HessianOperator`` + ``lanczos`` (fixed step count: 10, 20, 40 steps are tried in
@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from scipy.sparse.linalg import LinearOperator, eigsh  # noqa: E402
 
 import fasthess  # noqa: E402
-from fasthess import warm  # noqa: E402
+from fasthess import from_subset  # noqa: E402
 
 try:
     from benchmarks import problems as P  # noqa: E402
@@ -184,7 +184,7 @@ def run_fasthess(p, tol, seed=0, graph_memory=None, **kw):
 
 def run_fasthess_sub(p, tol, seed=0, v0=None, **kw):
     op = fasthess.HessianOperator(p.model, p.loss_fn, p.data, batch_size=p.batch_size)
-    r, s = _timed(lambda: warm.eigs_subsampled(op, k=1, tol=tol, seed=seed, v0=v0, **kw), p.X.device)
+    r, s = _timed(lambda: from_subset.eigs_subsampled(op, k=1, tol=tol, seed=seed, v0=v0, **kw), p.X.device)
     f = r.result
     return dict(lam=float(f.eigenvalues[0]), hvps=f"{f.num_hvps}+{r.sub_result.num_hvps}×{r.fraction:.3g}",
                 passes=round(r.full_pass_equivalents, 2), seconds=s,

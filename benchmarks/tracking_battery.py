@@ -8,7 +8,7 @@ Run::
 Each case is a sequence of symmetric matrices A₀, A₁, … (n = 60 or 200, a uniform or Hessian-like bulk) solved the
 way :class:`fasthess.SharpnessTracker` solves them: A₀ cold, every later one warm from the previous update's Ritz
 vectors and the block of a model operator on the CPU (2, so that the full-data step of a subsample-explored update
-holds no random column, as in the tracker), with ``explore="subsample"`` (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``; a matrix has no
+holds no random column, as in the tracker), with ``explore="subsample"`` (:func:`fasthess.from_subset.eigs_subsampled` with ``keep_v0=True``; a matrix has no
 examples to draw, so the subset is a stand-in Aₜ + E with E a random symmetric matrix of relative norm σ ∈ {0.01,
 0.05, 0.2}: the measured 1/8-subset bias of the benchmark problems is 3–30 % in λ_max; and a *blind* stand-in, the
 previous matrix Aₜ₋₁, a subset that saw nothing of the change, so that the full-data step alone must find it) and
@@ -46,7 +46,7 @@ import zlib
 import torch
 
 import fasthess
-from fasthess.warm import eigs_subsampled
+from fasthess.from_subset import eigs_subsampled
 
 SIGMAS = (0.01, 0.05, 0.2)
 FRACTION = 0.125

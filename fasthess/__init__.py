@@ -23,10 +23,10 @@ from fasthess.threshold import Decision, StabilityThreshold, compare_lambda_max,
 from fasthess.trace import TraceResult, trace
 from fasthess.records import SharpnessRecord
 from fasthess.track import SharpnessTracker, sharpness_mode
-from fasthess.warm import SubsampledEigResult
-from fasthess.warm import eigs_subsampled as eigs_from_subset
+from fasthess.from_subset import SubsampledEigResult
+from fasthess.from_subset import eigs_subsampled as eigs_from_subset
 
-from fasthess import distributed, integrations, warm  # public submodules: fasthess.distributed.shard, ...
+from fasthess import distributed, from_subset, integrations  # public submodules: fasthess.distributed.shard, ...
 
 __all__ = [
     # one-call entry points (model, loss_fn, data)
@@ -59,4 +59,8 @@ def __getattr__(name: str):
         from fasthess.linop import MatrixOperator
 
         return MatrixOperator
+    if name == "warm":
+        import importlib
+
+        return importlib.import_module("fasthess.warm")  # warns: the module's former name
     raise AttributeError(f"module 'fasthess' has no attribute {name!r}")

@@ -56,7 +56,7 @@ n = 20000, the old top certified in 3 to 20 of 20 seeds). So a warm start also w
 climbing (:func:`climbing`), as a cold solve's Ritz values have by the time its top converges.
 
 A start without a fresh random column (``random_columns=0``: the Ritz vectors of a subset solve that carried one,
-:func:`fasthess.warm.eigs_subsampled`, as a tracker update with ``explore="subsample"`` does) takes its Krylov
+:func:`fasthess.from_subset.eigs_subsampled`, as a tracker update with ``explore="subsample"`` does) takes its Krylov
 assumption from that earlier exploration: no minimum depth applies, and the unwanted Ritz values are scanned as in a
 cold solve (``warm=False``), since no random columns are there to be hidden by exact lower eigenvectors. The
 tracker battery (benchmarks/tracking_battery.py): 0 false for swaps, rises and rotations even with a subset that

@@ -182,7 +182,7 @@ def eigs(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, block_size: in
             room for one, a red-team battery found a member of a cluster 10⁻³ wide certified as the largest).
         random_columns: fresh random columns added to v0 (the Krylov assumption of the certificate rests on them,
             :mod:`fasthess._certificate`). 0 only for a v0 that a random-started solve has already explored, such
-            as the Ritz vectors of a subset solve (:func:`fasthess.warm.eigs_subsampled`).
+            as the Ritz vectors of a subset solve (:func:`fasthess.from_subset.eigs_subsampled`).
     """
     check_options(k, which, tol, block_size, max_iters, max_basis, random_columns)
     n = _check_operator(op, k)

@@ -26,7 +26,7 @@ records"). How a warm update explores (``explore``):
 * ``"subsample"`` (in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started from the
   previous update's Ritz vectors plus a fresh random column, explores; the full-data solve then starts from the
   previous top k vectors and k more columns that add the previous (k+1)-th vector to the subset's top Ritz vectors,
-  with no further random column (:func:`fasthess.warm.eigs_subsampled` with ``keep_v0=True``): 0.68 of a cold
+  with no further random column (:func:`fasthess.from_subset.eigs_subsampled` with ``keep_v0=True``): 0.68 of a cold
   solve's products, and blind to a direction carried by examples the subset misses. The record's ``basis`` says so.
 
 The Hessian is taken in ``mode="train"`` by default (BatchNorm uses per-chunk "ghost batch" statistics over chunks
@@ -140,7 +140,7 @@ def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Ten
 
 def _record(out, *, step: int | None, previous: SharpnessRecord | None, lr: float | None, rule, warm: bool,
             geometry: dict[str, Any], extra: dict[str, Any]) -> SharpnessRecord:
-    """The record of one update: its solve ``out`` (a :class:`fasthess.warm.SubsampledEigResult`), the step, the
+    """The record of one update: its solve ``out`` (a :class:`fasthess.from_subset.SubsampledEigResult`), the step, the
     previous record, the learning rate and its threshold ``rule``, and the geometry fields."""
     res, sub = out.result, out.sub_result
     ev = res.eigenvalues.detach().cpu().double()
@@ -303,7 +303,7 @@ class SharpnessTracker:
         return self._explore_and_certify(model, v0)[0].result
 
     def _explore_and_certify(self, model: torch.nn.Module, v0: torch.Tensor | None, gradient: bool = False):
-        """:meth:`compute` as a :class:`fasthess.warm.SubsampledEigResult` (``sub_result``: the exploring subset
+        """:meth:`compute` as a :class:`fasthess.from_subset.SubsampledEigResult` (``sub_result``: the exploring subset
         solve, or None when the exploration ran on the full data), and the full-data gradient when asked for
         (None otherwise)."""
         self._check_batchnorm_chunks(model)
@@ -320,7 +320,7 @@ class SharpnessTracker:
 
     def _solve(self, model: torch.nn.Module, v0: torch.Tensor | None, gradient: bool):
         import fasthess
-        from fasthess.warm import SubsampledEigResult, eigs_subsampled
+        from fasthess.from_subset import SubsampledEigResult, eigs_subsampled
 
         kw = {}
         if self.params is not None:

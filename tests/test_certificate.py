@@ -345,7 +345,7 @@ def test_subsampled_solve_is_not_misled_by_an_unrepresentative_subset():
     """A linear model on 1024 examples whose 1/8 subset has λ_max ≈ 2 while the full Hessian's is 1, with a bulk
     from 0.95 to 0.9997: narrow passes (since removed) from the subset's vectors refined a bulk eigenvalue, 0.99897,
     certified (found by a red-team battery)."""
-    from fasthess.warm import eigs_subsampled
+    from fasthess.from_subset import eigs_subsampled
 
     g = torch.Generator().manual_seed(531968)
     d = 30

@@ -69,7 +69,7 @@ def test_public_names_import_from_where_the_docs_say() -> None:
     for name in fasthess.__all__:
         assert getattr(fasthess, name) is not None, name
     assert fasthess.distributed.shard is importlib.import_module("fasthess.distributed").shard
-    assert callable(fasthess.warm.eigs_subsampled)
+    assert callable(fasthess.from_subset.eigs_subsampled)
     from fasthess.distributed import is_main_process, shard  # noqa: F401  (docs/guides/distributed.md)
     from fasthess.integrations import TensorBoardSink, WandbSink, record_scalars  # noqa: F401  (no framework needed)
 

@@ -1,4 +1,4 @@
-"""fasthess.warm: subsampled start, full-data certified answer."""
+"""fasthess.from_subset: subsampled start, full-data certified answer."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fasthess
-from fasthess.warm import eigs_subsampled, subsample_operator
+from fasthess.from_subset import eigs_subsampled, subsample_operator
 
 from conftest import dense_hessian
 
@@ -83,7 +83,7 @@ def test_keep_v0_with_a_blind_stand_in_subset_finds_a_new_top():
     """The tracker's start: v0 = the old top eigenvector (exact), and a subset that saw nothing of the change (the old
     matrix); a bulk direction has risen 3 % past the top. The full-data step must still certify the new top."""
     import fasthess
-    from fasthess.warm import eigs_subsampled
+    from fasthess.from_subset import eigs_subsampled
 
     g = torch.Generator().manual_seed(3)
     n = 120
@@ -100,3 +100,14 @@ def test_keep_v0_with_a_blind_stand_in_subset_finds_a_new_top():
     assert out.sub_result.all_converged and res.all_converged
     assert abs(float(res.eigenvalues[0]) - 1.03) <= max(float(res.error_bounds[0]), 1e-6 * 1.03)
     assert out.hvp_equivalents == res.num_hvps + 0.125 * out.sub_result.num_hvps
+
+
+def test_the_former_module_name_warns_and_still_works():
+    """fasthess.warm was renamed fasthess.from_subset; the old name works for a release, with a FutureWarning."""
+    import importlib
+    import sys
+
+    sys.modules.pop("fasthess.warm", None)
+    with pytest.warns(FutureWarning, match="fasthess.from_subset"):
+        old = importlib.import_module("fasthess.warm")
+    assert old.eigs_subsampled is fasthess.from_subset.eigs_subsampled
