@@ -131,7 +131,8 @@ def build_report(sweep_dir: str | Path) -> Path:
     spec = (preset or {}).get("plot", {"x": "lr", "panel": "none"})
     made = [plots.effect_plot(ev, spec["x"], spec["panel"], title, sweep_dir / "effect.png"),
             plots.scatter_plot(ev, label, title, sweep_dir / "lambda_vs_test_acc.png"),
-            plots.training_plot(ev, label, title, sweep_dir / "lambda_over_training.png")]
+            plots.training_plot(ev, label, title, sweep_dir / "lambda_over_training.png"),
+            plots.geometry_plot(ev, label, title, sweep_dir / "geometry_over_training.png")]
     figures = [p for p in made if p is not None]
 
     vs = decide(finding, ev, (preset or {}).get("claims")) if finding else []

@@ -317,7 +317,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
             leaves = [p.requires_grad_(True) for p in self._primals()]
             with torch.enable_grad():
                 value = self._scalar(self.penalty(dict(zip(self.names, leaves))), penalty=True)
-                ops.accumulate_dot(acc, _gradient_rows(value, leaves), 1.0)
+                ops.accumulate(acc, _gradient_rows(value, leaves))
             losses = torch.cat([losses, value.detach().double()[None]])
         check_finite_pass(losses, state.indices, acc, self.data, self.comm is not None)
         return acc[0]
@@ -385,13 +385,13 @@ class ModelOperator(ContractChecks, SymmetricOperator):
                     continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
                 with self.modes.product_scope(chunk.index), translated_errors():
                     products, loss = per_chunk(chunk)
-                ops.accumulate_dot(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
-                                         for p in products], 1.0)
+                ops.accumulate(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
+                                     for p in products])
                 state.losses.append(loss.detach().to(torch.float64))
                 state.indices.append(chunk.index)
 
     def _penalty_products(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
         """Add (∇²R) v_j to row j of ``acc``, once per pass; returns R(θ)."""
         graph = gradient_graph(lambda p: self._scalar(self.penalty(p), penalty=True), self.names, self._primals())
-        ops.accumulate_dot(acc, graph_products(graph, tangents, keep=False), 1.0)
+        ops.accumulate(acc, graph_products(graph, tangents, keep=False))
         return graph.loss.to(torch.float64)

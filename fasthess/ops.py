@@ -37,14 +37,6 @@ def accumulate(acc: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         accumulate_reference(acc, tensors)
 
 
-def accumulate_dot(acc: torch.Tensor, tensors: Sequence[torch.Tensor], alpha: float) -> None:
-    """:func:`accumulate` under its former name, for ``fasthess._model_operator``'s calls with ``alpha=1.0``; goes
-    when they call :func:`accumulate`."""
-    if alpha != 1.0:
-        raise ValueError(f"accumulate_dot: alpha={alpha!r}; only 1.0 is supported (use ops.accumulate)")
-    accumulate(acc, tensors)
-
-
 def _check_accumulate(acc: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Raises RuntimeError on the argument errors the native kernel refuses."""
     if acc.dim() != 2 or acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():

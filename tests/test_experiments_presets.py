@@ -114,7 +114,7 @@ def test_cli_list_run_report(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["run", "finding4-quick", "--out", str(out), "--no-progress", "--set", "max_steps=200",
             "--set", "train_subset=200", "--set", "lambda_tol=1e-2", "--set", "hidden=[16,16]",
-            "--set", "target_train_acc=0.5", "--seeds", "3,4"]
+            "--set", "target_train_acc=0.3", "--set", 'track_extra=["gradient_fraction"]', "--seeds", "3,4"]
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 6 and {r["seed"] for r in rows} == {"3", "4"}
@@ -138,6 +138,7 @@ def test_cli_list_run_report(tmp_path, capsys):
     if any(not r["excluded"] for r in rows):
         assert (out / "effect.png").stat().st_size > 1000
         assert (out / "lambda_vs_test_acc.png").stat().st_size > 1000
+        assert (out / "geometry_over_training.png").stat().st_size > 1000  # gradient_fraction over training
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").is_file()
