@@ -83,6 +83,16 @@ def translated_errors() -> Iterator[None]:
     """Around a chunk's products: PyTorch's raw errors for known unsupported constructs, named with their fix."""
     try:
         yield
+    except NotImplementedError as exc:
+        if "forward AD" not in str(exc):
+            raise
+        fused = "_transformer_encoder_layer_fwd" in str(exc) or "_native_multi_head_attention" in str(exc)
+        raise UnsupportedModelError(
+            f"an operation of the forward has no forward-mode derivative in PyTorch ({exc}), which the Gauss-Newton "
+            "products and forward-over-reverse Hessian products need; "
+            + ("it is the fused fast path of an eval-mode nn.TransformerEncoderLayer / nn.MultiheadAttention: turn "
+               "it off with torch.backends.mha.set_fastpath_enabled(False), or " if fused else "")
+            + "use the Hessian with double-backward products (HessianOperator(..., hvp='double-backward'))") from exc
     except RuntimeError as exc:
         if "saved tensor hooks" in str(exc):
             raise UnsupportedModelError(

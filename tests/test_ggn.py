@@ -120,3 +120,17 @@ def test_matches_dense_ggn_of_the_loss_on_all_the_data(form):
     op = GGNOperator(model, loss, data, batch_size=10)
     torch.testing.assert_close(op.matmat(torch.eye(op.num_params, dtype=torch.float64)),
                                dense_ggn_of(model, full, X), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_attention_fast_path_is_named_with_its_fix():
+    """An eval-mode nn.TransformerEncoderLayer runs a fused kernel with no forward-mode derivative: the GGN's
+    products cannot run through it; the error names the switch that turns the fast path off."""
+    from fasthess.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0), nn.Flatten(),
+                          nn.Linear(40, 3)).eval()
+    X, y = torch.randn(20, 5, 8), torch.randint(0, 3, (20,))
+    op = GGNOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=10)
+    with pytest.raises(UnsupportedModelError, match="set_fastpath_enabled"):
+        op.matvec(torch.ones(op.num_params, dtype=torch.float64))
