@@ -41,7 +41,7 @@ from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certif
 from fasthess._progress import SolveProgress
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
-from fasthess.results import EigResult
+from fasthess.results import EXPLORED_START, RANDOM_START, WARM_START, EigResult
 
 WHICH = ("LA", "SA", "LM")
 BASIS_BUDGET_BYTES = 2 * 1024**3  # Q and HQ together, float64
@@ -173,7 +173,9 @@ def eigs(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, block_size: in
         block_size: products per data pass, at least k + 1 (default :func:`default_block_size`); always at least
             v0's column count plus ``random_columns``.
         max_iters: most data passes (default: until the Krylov space is exhausted, at most 1000).
-        v0: warm start, (n,) or (n, j), e.g. ``previous_result.ritz_vectors``.
+        v0: warm start, (n,) or (n, j), e.g. ``previous_result.ritz_vectors``. Its claim that θ is the largest
+            rests on the random columns having explored past v0 (``EigResult.start`` says so); over a plateau of
+            eigenvalues that can fail (docs/guides/certificate.md): for a claim without it, start cold.
         seed: seed of the random start and refill directions.
         progress: show the passes on stderr (:class:`fasthess._progress.SolveProgress`): True always, False
             never, None (default) when stderr is a terminal.
@@ -268,13 +270,14 @@ class Outcome:
     which: str
     tol: float
     precision: str = "float64 products"
+    start: str = RANDOM_START
 
     def result(self, num_hvps: int, num_passes: int, seconds: float) -> EigResult:
         return EigResult(eigenvalues=self.cert.values, eigenvectors=self.cert.vectors.T.contiguous(),
                          residuals=self.cert.residuals, error_bounds=self.cert.bounds, converged=self.converged,
                          num_hvps=num_hvps, num_passes=num_passes, seconds=seconds, which=self.which, tol=self.tol,
                          certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors,
-                         precision=self.precision)
+                         precision=self.precision, start=self.start)
 
 
 def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,
@@ -364,7 +367,8 @@ def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, w
     kinds = tuple("exhausted" if exhausted else kind for kind in cert.kinds)
     ritz = Y[:, order[: _warm_count(theta[order], k, which)]].T @ basis
     return Outcome(cert=cert, converged=conv, kinds=kinds, floor=floor, which=which, tol=float(tol),
-                   ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous())
+                   ritz_vectors=(ritz / ritz.norm(dim=1, keepdim=True)).T.contiguous(),
+                   start=EXPLORED_START if explored else WARM_START if warm else RANDOM_START)
 
 
 class _Rows:

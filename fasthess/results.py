@@ -6,6 +6,14 @@ from dataclasses import dataclass
 import torch
 
 
+#: ``EigResult.start``: what the claim that θᵢ is the i-th wanted eigenvalue rests on
+RANDOM_START = "random start: the start has a component along every eigenvector (with probability 1)"
+WARM_START = ("warm start v0 beside fresh random columns: assumes the random columns explored past v0 (can fail "
+              "when a direction they have not yet amplified rose above v0, e.g. over a plateau of eigenvalues; "
+              "docs/guides/certificate.md)")
+EXPLORED_START = "start explored by an earlier random-started solve (no fresh random column)"
+
+
 @dataclass(frozen=True)
 class EigResult:
     """Eigenpairs with certificates.
@@ -22,7 +30,11 @@ class EigResult:
     eigenvalues at zero), no unresolved Ritz value reaches into the wanted range, and a gap-based claim has
     survived one confirming pass. ``rounding_floor`` is ω, the error the products' rounding alone may cause
     (included in every bound). That θᵢ is the i-th *wanted* eigenvalue (not another one) is the Krylov
-    assumption, which the random columns of every start block make hold with high probability.
+    assumption, which the random columns of every start block make hold with high probability; ``start`` names
+    what it rests on: a random start (:data:`RANDOM_START`), a warm start ``v0`` beside random columns
+    (:data:`WARM_START`, an assumption that can fail: a direction the random columns have not yet amplified, e.g.
+    above a plateau of eigenvalues, is not seen), or a start explored by an earlier random-started solve
+    (:data:`EXPLORED_START`).
     ``precision`` says what the claim rests on about the products' rounding: float64 products; products in a
     lower precision whose rounding the floor ω models (tol ≥ 10⁻⁴); or such products checked against float64
     products of the Ritz vectors, the measured shift added to the bound (:mod:`fasthess._certificate`).
@@ -44,6 +56,11 @@ class EigResult:
     rounding_floor: float = 0.0
     ritz_vectors: torch.Tensor | None = None
     precision: str = "float64 products"
+    start: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.start:
+            object.__setattr__(self, "start", RANDOM_START)
 
     @property
     def all_converged(self) -> bool:

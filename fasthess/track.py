@@ -49,6 +49,7 @@ from fasthess import _progress
 from fasthess._data import is_batched_iterable
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess.records import SharpnessRecord, check_extra
+from fasthess.results import WARM_START
 from fasthess.threshold import stability_threshold
 
 __all__ = ["SharpnessTracker", "sharpness_mode"]
@@ -117,6 +118,9 @@ def _basis(out) -> str:
     """What the record's claim that θ₁ is λ_max (the Krylov assumption) rests on."""
     if out.sub_result is not None and out.sub_result.all_converged:
         return f"explored at this update on a {out.fraction:.3g} subsample"
+    if out.result.start == WARM_START:
+        return ("explored on the full data at this update from a warm start (assumes the random column explored "
+                "past the previous vectors)")
     return "explored on the full data at this update"
 
 
