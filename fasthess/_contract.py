@@ -70,6 +70,17 @@ def random_draws(what: str, training: bool) -> str:
             "random operator (each chunk then shares one draw across the block)")
 
 
+def scalar_value(value, penalty: bool = False) -> torch.Tensor:
+    """``value`` checked to be a 0-dim tensor (the loss's chunk sum, or the ``penalty``'s value)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        fix = ("the penalty must return a scalar, e.g. lambda params: 1e-4 * sum(p.pow(2).sum() for p in "
+               "params.values())" if penalty else "return a scalar (a mean or sum over the batch) or "
+               "per-example losses of shape (rows,)")
+        raise FasthessError(f"the {'penalty' if penalty else 'loss'} gave {shape}, not a scalar tensor; {fix}")
+    return value
+
+
 @dataclass
 class FirstPass:
     """What the first pass carries from chunk to chunk: whether the first chunk was checked, its ``(output,
@@ -84,7 +95,7 @@ class FirstPass:
 class ContractChecks:
     """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
     ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
-    ``_params``, ``_primals()``, ``_forward(params, batch)``, ``_scalar(value, penalty)`` and ``modes``
+    ``_params``, ``_primals()``, ``_forward(params, batch)`` and ``modes``
     (:class:`fasthess._modes.ModeRules`)."""
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
@@ -315,7 +326,7 @@ class ContractChecks:
         with torch.enable_grad():
             leaves = {n: p.detach().to(self.compute_dtype).requires_grad_(True)
                       for n, p in zip(self.names, self._params)}
-            value = self._scalar(self.penalty(leaves), penalty=True)
+            value = scalar_value(self.penalty(leaves), penalty=True)
         reached = self._reads_parameters(value)
         if reached or not value.requires_grad:
             what = f"reads the model's parameters {reached[:3]}" if reached else "does not depend on its argument"

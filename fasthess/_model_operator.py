@@ -33,7 +33,7 @@ from torch.func import functional_call
 from fasthess import ops
 from fasthess._batch import BatchSpec, cast_floating, takes_whole_dict
 from fasthess._buffers import KeptBuffers
-from fasthess._contract import ContractChecks, FirstPass
+from fasthess._contract import ContractChecks, FirstPass, scalar_value
 from fasthess._criteria import contract_of
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess._finite import check_finite_pass
@@ -276,18 +276,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         """S_c, the chunk's loss sum, as a function of the differentiated parameters (others come from the model)."""
         if self.compute_dtype != self.dtype:  # targets at the products' precision, as the inputs
             batch = batch.with_target(cast_floating(batch.target, self.compute_dtype))
-        return self._scalar(self.loss.chunk_sum(self._forward(params, batch), batch))
-
-    @staticmethod
-    def _scalar(value, penalty: bool = False) -> torch.Tensor:
-        """``value`` checked to be a 0-dim tensor (the loss's chunk sum, or the ``penalty``'s value)."""
-        if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            fix = ("the penalty must return a scalar, e.g. lambda params: 1e-4 * sum(p.pow(2).sum() for p in "
-                   "params.values())" if penalty else "return a scalar (a mean or sum over the batch) or "
-                   "per-example losses of shape (rows,)")
-            raise FasthessError(f"the {'penalty' if penalty else 'loss'} gave {shape}, not a scalar tensor; {fix}")
-        return value
+        return scalar_value(self.loss.chunk_sum(self._forward(params, batch), batch))
 
     # ---- one pass over the data -------------------------------------------------------------------
     def _chunk_products(self, chunk: Chunk, state: PassState) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -316,7 +305,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         if self.penalty is not None:
             leaves = [p.requires_grad_(True) for p in self._primals()]
             with torch.enable_grad():
-                value = self._scalar(self.penalty(dict(zip(self.names, leaves))), penalty=True)
+                value = scalar_value(self.penalty(dict(zip(self.names, leaves))), penalty=True)
                 ops.accumulate(acc, _gradient_rows(value, leaves))
             losses = torch.cat([losses, value.detach().double()[None]])
         check_finite_pass(losses, state.indices, acc, self.data, self.comm is not None)
@@ -392,6 +381,6 @@ class ModelOperator(ContractChecks, SymmetricOperator):
 
     def _penalty_products(self, acc: torch.Tensor, tangents: list[torch.Tensor]) -> torch.Tensor:
         """Add (∇²R) v_j to row j of ``acc``, once per pass; returns R(θ)."""
-        graph = gradient_graph(lambda p: self._scalar(self.penalty(p), penalty=True), self.names, self._primals())
+        graph = gradient_graph(lambda p: scalar_value(self.penalty(p), penalty=True), self.names, self._primals())
         ops.accumulate(acc, graph_products(graph, tangents, keep=False))
         return graph.loss.to(torch.float64)

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from fasthess._data import Chunk
 from fasthess.errors import StochasticModelError
+from fasthess._contract import scalar_value
 from fasthess._model_operator import ModelOperator, PassState
 
 
@@ -63,7 +64,7 @@ class GGNOperator(ModelOperator):
             return pytree.tree_unflatten([next(it) if flag else None for flag in is_tensor], spec)
 
         out, pullback = vjp(outputs, primals)
-        loss = self._scalar(self.loss.chunk_sum(rebuilt(out), batch))
+        loss = scalar_value(self.loss.chunk_sum(rebuilt(out), batch))
         y = batch.target
         if isinstance(y, torch.Tensor) and y.is_floating_point():  # the target travels as a primal with a zero
             y_zero = torch.zeros_like(y)                               # tangent, as in HessianOperator
