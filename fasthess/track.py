@@ -16,18 +16,17 @@ often it runs: ``budget=0.1`` computes only while the tracker stays within a ten
 Warm starts are opt-in (``warm_start=True``), because on the CPU they no longer save products: an update carries
 the previous Ritz vectors next to a fresh random column, and the carried vectors converge in a pass or two, but the
 claim must wait until the random column has explored as far as a cold solve's would (three passes, no threatening
-Ritz value, a frontier that has stopped climbing: :mod:`fasthess._certificate`). Measured
-(benchmarks/tracking_overhead.py, updates every 20 steps of SGD with momentum, tol 1e-4): 1.07 of a cold solve's
-products on the finding-cpu MLP. And they keep a false-record class the cold solve does not have (a direction that
-rises from deep in the bulk past the top between two updates; rates in docs/guides/tracking.md, "Known false
-records"). How a warm update explores (``explore``):
+Ritz value, a frontier that has stopped climbing: :mod:`fasthess._certificate`); docs/guides/tracking.md has the
+measured cost. And they keep a false-record class the cold solve does not have (a direction that rises from deep
+in the bulk past the top between two updates, above all over a plateau of eigenvalues; rates in the same guide).
+How a warm update explores (``explore``):
 
 * ``"full"``: the fresh random column runs on the full data.
 * ``"subsample"`` (in-memory ``(X, y)`` data): a solve on a fresh random 1/8 of the examples, started from the
   previous update's Ritz vectors plus a fresh random column, explores; the full-data solve then starts from the
   previous top k vectors and k more columns that add the previous (k+1)-th vector to the subset's top Ritz vectors,
-  with no further random column (:func:`fasthess.from_subset.eigs_subsampled` with ``keep_v0=True``): 0.68 of a cold
-  solve's products, and blind to a direction carried by examples the subset misses. The record's ``basis`` says so.
+  with no further random column (:func:`fasthess.from_subset.eigs_subsampled` with ``keep_v0=True``): cheaper, and
+  blind to a direction carried by examples the subset misses. The record's ``basis`` says so.
 
 The Hessian is taken in ``mode="train"`` by default (BatchNorm uses per-chunk "ghost batch" statistics over chunks
 of ``batch_size``; running statistics are never changed) with dropout modules switched off
