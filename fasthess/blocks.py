@@ -40,7 +40,8 @@ from fasthess._model_operator import PassState
 from fasthess.errors import FasthessError
 from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
-from fasthess.lanczos import Outcome, check_options, default_block_size, lanczos_steps
+from fasthess.lanczos import (Outcome, _precision_checked, check_options, default_block_size, lanczos_steps,
+                               products_dtype)
 from fasthess.linop import fixed
 from fasthess.results import EigResult
 
@@ -159,7 +160,8 @@ class _Solve:
         (self.support, self.index), self.steps = layout, steps
         self.block = next(steps)  # runs the generator's own checks, before any product
         self.num_hvps = self.num_passes = 0
-        self.result: EigResult | None = None
+        self.seconds = 0.0
+        self.outcome: Outcome | None = None
 
     def answer(self, W: torch.Tensor, seconds: float) -> None:
         self.num_hvps += W.shape[0]
@@ -167,7 +169,28 @@ class _Solve:
         try:
             self.block = self.steps.send(W)
         except StopIteration as stop:
-            self.result = stop.value.result(self.num_hvps, self.num_passes, seconds)
+            self.outcome, self.seconds = stop.value, seconds
+
+
+class _BlockView:
+    """One diagonal block of an operator as an operator on the block's own coordinates: what the float64 check of a
+    block's Ritz vectors multiplies (:func:`fasthess.lanczos._precision_checked`, :mod:`fasthess._certificate`)."""
+
+    def __init__(self, op: HessianOperator | GGNOperator, solve: _Solve) -> None:
+        self.op, self.solve, self.num_hvps = op, solve, 0
+
+    def in_float64(self) -> _BlockView:
+        return _BlockView(self.op.in_float64(), self.solve)
+
+    def fixed_weights(self):
+        return self.op.fixed_weights()
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """H_bb X for X in the block's coordinates (n_b, j)."""
+        V = torch.zeros(self.op.num_params, X.shape[1], dtype=torch.float64, device=self.op.device)
+        V[self.solve.index] = X
+        self.num_hvps += X.shape[1]
+        return _product_of(self.op)(V, [self.solve.support] * X.shape[1])[self.solve.index]
 
 
 #: ``product(V, supports)``: the operator's columns V[:, j] in the rows of the parameter tensors ``supports[j]``
@@ -181,21 +204,28 @@ def _block_operator(curvature: str, model: nn.Module, loss_fn: Callable, data, b
         raise FasthessError(f"curvature={curvature!r} must be one of {CURVATURES}")
     if curvature == "hessian":
         op = BlockDiagonalHessian(model, loss_fn, data, batch_size=batch_size, params=params, **options)
-        return op, op.block_matmat
+        return op, _product_of(op)
     given = sorted(set(options) & set(HESSIAN_ONLY))
     if given:
         raise FasthessError(f"{given} choose how Hessian-vector products are formed and do not apply to "
                             "curvature='ggn'; leave them out")
     ggn = GGNOperator(model, loss_fn, data, batch_size=batch_size, params=params, **options)
-    return ggn, lambda V, supports: ggn.matmat(V)  # block b's rows of G E_b v_b are G_bb v_b (module docstring)
+    return ggn, _product_of(ggn)
+
+
+def _product_of(op: HessianOperator | GGNOperator) -> BlockProduct:
+    """The product of block-restricted columns: :meth:`BlockDiagonalHessian.block_matmat`, or the GGN's ordinary
+    product (block b's rows of G E_b v_b are G_bb v_b, module docstring)."""
+    return op.block_matmat if isinstance(op, BlockDiagonalHessian) else (lambda V, supports: op.matmat(V))
 
 
 def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
               solves: dict[str, _Solve]) -> dict[str, EigResult]:
-    """Answer every live solve's block from one ``product`` per round until all have returned."""
+    """Answer every live solve's block from one ``product`` per round until all have returned; then each result,
+    its bounds checked against float64 products where the products' precision asks for it."""
     t0 = time.perf_counter()
     with fixed(op):
-        while live := [s for s in solves.values() if s.result is None]:
+        while live := [s for s in solves.values() if s.outcome is None]:
             widths = [s.block.shape[0] for s in live]
             columns = torch.arange(sum(widths), device=op.device).split(widths)
             V = torch.zeros(op.num_params, sum(widths), dtype=torch.float64, device=op.device)
@@ -204,7 +234,11 @@ def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
             HV = product(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
-    return {name: s.result for name, s in solves.items()}
+    results = {}
+    for name, s in solves.items():
+        outcome, checks = _precision_checked(_BlockView(op, s), s.outcome, products_dtype(op))
+        results[name] = outcome.result(s.num_hvps + checks, s.num_passes + (checks > 0), s.seconds)
+    return results
 
 
 def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mapping[str, Sequence[torch.Tensor]]
@@ -247,7 +281,7 @@ def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mappi
                                 "block with blocks={name: [parameters]}, or lower k")
     block_size = solver.pop("block_size", None)
     width = block_size or default_block_size(k, op)
-    solves = {name: _Solve(layout, lanczos_steps(layout[1].numel(), op.device, op.dtype, k=k, which="LA", tol=tol,
-                                                 block_size=width, requested_block=block_size, **solver))
+    solves = {name: _Solve(layout, lanczos_steps(layout[1].numel(), op.device, products_dtype(op), k=k, which="LA",
+                                                 tol=tol, block_size=width, requested_block=block_size, **solver))
               for name, layout in layouts.items()}
     return _lockstep(op, product, solves)

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from fasthess.lanczos import _check_operator, check_options, default_block_size, drive, products_dtype, \
-    lanczos_steps
+from fasthess.lanczos import (_check_operator, _precision_checked, check_options, default_block_size, drive,
+                               lanczos_steps, products_dtype)
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -60,15 +60,19 @@ def compare_lambda_max(op, c: float, *, tol: float = 1e-4, block_size: int | Non
     check_options(1, "LA", tol, block_size, max_iters, None, random_columns)
     n = _check_operator(op, 1)
     start_hvps, start_passes, t0 = op.num_hvps, op.num_passes, time.perf_counter()
-    steps = lanczos_steps(n, op.device, products_dtype(op), k=1, which="LA", tol=tol,
+    products = products_dtype(op)
+    steps = lanczos_steps(n, op.device, products, k=1, which="LA", tol=tol,
                           block_size=block_size or default_block_size(1, op),
                           requested_block=block_size, max_iters=max_iters, v0=v0, seed=seed,
                           random_columns=random_columns, threshold=float(c))
     with fixed(op):
         out = drive(steps, lambda P: op.matmat(P.T).T)
-    res = out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
+    checked, checks = _precision_checked(op, out, products)  # as eigs: float64 products below CHECK_BELOW
+    shift = float(checked.cert.bounds[0] - out.cert.bounds[0])  # 2|θ − ρ| measured in float64, else 0
+    res = checked.result(op.num_hvps - start_hvps + checks, op.num_passes - start_passes + (checks > 0),
+                         time.perf_counter() - t0)
     theta, bound = float(res.eigenvalues[0]), float(res.error_bounds[0])
-    lower = theta - res.rounding_floor
+    lower = theta - res.rounding_floor - shift
     upper = theta + bound if res.all_converged else float("inf")
     above = True if lower > c else False if upper < c else None
     return Decision(above=above, threshold=float(c), lower=lower, upper=upper, result=res)

@@ -128,3 +128,18 @@ def test_thresholds_where_nothing_fits_and_bad_arguments():
     for bad in (None, "5", float("nan")):
         with pytest.raises(fasthess.FasthessError, match="finite number"):
             compare_lambda_max(op, bad)
+
+
+def test_float32_decision_below_1e4_is_checked_against_float64_products():
+    """A float32 model at tol 1e-6: the decision's result names the float64 check (as eigs does), and the decision
+    agrees with the dense float64 Hessian of the same weights on both sides of c."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    lam = float(torch.linalg.eigvalsh(dense_hessian(model.double(), nn.CrossEntropyLoss(), X.double(), y, 64))[-1])
+    model.float()
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    for c, above in ((0.95 * lam, True), (1.05 * lam, False)):
+        d = compare_lambda_max(op, c, tol=1e-6)
+        assert d.above is above and d.lower <= lam <= d.upper
+        assert d.result.precision.startswith("float32 products, checked against float64 products")
