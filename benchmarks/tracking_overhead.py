@@ -91,7 +91,7 @@ def warm_vs_cold(p: P.Problem, updates: int, every: int, tol: float) -> dict:
         cold = fasthess.eigs(op, tol=tol, seed=100 + u)
         out["seconds"]["cold"].append(time.perf_counter() - t)
         truth = float(fasthess.eigs(_op(p), tol=1e-6, seed=7).eigenvalues[0])  # float32: ~the rounding floor
-        prev = trackers["full"].eigenvectors
+        prev = trackers["full"].ritz_vectors
         for mode, tr in trackers.items():
             rec = tr.update(p.model, step=p.step, optimizer=opt)
             out["false"].append(_false(rec, truth, tol))

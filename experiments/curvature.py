@@ -44,7 +44,7 @@ def _minibatch(fn: Callable) -> Callable[[dict[str, Any]], float]:
 def _gradient_fraction(ctx: dict[str, Any]) -> float:
     op = fasthess.HessianOperator(ctx["model"], ctx["loss_fn"], ctx["data"], batch_size=ctx["chunk"], **ctx["comm"])
     g = op.gradient()
-    V = ctx["tracker"].eigenvectors[:, :ctx["tracker"].k].to(g.device)  # the top k of the update just taken
+    V = ctx["tracker"].eigenvectors.to(g.device)  # the top k of the update just taken
     return float((V.T @ g).pow(2).sum() / (g @ g))
 
 

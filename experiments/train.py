@@ -192,7 +192,7 @@ class Trainer:
         torch.set_rng_state(rng)
         w1 = [p.detach().clone() for p in model.parameters()]
         vals, converged = [], True
-        v0 = self.tracker.eigenvectors
+        v0 = self.tracker.ritz_vectors
         for t in torch.linspace(0, 1, n).tolist():
             with torch.no_grad():
                 for p, a, b in zip(model.parameters(), w0, w1):

@@ -409,11 +409,16 @@ class SharpnessTracker:
 
     @property
     def eigenvectors(self) -> torch.Tensor | None:
+        """The top k eigenvectors of the last update (n, k), float64 on the CPU, as ``EigResult.eigenvectors``."""
+        return None if self._vectors is None else self._vectors[:, : self.k]
+
+    @property
+    def ritz_vectors(self) -> torch.Tensor | None:
         """The top k + 1 Ritz vectors of the last update (n, k + 1; up to two more columns when they are tied with the
-        (k+1)-th), float64 on the CPU: the eigenvectors and their neighbour, the next warm start, to which
-        :func:`fasthess.eigs` adds a fresh random column. The neighbour
-        makes a swap of the top two exact: with the eigenvectors alone the random column had to find the new top,
-        and missed it at a 2 % gap (tests/test_certificate.py); it costs about 20 % more products."""
+        (k+1)-th), float64 on the CPU, as ``EigResult.ritz_vectors``: the eigenvectors and their neighbour, the next
+        warm start (with ``warm_start=True``), to which :func:`fasthess.eigs` adds a fresh random column. The
+        neighbour makes a swap of the top two exact: with the eigenvectors alone the random column had to find the
+        new top, and missed it at a 2 % gap (tests/test_certificate.py)."""
         return self._vectors
 
     def reset(self) -> None:

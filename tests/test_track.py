@@ -57,8 +57,10 @@ def test_lambda_max_matches_dense_hessian_and_logs_record():
     for key in ("residual", "error_bound", "num_hvps", "num_passes", "seconds", "converged", "certificates"):
         assert getattr(rec, key) is not None
     assert rec.num_hvps > 0 and rec.warm_started is False
-    # the warm start for the next update: the eigenvector and its neighbour
-    assert tr.eigenvectors.shape == (sum(p.numel() for p in model.parameters()), 2)
+    # the top eigenvector, and the warm start for the next update: the eigenvector and its neighbour
+    n = sum(p.numel() for p in model.parameters())
+    assert tr.eigenvectors.shape == (n, 1) and tr.ritz_vectors.shape == (n, 2)
+    assert torch.equal(tr.eigenvectors, tr.ritz_vectors[:, :1])
 
 
 def test_warm_start_every_and_state_dict_roundtrip():
@@ -72,7 +74,7 @@ def test_warm_start_every_and_state_dict_roundtrip():
     st = tr.state_dict()
     tr2 = SharpnessTracker(F.cross_entropy, (X, y), tol=1e-6, every=3, warm_start=True)
     tr2.load_state_dict(st)
-    assert torch.equal(tr2.eigenvectors, tr.eigenvectors) and tr2.history == tr.history
+    assert torch.equal(tr2.ritz_vectors, tr.ritz_vectors) and tr2.history == tr.history
     assert tr2.update(model, 9).warm_started
     # a different parameter count: falls back to a cold start instead of failing
     tr2.load_state_dict({"history": [], "vectors": torch.ones(3, 1, dtype=torch.float64)})
