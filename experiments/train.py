@@ -42,7 +42,8 @@ from .storage import (_jsonable, atomic_torch_save, atomic_write_json, atomic_wr
 
 #: the metrics.jsonl name of each tracker record field the runner keeps (the one place they are renamed)
 TRACKER_METRICS = {"lambda_max": "lambda_max", "lambda_residual": "residual", "lambda_error_bound": "error_bound",
-                   "lambda_hvps": "num_hvps", "lambda_seconds": "seconds", "lambda_converged": "converged"}
+                   "lambda_hvps": "num_hvps", "lambda_seconds": "seconds", "lambda_converged": "converged",
+                   "top_overlap": "top_overlap"}
 
 
 def tracker_metrics(record: SharpnessRecord) -> dict[str, Any]:

@@ -84,7 +84,8 @@ class SharpnessRecord(Mapping):
     gradient_fraction: float | None = None
     """``geometry=True``: ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient in the top-k eigenspace."""
     top_overlap: float | None = None
-    """``geometry=True``: |⟨x₁(t), x₁(t')⟩| with the previous update's top Ritz vector (None at the first)."""
+    """|⟨x₁(t), x₁(t')⟩| with the previous update's top Ritz vector (None at the first, or after the parameter count
+    changed)."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     """The ``**extra`` keyword values given to ``update`` (e.g. ``epoch`` from the training-framework callbacks)."""
 

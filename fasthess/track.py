@@ -131,13 +131,18 @@ def _rule_text(rule) -> str | None:
     return f"{rule.rule} = {rule.value:.6g}, for the preconditioned λ_max(P⁻¹H), not this λ_max(H)"
 
 
-def _geometry(vectors: torch.Tensor, gradient: torch.Tensor, previous: torch.Tensor | None) -> dict[str, Any]:
-    """``gradient_fraction`` ‖Vᵀg‖²/‖g‖² for the orthonormal eigenvectors V (n, k), and ``top_overlap``
-    |⟨x₁, x₁'⟩| with the previous update's top Ritz vector (the first column of ``previous``), or None."""
-    V, g = vectors.detach().double(), gradient.detach().double().to(vectors.device)
-    norm2 = float(g @ g)
+def _geometry(vectors: torch.Tensor, gradient: torch.Tensor | None, previous: torch.Tensor | None) -> dict[str, Any]:
+    """``gradient_fraction`` ‖Vᵀg‖²/‖g‖² for the orthonormal eigenvectors V (n, k) (None without a gradient), and
+    ``top_overlap`` |⟨x₁, x₁'⟩| with the previous update's top Ritz vector (the first column of ``previous``), or
+    None."""
+    V = vectors.detach().double()
+    fraction = None
+    if gradient is not None:
+        g = gradient.detach().double().to(V.device)
+        norm2 = float(g @ g)
+        fraction = float((V.T @ g).pow(2).sum()) / norm2 if norm2 > 0 else None
     top = V[:, 0].cpu()
-    return {"gradient_fraction": float((V.T @ g).pow(2).sum()) / norm2 if norm2 > 0 else None,
+    return {"gradient_fraction": fraction,
             "top_overlap": None if previous is None else abs(float(previous[:, 0].double() @ top))}
 
 
@@ -210,10 +215,10 @@ class SharpnessTracker:
         explore: how a warm update explores, ``"full"`` (default) or ``"subsample"`` (module docstring); every
             record's ``basis`` says which was used. A cold update (each one without ``warm_start``, else the first)
             is :func:`fasthess.eigs`.
-        geometry: add two record fields: ``gradient_fraction`` = ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient g
-            in the span of the top-k eigenvectors Vₖ (Gur-Ari et al., 2018; one extra gradient pass), and
-            ``top_overlap`` = |⟨x₁(t), x₁(t')⟩|, how far the top eigenvector turned since the previous update
-            (None at the first one); both are as accurate as the eigenvectors (their angle error is about
+        geometry: fill the record field ``gradient_fraction`` = ‖Vₖᵀg‖²/‖g‖², the share of the full-data gradient g
+            in the span of the top-k eigenvectors Vₖ (Gur-Ari et al., 2018; one extra gradient pass). Every record
+            has ``top_overlap`` = |⟨x₁(t), x₁(t')⟩|, how far the top eigenvector turned since the previous update
+            (None at the first one; free). Both are as accurate as the eigenvectors (their angle error is about
             √(error_bound/gap)).
         mode, disable_dropout: see :func:`sharpness_mode`.
         warm_start: start each solve from the previous top k + 1 Ritz vectors (opt-in: on the CPU it costs about
@@ -379,7 +384,7 @@ class SharpnessTracker:
         if optimizer is not None and lr is None and optimizer.param_groups:
             lr = float(optimizer.param_groups[0]["lr"])
         lr = self.lr if lr is None else lr
-        geometry = _geometry(res.eigenvectors, grad, previous if same_shape else None) if self.geometry else {}
+        geometry = _geometry(res.eigenvectors, grad, previous if same_shape else None)
         rec = _record(out, step=step, previous=self.latest, lr=lr, rule=stability_threshold(optimizer, lr),
                       warm=warm, geometry=geometry, extra=extra)
         self.history.append(rec)
