@@ -1,8 +1,8 @@
 """Tracking λ_max during training: full-batch gradient descent climbs to the edge of stability 2/η.
 
 A small MLP on 256 of scikit-learn's digits, trained on the squared loss by full-batch gradient descent with
-learning rate η = 1. A `fasthess.SharpnessTracker` computes the exact λ_max of the training loss every 25 steps, each solve
-warm-started from the previous eigenvector. λ_max rises during training ("progressive sharpening") until it
+learning rate η = 1. A `fasthess.SharpnessTracker` computes the exact, certified λ_max of the training loss every 25
+steps. λ_max rises during training ("progressive sharpening") until it
 reaches 2/η, where gradient descent stops being stable in the top direction, and then hovers there (Cohen et
 al. 2021). Saves `sharpness.png`.
 """
@@ -29,7 +29,7 @@ for step in range(301):
     if rec is not None and step % 50 == 0:
         print(f"step {step:3d}  loss {loss_fn(model(X), y).item():.4f}  λ_max {rec.lambda_max:.4f}  "
               f"({rec.threshold_rule} = {rec.threshold:.1f}; residual {rec.residual:.1e}, {rec.num_hvps} HVPs"
-              f"{', warm start' if rec.warm_started else ''})")
+              f"{'; overlap with the previous top eigenvector %.2f' % rec.top_overlap if rec.top_overlap else ''})")
     opt.zero_grad()
     loss = loss_fn(model(X), y)
     loss.backward()

@@ -46,7 +46,7 @@ class TrackingSchedule:
         return self.every_n_epochs is not None and epochs_done % self.every_n_epochs == 0
 
     def update(self, model: torch.nn.Module, step: int, optimizer: Any = None, **extra: Any) -> SharpnessRecord:
-        """λ_max now (warm-started); the record carries ``step``, the optimizer's learning rate and stability
+        """λ_max now; the record carries ``step``, the optimizer's learning rate and stability
         threshold, and ``extra``."""
         self._last_step = step
         return self.tracker.update(model, step=step, optimizer=optimizer, **extra)
