@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, hessian, vmap
 
 
 def dense_hessian(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor, batch_size: int,
@@ -134,3 +134,22 @@ def dense_hessian_of(model: nn.Module, loss_of, params: list[nn.Parameter] | Non
     theta, by_name = flat_parameters(model, params)
     H = torch.autograd.functional.hessian(lambda flat: loss_of(by_name(flat)), theta)
     return (H + H.T) / 2
+
+
+def flat_outputs(model: nn.Module, X: torch.Tensor):
+    """θ (the trainable parameters as one flat vector) and θ ↦ f_θ(X)."""
+    theta, by_name = flat_parameters(model)
+    return theta, lambda flat: functional_call(model, by_name(flat), (X,), strict=False)
+
+
+def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σᵢ Jᵢᵀ (∇²_o ℓᵢ) Jᵢ with Jᵢ = ∂f(xᵢ)/∂θ and ℓᵢ(o) = loss_fn(o[None], yᵢ[None]).
+
+    For a mean-reduced loss, chunk c contributes (n_c/N)(1/n_c) Σ_{i∈c} = (1/N) Σ_{i∈c}, so chunks drop out.
+    """
+    theta, outputs = flat_outputs(model, X)
+    out = outputs(theta).detach()
+    J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True)  # (N, C, n)
+    h = vmap(hessian(lambda o, t: loss_fn(o[None], t[None])))(out, y)  # (N, C, C)
+    G = torch.einsum("icn,icd,idm->nm", J, h, J)
+    return G / X.shape[0]

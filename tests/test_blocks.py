@@ -7,11 +7,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import LOSSES, dense_hessian, make_data, make_model
+from conftest import LOSSES, dense_ggn, dense_hessian, make_data, make_model
 from fasthess import FasthessError, HessianOperator, LossContractError, StochasticModelError
 from fasthess.ggn import GGNOperator
 from fasthess.blocks import block_lambda_max, module_blocks
-from test_ggn import dense_ggn
 
 
 class TinyTransformer(nn.Module):

@@ -4,31 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, vmap
+from torch.func import hessian
 
 from fasthess.errors import FasthessError, StochasticModelError
 from fasthess.ggn import GGNOperator
 from fasthess.lanczos import eigs
-from conftest import LOSSES, dense_hessian, flat_parameters, make_data, make_model
-
-
-def _flat_outputs(model: nn.Module, X: torch.Tensor):
-    """θ (the trainable parameters as one flat vector) and θ ↦ f_θ(X)."""
-    theta, by_name = flat_parameters(model)
-    return theta, lambda flat: functional_call(model, by_name(flat), (X,), strict=False)
-
-
-def dense_ggn(model: nn.Module, loss_fn, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(1/N) Σᵢ Jᵢᵀ (∇²_o ℓᵢ) Jᵢ with Jᵢ = ∂f(xᵢ)/∂θ and ℓᵢ(o) = loss_fn(o[None], yᵢ[None]).
-
-    For a mean-reduced loss, chunk c contributes (n_c/N)(1/n_c) Σ_{i∈c} = (1/N) Σ_{i∈c}, so chunks drop out.
-    """
-    theta, outputs = _flat_outputs(model, X)
-    out = outputs(theta).detach()
-    J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True)  # (N, C, n)
-    h = vmap(hessian(lambda o, t: loss_fn(o[None], t[None])))(out, y)  # (N, C, C)
-    G = torch.einsum("icn,icd,idm->nm", J, h, J)
-    return G / X.shape[0]
+from conftest import LOSSES, dense_ggn, dense_hessian, flat_outputs, make_data, make_model
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -94,7 +75,7 @@ def test_lambda_max_with_ggn_curvature_matches_the_ggn_operator():
 def dense_ggn_of(model: nn.Module, loss_of_outputs, X: torch.Tensor) -> torch.Tensor:
     """Jᵀ (∇²_o L) J for a loss L(o) of all the data's stacked outputs o = f(X) (the loss on all the data as one
     batch), J = ∂o/∂θ."""
-    theta, outputs = _flat_outputs(model, X)
+    theta, outputs = flat_outputs(model, X)
     out = outputs(theta).detach()
     J = torch.autograd.functional.jacobian(outputs, theta, vectorize=True).reshape(out.numel(), -1)
     Ho = hessian(lambda o: loss_of_outputs(o.reshape(out.shape)))(out.reshape(-1))
