@@ -37,7 +37,7 @@ import torch
 from fasthess import ops
 from fasthess._deprecation import positional_until
 from fasthess._certificate import (CHECK_BELOW, SKEW_FACTOR, Certificate, certify, climbing, distance,
-                                   float64_widened, needs_float64_check, rounding_floor)
+                                   float64_widened, floor_suffices, rounding_floor)
 from fasthess._progress import SolveProgress
 from fasthess.errors import FasthessError
 from fasthess.linop import fixed
@@ -208,24 +208,30 @@ def products_dtype(op) -> torch.dtype:
 
 
 def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome, int]:
-    """``out`` with its bounds checked against float64 products where :func:`needs_float64_check` asks for it, and
-    the number of float64 products that took; ``precision`` names what the claim rests on."""
+    """``out`` with its bounds checked against float64 products of its Ritz vectors when its products are below
+    float64 (:mod:`fasthess._certificate`, :func:`~fasthess._certificate.floor_suffices`), and the number of float64
+    products that took; ``precision`` names what the claim rests on."""
     name = str(products).removeprefix("torch.")
     if products == torch.float64:
         return out, 0
-    if not needs_float64_check(out.tol, products):
-        return replace(out, precision=f"{name} products; rounding within the modelled floor (tol ≥ {CHECK_BELOW:g})"), 0
+    images, used = None, 0
     if not hasattr(op, "in_float64"):
-        return _unchecked(out, f"{name} products, not checked: the operator has no float64 products"), 0
-    twin = op.in_float64()
-    try:
-        with fixed(twin):
-            images = twin.matmat(out.cert.vectors.T).T
-    except FasthessError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. a loss closure holding float32 tensors: say so, keep the answer
-        return _unchecked(out, f"{name} products, not checked: float64 products failed ({type(exc).__name__}: "
-                               f"{str(exc)[:120]})"), twin.num_hvps
+        why = "the operator has no float64 products"
+    else:
+        twin = op.in_float64()
+        try:
+            with fixed(twin):
+                images = twin.matmat(out.cert.vectors.T).T
+        except FasthessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a loss closure holding float32 tensors: say so, keep the answer
+            why = f"float64 products failed ({type(exc).__name__}: {str(exc)[:120]})"
+        used = twin.num_hvps
+    if images is None:
+        if floor_suffices(out.tol):
+            return replace(out, precision=f"{name} products; rounding within the modelled floor (tol ≥ "
+                                          f"{CHECK_BELOW:g}), not checked: {why}"), used
+        return _unchecked(out, f"{name} products, not checked: {why}"), used
     bounds, shift = float64_widened(out.cert.values, out.cert.vectors, images, out.cert.bounds)
     values = out.cert.values
     target = torch.maximum(out.tol * values.abs(), ROUNDOFF * values.abs().max())
@@ -236,12 +242,11 @@ def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome
                       f"products), more than tol={out.tol:g} allows; the result is not converged. Use a float64 "
                       "model (model.double()) or a looser tol", RuntimeWarning, stacklevel=3)
     return replace(out, cert=replace(out.cert, bounds=bounds), converged=converged,
-                   precision=f"{name} products, checked against float64 products (shift {rel:.1e} of λ)"), \
-        twin.num_hvps
+                   precision=f"{name} products, checked against float64 products (shift {rel:.1e} of λ)"), used
 
 
 def _unchecked(out: Outcome, why: str) -> Outcome:
-    """A claim below CHECK_BELOW that could not be checked in float64 is not certified."""
+    """A claim from products below float64 that could not be checked in float64 is not certified."""
     warnings.warn(f"{why}; the result is not converged at tol={out.tol:g}. Use a float64 model (model.double()) or "
                   f"tol ≥ {CHECK_BELOW:g}", RuntimeWarning, stacklevel=4)
     return replace(out, converged=torch.zeros_like(out.converged), precision=why)

@@ -67,7 +67,7 @@ def compare_lambda_max(op, c: float, *, tol: float = 1e-4, block_size: int | Non
                           random_columns=random_columns, threshold=float(c))
     with fixed(op):
         out = drive(steps, lambda P: op.matmat(P.T).T)
-    checked, checks = _precision_checked(op, out, products)  # as eigs: float64 products below CHECK_BELOW
+    checked, checks = _precision_checked(op, out, products)  # as eigs: float64 products of the Ritz vector
     shift = float(checked.cert.bounds[0] - out.cert.bounds[0])  # 2|θ − ρ| measured in float64, else 0
     res = checked.result(op.num_hvps - start_hvps + checks, op.num_passes - start_passes + (checks > 0),
                          time.perf_counter() - t0)
