@@ -40,7 +40,7 @@ from fasthess._model_operator import PassState
 from fasthess.errors import FasthessError
 from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
-from fasthess.lanczos import (Outcome, _precision_checked, check_options, default_block_size, lanczos_steps,
+from fasthess.lanczos import (Outcome, check_options, default_block_size, lanczos_steps, precision_checked,
                                products_dtype)
 from fasthess.linop import fixed
 from fasthess.results import EigResult
@@ -174,7 +174,7 @@ class _Solve:
 
 class _BlockView:
     """One diagonal block of an operator as an operator on the block's own coordinates: what the float64 check of a
-    block's Ritz vectors multiplies (:func:`fasthess.lanczos._precision_checked`, :mod:`fasthess._certificate`)."""
+    block's Ritz vectors multiplies (:func:`fasthess.lanczos.precision_checked`, :mod:`fasthess._certificate`)."""
 
     def __init__(self, op: HessianOperator | GGNOperator, solve: _Solve) -> None:
         self.op, self.solve, self.num_hvps = op, solve, 0
@@ -234,11 +234,8 @@ def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
             HV = product(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
-    results = {}
-    for name, s in solves.items():
-        outcome, checks = _precision_checked(_BlockView(op, s), s.outcome, products_dtype(op))
-        results[name] = outcome.result(s.num_hvps + checks, s.num_passes + (checks > 0), s.seconds)
-    return results
+    return {name: precision_checked(_BlockView(op, s), s.outcome, products_dtype(op)).result(
+        s.num_hvps, s.num_passes, s.seconds) for name, s in solves.items()}
 
 
 def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mapping[str, Sequence[torch.Tensor]]

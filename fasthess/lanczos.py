@@ -196,9 +196,8 @@ def eigs(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, block_size: in
                           max_basis=max_basis, random_columns=random_columns)
     with fixed(op):
         out = drive(steps, lambda P: op.matmat(P.T).T)
-    out, checks = _precision_checked(op, out, products)
-    return out.result(op.num_hvps - start_hvps + checks, op.num_passes - start_passes + (checks > 0),
-                      time.perf_counter() - t0)
+    out = precision_checked(op, out, products)
+    return out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
 
 
 def products_dtype(op) -> torch.dtype:
@@ -207,13 +206,13 @@ def products_dtype(op) -> torch.dtype:
     return getattr(op, "compute_dtype", getattr(op, "dtype", torch.float64))
 
 
-def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome, int]:
+def precision_checked(op, out: Outcome, products: torch.dtype) -> Outcome:
     """``out`` with its bounds checked against float64 products of its Ritz vectors when its products are below
-    float64 (:mod:`fasthess._certificate`, :func:`~fasthess._certificate.floor_suffices`), and the number of float64
-    products that took; ``precision`` names what the claim rests on."""
+    float64 (:mod:`fasthess._certificate`, :func:`~fasthess._certificate.floor_suffices`); ``precision`` names what
+    the claim rests on, and ``check_products`` counts the float64 products the check took."""
     name = str(products).removeprefix("torch.")
     if products == torch.float64:
-        return out, 0
+        return out
     images, used = None, 0
     if not hasattr(op, "in_float64"):
         why = "the operator has no float64 products"
@@ -230,8 +229,8 @@ def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome
     if images is None:
         if floor_suffices(out.tol):
             return replace(out, precision=f"{name} products; rounding within the modelled floor (tol ≥ "
-                                          f"{CHECK_BELOW:g}), not checked: {why}"), used
-        return _unchecked(out, f"{name} products, not checked: {why}"), used
+                                          f"{CHECK_BELOW:g}), not checked: {why}", check_products=used)
+        return replace(_unchecked(out, f"{name} products, not checked: {why}"), check_products=used)
     bounds, shift = float64_widened(out.cert.values, out.cert.vectors, images, out.cert.bounds)
     values = out.cert.values
     target = torch.maximum(out.tol * values.abs(), ROUNDOFF * values.abs().max())
@@ -242,7 +241,8 @@ def _precision_checked(op, out: Outcome, products: torch.dtype) -> tuple[Outcome
                       f"products), more than tol={out.tol:g} allows; the result is not converged. Use a float64 "
                       "model (model.double()) or a looser tol", RuntimeWarning, stacklevel=3)
     return replace(out, cert=replace(out.cert, bounds=bounds), converged=converged,
-                   precision=f"{name} products, checked against float64 products (shift {rel:.1e} of λ)"), used
+                   precision=f"{name} products, checked against float64 products (shift {rel:.1e} of λ)",
+                   check_products=used)
 
 
 def _unchecked(out: Outcome, why: str) -> Outcome:
@@ -276,11 +276,14 @@ class Outcome:
     tol: float
     precision: str = "float64 products"
     start: str = RANDOM_START
+    check_products: int = 0  # float64 products of the precision check (:func:`precision_checked`), one pass
 
     def result(self, num_hvps: int, num_passes: int, seconds: float) -> EigResult:
+        """The result, its counters those of the solve (``num_hvps``, ``num_passes``) and of the precision check."""
         return EigResult(eigenvalues=self.cert.values, eigenvectors=self.cert.vectors.T.contiguous(),
                          residuals=self.cert.residuals, error_bounds=self.cert.bounds, converged=self.converged,
-                         num_hvps=num_hvps, num_passes=num_passes, seconds=seconds, which=self.which, tol=self.tol,
+                         num_hvps=num_hvps + self.check_products,
+                         num_passes=num_passes + (self.check_products > 0), seconds=seconds, which=self.which, tol=self.tol,
                          certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors,
                          precision=self.precision, start=self.start)
 

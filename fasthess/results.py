@@ -36,8 +36,8 @@ class EigResult:
     above a plateau of eigenvalues, is not seen), or a start explored by an earlier random-started solve
     (:data:`EXPLORED_START`).
     ``precision`` says what the claim rests on about the products' rounding: float64 products; products in a
-    lower precision whose rounding the floor ω models (tol ≥ 10⁻⁴); or such products checked against float64
-    products of the Ritz vectors, the measured shift added to the bound (:mod:`fasthess._certificate`).
+    lower precision checked against float64 products of the Ritz vectors, the measured shift added to the bound; or,
+    for an operator without float64 products and tol ≥ 10⁻⁴ only, the floor ω (:mod:`fasthess._certificate`).
     ``ritz_vectors`` (n, k + 1), or a few more columns when the (k+1)-th is tied with the next ones, are the most
     wanted Ritz vectors, converged or not: the warm start ``v0`` of a later solve on a nearby operator.
     """
@@ -56,11 +56,7 @@ class EigResult:
     rounding_floor: float = 0.0
     ritz_vectors: torch.Tensor | None = None
     precision: str = "float64 products"
-    start: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.start:
-            object.__setattr__(self, "start", RANDOM_START)
+    start: str = RANDOM_START
 
     @property
     def all_converged(self) -> bool:

@@ -378,8 +378,8 @@ class SharpnessTracker:
         v0 = previous if self.warm_start else None
         out, grad = self._explore_and_certify(model, v0, gradient=self.geometry)
         res = out.result
-        warm = v0 is not None and v0.shape[0] == res.eigenvectors.shape[0]
         same_shape = previous is not None and previous.shape[0] == res.eigenvectors.shape[0]
+        warm = self.warm_start and same_shape
         self._vectors = res.ritz_vectors.detach().to("cpu", torch.float64).clone()
         if optimizer is not None and lr is None and optimizer.param_groups:
             lr = float(optimizer.param_groups[0]["lr"])
