@@ -47,6 +47,13 @@ def write(line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
+def bound_text(rel_bound: float, tol: float) -> str:
+    """A relative error bound against the tolerance, in words."""
+    if not math.isfinite(rel_bound):
+        return f"no bound yet (target {tol:.0e} of λ)"
+    return f"bound {rel_bound:.1e} of λ, target {tol:.0e}"
+
+
 def passes_left(history: list[tuple[int, float]], tol: float) -> int | None:
     """Passes until the relative bound reaches ``tol`` at its recent geometric rate, from ``history`` (pass, bound)
     of the passes whose bound counts (not exploring, finite and positive); None when the bound is not falling or
@@ -113,12 +120,7 @@ class SolveProgress:
         pass_no, rel_bound, hvps = self._last
         verdict = "certified" if converged else "not certified"
         write(f"{self.label}: {verdict} after {pass_no} pass{'es' if pass_no != 1 else ''}, {hvps} HVPs, "
-              f"{self._bound_text(rel_bound)}, {time.perf_counter() - self._t0:.1f} s")
-
-    def _bound_text(self, rel_bound: float) -> str:
-        if not math.isfinite(rel_bound):
-            return f"no bound yet (target {self.tol:.0e} of λ)"
-        return f"bound {rel_bound:.1e} of λ, target {self.tol:.0e}"
+              f"{bound_text(rel_bound, self.tol)}, {time.perf_counter() - self._t0:.1f} s")
 
     def _describe(self, rel_bound: float, hvps: int, exploring: bool) -> str:
         if exploring:
@@ -134,4 +136,4 @@ class SolveProgress:
                 left = f"more passes needed than the {budget} left in the budget"
             else:
                 left = f"about {n} pass{'es' if n != 1 else ''} left"
-        return f"{self._bound_text(rel_bound)}, {hvps} HVPs, {left}"
+        return f"{bound_text(rel_bound, self.tol)}, {hvps} HVPs, {left}"

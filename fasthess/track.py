@@ -182,8 +182,8 @@ def _record(out, *, step: int | None, previous: SharpnessRecord | None, lr: floa
 def _update_line(rec: SharpnessRecord, tol: float, share: float) -> str:
     """One update in words, for the ``progress`` display."""
     rel = rec.error_bound / max(abs(rec.lambda_max), 1e-300)
-    claim = (f"λ_max {rec.lambda_max:.6g} certified (bound {rel:.1e} of λ, target {tol:.0e})" if rec.converged else
-             f"λ_max ≈ {rec.lambda_max:.6g} NOT certified (bound {rel:.1e} of λ, target {tol:.0e})")
+    claim = (f"λ_max {rec.lambda_max:.6g} certified" if rec.converged else
+             f"λ_max ≈ {rec.lambda_max:.6g} NOT certified") + f" ({_progress.bound_text(rel, tol)})"
     at = "" if rec.step is None else f" at step {rec.step}"
     threshold = "" if rec.threshold is None else f", threshold {rec.threshold:.6g} ({rec.threshold_rule})"
     return (f"SharpnessTracker{at}: {claim}{threshold}, {rec.hvp_equivalents:.4g} HVPs, {rec.seconds:.2f} s "
