@@ -143,6 +143,36 @@ def float64_widened(values: torch.Tensor, vectors: torch.Tensor, images64: torch
     return bounds + 2 * shift, shift
 
 
+def float64_reach(values: torch.Tensor, span: torch.Tensor, images64: torch.Tensor,
+                  which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far past each wanted θᵢ the float64 operator provably reaches, and how loosely: (max(0, μᵢ − θᵢ) in the
+    wanted direction, ‖H zᵢ − μᵢ zᵢ‖).
+
+    ``span`` (rows) holds the wanted Ritz vectors and the next ones, ``images64`` their float64 images; (μᵢ, zᵢ) are
+    the Ritz pairs of H on span(``span``), from the float64 products. By Cauchy interlacing the i-th wanted
+    eigenvalue of H lies at or beyond μᵢ (for ``"LM"``: |λ|ᵢ ≥ |μ|ᵢ, as singular values of a compression), and some
+    eigenvalue lies within ‖H zᵢ − μᵢ zᵢ‖ of μᵢ. The Rayleigh quotients of :func:`float64_widened` cannot see rounding
+    that *reorders* a near-degenerate top pair: the lower-precision Ritz vector is then an exact float64 eigenvector
+    of the second eigenvalue, its shift is zero, and the claim names the wrong eigenvalue; the next Ritz vector's
+    float64 product shows the higher one."""
+    L = torch.linalg.cholesky(span @ span.T)  # the span's rows are orthonormal only to the products' precision
+    basis = torch.linalg.solve_triangular(L, span, upper=False)
+    images = torch.linalg.solve_triangular(L, images64, upper=False)
+    projected = basis @ images.T
+    mu, C = torch.linalg.eigh((projected + projected.T) / 2)
+    key = mu if which == "LA" else -mu if which == "SA" else mu.abs()
+    order = torch.argsort(key, descending=True)[: values.shape[0]]
+    mu, C = mu[order], C[:, order]
+    residual = (C.T @ images - mu[:, None] * (C.T @ basis)).norm(dim=1)
+    if which == "LA":
+        beyond = mu - values
+    elif which == "SA":
+        beyond = values - mu
+    else:
+        beyond = mu.abs() - values.abs()
+    return beyond.clamp_min(0), residual
+
+
 def _all_residuals(theta: torch.Tensor, Y: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """‖H xₚ − θₚ xₚ‖ for every Ritz pair from the Gram matrix G = HQ·HQᵀ: ‖r‖² = yᵀGy − θ² (accurate to √ε·|θ|,
     enough to tell an unresolved Ritz value from a resolved one)."""

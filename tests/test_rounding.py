@@ -102,3 +102,57 @@ def test_saturated_sigmoid_at_the_default_tol_is_not_certified_past_its_rounding
         rec = fasthess.SharpnessTracker(bce, (X, y)).update(model, 0)
     assert not rec.converged or abs(rec.lambda_max - truth) <= max(rec.error_bound, 1e-4 * truth)
     assert "checked against float64" in rec.precision
+
+
+def _reordering_pair(seed: int):
+    """Logistic regression on four features, each example on one feature (a diagonal Hessian). Feature 0 holds
+    saturated positives (logits ≈ 15), whose float32 curvature σ(1 − σ) is rounded several % low; feature 1 holds
+    ordinary negatives scaled so that its curvature lies between the float32 and the float64 curvature of feature 0.
+    The float32 products then rank the pair the wrong way round, along exact float64 eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = 1.0 + 0.2 * torch.rand(20, generator=g, dtype=torch.float64), 1.0 + torch.rand(40, generator=g,
+                                                                                                dtype=torch.float64)
+    small = 1e-3 * torch.rand(20, generator=g, dtype=torch.float64)
+    n = 80
+
+    def data(t: float):
+        X = torch.zeros(n, 4, dtype=torch.float64)
+        X[:20, 0], X[20:60, 1], X[60:70, 2], X[70:, 3] = a, t * b, small[:10], small[10:]
+        y = torch.cat([torch.ones(20), torch.zeros(40), torch.ones(10), torch.zeros(10)])[:, None].double()
+        return X, y
+
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[15.0, -1.0, 1.0, -1.0]]))
+    bce = nn.BCEWithLogitsLoss()
+    X, y = data(1.0)
+    h64 = float(_dense64(model, bce, X, y)[0, 0])
+    w = model.weight.detach().clone()
+    h32 = float(torch.autograd.functional.hessian(lambda v: bce(X.float() @ v[:, None], y.float()), w[0])[0, 0])
+    assert h32 < 0.99 * h64  # float32 rounds feature 0's curvature low
+    lo, hi = 0.0, 0.5  # feature 1's curvature t²·mean σ'(t·b)·b² (×40/80) rises with t on [0, 0.5]
+    for _ in range(60):
+        t = (lo + hi) / 2
+        s = torch.sigmoid(t * b)
+        lo, hi = (t, hi) if float((s * (1 - s) * (t * b) ** 2).sum()) / n < (h32 + h64) / 2 else (lo, t)
+    X, y = data((lo + hi) / 2)
+    return model, bce, X.float(), y.float()
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_float32_rounding_that_reorders_the_top_pair_is_not_certified(seed):
+    """Before the check took the next Ritz vector's float64 product, eigs certified feature 1's curvature at tol 1e-5
+    and 1e-6 (2–5 % below λ_max, bound 3·10⁻⁷ of λ), compare_lambda_max put λ_max on the wrong side of a c between
+    the pair, and the tracker certified it too (16 of 24 checks false on four seeds)."""
+    model, bce, X, y = _reordering_pair(seed)
+    ev = torch.linalg.eigvalsh(_dense64(model, bce, X, y))
+    lam, lam2 = float(ev[-1]), float(ev[-2])
+    op = fasthess.HessianOperator(model, bce, (X, y))
+    with pytest.warns(RuntimeWarning, match="reorders the top eigenvalues"):
+        res = fasthess.eigs(op, k=1, tol=1e-5)
+    assert abs(float(res.eigenvalues[0]) - lam) > 1e-2 * lam  # the float32 Ritz value is the second eigenvalue
+    assert not res.all_converged and abs(float(res.eigenvalues[0]) - lam) <= float(res.error_bounds[0])
+    with pytest.warns(RuntimeWarning):
+        decision = fasthess.compare_lambda_max(fasthess.HessianOperator(model, bce, (X, y)), (3 * lam + lam2) / 4,
+                                               tol=1e-6)
+    assert decision.above is not False
