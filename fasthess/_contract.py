@@ -135,12 +135,13 @@ class ContractChecks:
             random_draws("the model's forward or the loss drew random numbers on the first chunk",
                          self.model.training)) from cause
 
-    def _first_output(self, batch: Batch, buffers: dict[str, torch.Tensor] | None = None):
-        """The model's output on the first chunk (no grad; ``buffers`` by name replace the model's), refusing
-        reentrant checkpointing and naming a failed call's likely cause."""
+    def _first_output(self, batch: Batch, buffers: dict[str, torch.Tensor] | None = None,
+                      params: list[torch.Tensor] | None = None):
+        """The model's output on the first chunk (no grad; ``buffers`` by name replace the model's, ``params`` the
+        parameters), refusing reentrant checkpointing and naming a failed call's likely cause."""
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
             try:
-                return self._forward({**(buffers or {}), **dict(zip(self.names, self._primals()))}, batch)
+                return self._forward({**(buffers or {}), **dict(zip(self.names, params or self._primals()))}, batch)
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
                 raise FasthessError(
                     f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
@@ -156,7 +157,16 @@ class ContractChecks:
         copy = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (batch.args, batch.kwargs))
         inputs = [(t, t._version) for t in tensors_of(copy)]
         versions = buffer_versions(self.model)
-        out = self._first_output(replace(batch, args=copy[0], kwargs=copy[1]))
+        params = [p.clone() for p in self._primals()]  # a forward that writes a parameter writes these copies
+        written = [p._version for p in params]
+        out = self._first_output(replace(batch, args=copy[0], kwargs=copy[1]), params=params)
+        changed = [name for name, p, version in zip(self.names, params, written) if p._version != version]
+        if changed:
+            raise StatefulModelError(
+                f"the model's forward changes the parameters {changed[:3]} in place (e.g. nn.Embedding(max_norm=...) "
+                "renormalizes the rows it looks up); fasthess would take the Hessian at other weights than yours. "
+                "Renormalize once before the curvature and build the model without the in-place write (e.g. "
+                "max_norm=None), or write the normalization out of place in the forward")
         if any(t._version != version for t, version in inputs):
             raise StatefulModelError(
                 "the model's forward changes its input in place (e.g. x.mul_(0.5), x += 1, x.clamp_()); fasthess "

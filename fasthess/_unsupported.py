@@ -6,6 +6,8 @@
   and parameters inside the checkpointed region are not differentiated at all when its inputs do not require grad,
   so second derivatives through it are silently wrong (not an error). Found by watching its autograd Function
   while the first chunk's forward runs. ``use_reentrant=False`` is exact for the Hessian.
+* ops whose backward PyTorch cannot differentiate (``embedding_bag``, ``cdist``, ...): PyTorch's raw
+  ``NotImplementedError`` at the first product is replaced by one that names the op and the fix.
 * saved-tensor hooks (``use_reentrant=False`` checkpointing, activation offloading) and in-place writes to buffers
   under ``torch.func``, which the GGN operator's products use: PyTorch's raw error is replaced by one that names the
   fix.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -84,6 +87,14 @@ def translated_errors() -> Iterator[None]:
     try:
         yield
     except NotImplementedError as exc:
+        missing = re.search(r"derivative for '?(?:aten::)?(\w+)'? is not implemented", str(exc))
+        if missing is not None:
+            raise UnsupportedModelError(
+                f"an operation of the forward has no second derivative in PyTorch (the derivative for "
+                f"{missing.group(1)} is not implemented), so no Hessian product can pass through it. Replace it with "
+                "ops PyTorch differentiates twice (nn.EmbeddingBag: nn.Embedding and a mean or sum over the bag; "
+                "torch.cdist: ((a[:, None] - b[None]) ** 2).sum(-1).sqrt()), or restrict the curvature to parameters "
+                "whose products do not pass through it with params=[...]") from exc
         if "forward AD" not in str(exc):
             raise
         fused = "_transformer_encoder_layer_fwd" in str(exc) or "_native_multi_head_attention" in str(exc)

@@ -3,6 +3,8 @@ statistics and errors that name the real cause. Each form that answers is checke
 Hessian; each refusal by its class and the fix its message names."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch.func import functional_call
 
 import fasthess
 from conftest import dense_hessian, dense_hessian_of
-from fasthess.errors import BatchDependentModelError, UnsupportedModelError
+from fasthess.errors import BatchDependentModelError, StatefulModelError, UnsupportedModelError
 
 N, CHUNK = 40, 10
 
@@ -562,3 +564,44 @@ def test_mixing_inside_a_hugging_face_model_output_is_seen():
     model = HFStyle(False).double()
     _check(fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK),
            dense_hessian(model, loss, X, y, batch_size=N))
+
+
+class _Bag(nn.Module):
+    def __init__(self, max_norm: float | None = None, bag: bool = True) -> None:
+        super().__init__()
+        self.e = nn.EmbeddingBag(9, 3, mode="mean") if bag else nn.Embedding(9, 3, max_norm=max_norm)
+        self.o = nn.Linear(3, 3)
+
+    def forward(self, ids):
+        h = self.e(ids) if isinstance(self.e, nn.EmbeddingBag) else self.e(ids).mean(1)
+        return self.o(torch.tanh(h))
+
+
+def _ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 9, (24, 4), generator=g), torch.randint(0, 3, (24,), generator=g)
+
+
+@pytest.mark.parametrize("hvp", ["double-backward", "forward-over-reverse"])
+def test_an_op_without_a_second_derivative_is_named(hvp):
+    """nn.EmbeddingBag's backward has no derivative in PyTorch: its raw NotImplementedError escaped (red team)."""
+    torch.manual_seed(0)
+    ids, y = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # forward mode fails first and falls back
+        with pytest.raises(UnsupportedModelError, match="_embedding_bag_backward.*nn.Embedding and a mean"):
+            fasthess.lambda_max(_Bag().double(), nn.CrossEntropyLoss(), (ids, y), batch_size=8, hvp=hvp)
+
+
+def test_a_forward_that_writes_a_parameter_is_refused_and_leaves_it():
+    """nn.Embedding(max_norm=...) renormalizes looked-up rows in place: lambda_max moved the caller's weights (by
+    4.2) and certified the Hessian at the moved weights (red team)."""
+    torch.manual_seed(0)
+    ids, y = _ids()
+    model = _Bag(max_norm=0.5, bag=False).double()
+    with torch.no_grad():
+        model.e.weight.mul_(4)
+    before = model.e.weight.detach().clone()
+    with pytest.raises(StatefulModelError, match=r"changes the parameters \['e.weight'\].*max_norm=None"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (ids, y), batch_size=8)
+    assert torch.equal(model.e.weight, before)
