@@ -92,6 +92,20 @@ class FirstPass:
     lone: Chunk | None = None  # a first chunk of one row: its forward's split is judged joined with the next chunk
 
 
+#: the relative size of the second point at which the forward's split is judged
+PERTURBATION = 0.1
+
+
+def perturbed(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """θ + δ·(rms(θₜ) + 1)·ξ per tensor (δ = PERTURBATION, ξ standard normal from a private generator: the caller's
+    random state is untouched). The split is judged here as well as at θ because mixing behind a gate that is zero
+    (or tiny) at θ leaves the outputs per-example there while the Hessian's gate rows mix the examples."""
+    gen = torch.Generator(device=params[0].device if params else "cpu").manual_seed(0)
+    return [p + PERTURBATION * (p.pow(2).mean().sqrt() + 1) * torch.randn(p.shape, generator=gen, device=p.device,
+                                                                          dtype=p.dtype)
+            if p.is_floating_point() and p.numel() else p for p in params]
+
+
 class ContractChecks:
     """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
     ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
@@ -247,12 +261,18 @@ class ContractChecks:
         (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
         ``allow_stochastic`` accepts it."""
         watch = GeneratorWatch(self.device)
-        params = dict(zip(self.names, self._primals()))
+        primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
         with sdpa_kernel(SDPBackend.MATH):
             try:
-                check_model_splits(lambda a, k: self._forward(params, replace(batch, args=a, kwargs=k)), batch.args,
-                                   batch.kwargs, batch.rows, out, batch_stats, self.compute_dtype, where)
+                for params, output in ((primals, out), (perturbed(primals), None)):
+                    named = dict(zip(self.names, params))
+                    run = lambda a, k, named=named: self._forward(named, replace(batch, args=a, kwargs=k))  # noqa: E731
+                    if output is None:
+                        with torch.no_grad():
+                            output = run(batch.args, batch.kwargs)
+                    check_model_splits(run, batch.args, batch.kwargs, batch.rows, output, batch_stats,
+                                       self.compute_dtype, where)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
