@@ -160,16 +160,10 @@ def float64_reach(values: torch.Tensor, span: torch.Tensor, images64: torch.Tens
     images = torch.linalg.solve_triangular(L, images64, upper=False)
     projected = basis @ images.T
     mu, C = torch.linalg.eigh((projected + projected.T) / 2)
-    key = mu if which == "LA" else -mu if which == "SA" else mu.abs()
-    order = torch.argsort(key, descending=True)[: values.shape[0]]
+    order = torch.argsort(_toward(mu, which) * mu, descending=True)[: values.shape[0]]  # most wanted first
     mu, C = mu[order], C[:, order]
     residual = (C.T @ images - mu[:, None] * (C.T @ basis)).norm(dim=1)
-    if which == "LA":
-        beyond = mu - values
-    elif which == "SA":
-        beyond = values - mu
-    else:
-        beyond = mu.abs() - values.abs()
+    beyond = _toward(mu, which) * mu - _toward(values, which) * values
     return beyond.clamp_min(0), residual
 
 

@@ -12,6 +12,7 @@ What the first pass carries from chunk to chunk is a :class:`FirstPass`, passed 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -263,16 +264,16 @@ class ContractChecks:
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
+
+        def forward_at(params: list[torch.Tensor]) -> Callable[[tuple, dict], object]:
+            named = dict(zip(self.names, params))
+            return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
+
         with sdpa_kernel(SDPBackend.MATH):
             try:
-                for params, output in ((primals, out), (perturbed(primals), None)):
-                    named = dict(zip(self.names, params))
-                    run = lambda a, k, named=named: self._forward(named, replace(batch, args=a, kwargs=k))  # noqa: E731
-                    if output is None:
-                        with torch.no_grad():
-                            output = run(batch.args, batch.kwargs)
-                    check_model_splits(run, batch.args, batch.kwargs, batch.rows, output, batch_stats,
-                                       self.compute_dtype, where)
+                for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
+                    check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
+                                       batch_stats, self.compute_dtype, where)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator

@@ -139,8 +139,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
                        where: str = "the first chunk") -> None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
-    its output on the chunk; ``batchnorms`` are the BatchNorm modules that normalize with batch statistics;
-    ``where`` names the chunk in the refusal."""
+    its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
+    batch statistics; ``where`` names the chunk in the refusal."""
     k = min(rows // 2, SUBSET)
     k -= k % 2 if k > 1 else 0  # an even sub-batch, for models that pair up their examples
     if k < 1:
@@ -151,7 +151,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         return
     with torch.no_grad():
         recorded: Statistics = {}
-        if batchnorms:  # the chunk's own statistics, for the sub-batch
+        if batchnorms or out is None:  # the chunk's own statistics, for the sub-batch
             out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
         try:
             with _replayed(recorded):
