@@ -8,6 +8,9 @@ or its value changed) and is saved and restored from then on. Restoring is a dev
 A buffer that the forward writes and also reads (spectral_norm's power-iteration vectors in train mode: each
 forward takes one power step) makes the forward not a fixed function of θ; it is refused on the first chunk
 (:func:`refuse_stateful_forward`) before the split check could misread it as a forward that mixes the examples.
+The running statistics of PyTorch's own normalization forwards are exempt (in train mode they are written, never
+read); a subclass with its own forward is not: Batch Renormalization reads them in train mode, and each chunk's
+forward would see the statistics the previous chunk wrote.
 """
 from __future__ import annotations
 
@@ -23,6 +26,15 @@ from fasthess.errors import StatefulModelError
 __all__ = ["KeptBuffers", "buffer_versions", "refuse_stateful_forward"]
 
 _NormBase = nn.modules.batchnorm._NormBase
+#: normalization forwards known to read their running statistics only in eval mode
+_STOCK_NORM_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward,
+                        nn.modules.instancenorm._InstanceNorm.forward}
+
+
+def _stock_norm_buffers(model: nn.Module) -> set[int]:
+    """The ids of the running statistics of every normalization module that runs PyTorch's own forward."""
+    return {id(b) for m in model.modules()
+            if isinstance(m, _NormBase) and type(m).forward in _STOCK_NORM_FORWARDS for b in m.buffers(recurse=False)}
 
 
 class KeptBuffers:
@@ -53,9 +65,10 @@ class KeptBuffers:
 
 
 def buffer_versions(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
-    """Each buffer of ``model`` by name with its version counter (bumped by every in-place write), normalization
-    modules' running statistics left out (kept by :class:`KeptBuffers` and replayed by the split check)."""
-    norms = {id(b) for m in model.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)}
+    """Each buffer of ``model`` by name with its version counter (bumped by every in-place write), the running
+    statistics of PyTorch's own normalization forwards left out (kept by :class:`KeptBuffers` and replayed by the
+    split check)."""
+    norms = _stock_norm_buffers(model)
     return {n: (b, b._version) for n, b in model.named_buffers() if id(b) not in norms}
 
 
@@ -82,9 +95,13 @@ def refuse_stateful_forward(versions: dict[str, tuple[torch.Tensor, int]], run: 
     worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows))
     if worst is None or worst[0] == 0:
         return
+    cause = ("A normalization module with its own train-mode forward that reads the running statistics it updates "
+             "does this (Batch Renormalization: each chunk would see the statistics the previous one wrote): call "
+             "model.eval(), or give the module a switch that stops the update during the curvature"
+             if any(n.rsplit(".", 1)[-1].startswith("running_") for n in written) else
+             "PyTorch's spectral_norm in train mode does this (each forward takes a power step on its vectors u, "
+             "v): call model.eval() (torch.nn.utils.parametrizations.spectral_norm then keeps u and v fixed), or "
+             "stop the forward from updating buffers it reads")
     raise StatefulModelError(
         f"the model's forward writes the buffer(s) {sorted(written)[:3]} in place and its output depends on them, so "
-        "it is not a fixed function of the parameters and has no fixed Hessian. spectral_norm in train mode does "
-        "this (each forward takes a power step on its vectors u, v): call model.eval() "
-        "(torch.nn.utils.parametrizations.spectral_norm then keeps u and v fixed), or stop the forward from "
-        "updating buffers it reads")
+        f"it is not a fixed function of the parameters and has no fixed Hessian. {cause}")

@@ -1,14 +1,17 @@
-"""The model's outputs split over examples: a chunk's first rows are those of the same examples run alone.
+"""The model's outputs split over examples: a chunk's rows are those of the same examples run in another batch.
 
 The Hessian of the loss on the whole data assumes that example i's output depends on its own inputs only,
 oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional batch statistics, batch centring or
-whitening, attention across the examples, in-forward mixup) gives oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks
-would be the Hessian of a ghost-batch loss, not of the loss on the whole data. On the first chunk, the output
-rows of k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every ⌊rows/k⌋-th) are compared with the output of those k
-examples run as a batch of their own, to roundoff: one extra forward of k examples, once per operator. Any mixing
-makes an example's output depend on which other examples share its batch; the spread sub-batch breaks up
-neighbours and a causal order across the examples as well as batch statistics. A first chunk of one example
-shows no mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
+whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
+oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
+whole data. On the first chunk, k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every
+⌊rows/k⌋-th) are run as a batch of their own followed by 3k copies of the first of them, and every row of that
+batch is compared with the chunk's row of the same example, to roundoff: one extra forward of 4k examples per
+point at which the split is judged. Any mixing makes an example's output depend on which other examples share its
+batch; the spread sub-batch breaks up neighbours and a causal order across the examples as well as batch
+statistics, and the copies put most of the batch on one route, so a capacity measured against the batch's load
+overflows (a sub-batch of distinct examples is too small to overflow one). A first chunk of one example shows no
+mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
@@ -145,7 +148,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     k -= k % 2 if k > 1 else 0  # an even sub-batch, for models that pair up their examples
     if k < 1:
         return
-    index = torch.arange(0, rows, rows // k)[:k]
+    spread = torch.arange(0, rows, rows // k)[:k]
+    index = torch.cat([spread, spread[:1].repeat(3 * k)])
     inputs = _sub_inputs((args, kwargs), rows, index)
     if inputs is None:
         return
@@ -164,11 +168,13 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         return
     raise BatchDependentModelError(
         f"the model's forward mixes the examples of a batch: on {where} ({rows} examples), the outputs of "
-        f"{k} of its examples differ from those of the same examples run as a batch of their own (relative "
-        f"difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff would be below {tol:g}). Functional batch "
-        "statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or whitening, "
-        "attention across the examples and in-forward mixup do this; the Hessian of the loss on the whole data is "
-        "then not a sum over chunks. Fix: call model.eval() if the mixing is train-mode only; or, if you mean the "
-        "ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
-        "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches (batch_size=<the "
-        "training batch size>, or a DataLoader of them): the result is then that ghost-batch loss's Hessian")
+        f"{k} of its examples differ from those of the same examples run as a batch of their own, the "
+        f"first copied {3 * k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff "
+        f"would be below {tol:g}). "
+        "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
+        "whitening, attention across the examples, in-forward mixup and mixture-of-experts routing with a capacity "
+        "do this; the Hessian of the loss on the whole data is then not a sum over chunks. Fix: call model.eval() if "
+        "the mixing is train-mode only; or, if you mean the ghost-batch Hessian (the average over the training "
+        "batches of each batch's loss), pass batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the "
+        "training batches (batch_size=<the training batch size>, or a DataLoader of them): the result is then that "
+        "ghost-batch loss's Hessian")

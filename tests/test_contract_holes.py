@@ -431,6 +431,43 @@ def test_train_mode_instance_norm_with_running_statistics_is_exact():
     _check(op, H)  # a second pass, after the first restored the buffers
 
 
+class BatchRenorm1d(nn.BatchNorm1d):
+    """Batch Renormalization (Ioffe 2017): train mode corrects the batch statistics by r, d read from the running
+    statistics, then updates them; ``plain`` calls BatchNorm's own forward (a subclass that only adds behaviour)."""
+
+    def __init__(self, n: int, plain: bool = False) -> None:
+        super().__init__(n)
+        self.plain = plain
+
+    def forward(self, x):
+        if self.plain or not self.training:
+            return super().forward(x)
+        mu, var = x.mean(0), x.var(0, unbiased=False)
+        sig, run = (var + self.eps).sqrt(), (self.running_var + self.eps).sqrt()
+        r, d = (sig / run).clamp(1 / 3, 3).detach(), ((mu - self.running_mean) / run).clamp(-5, 5).detach()
+        with torch.no_grad():
+            self.running_mean += self.momentum * (mu - self.running_mean)
+            self.running_var += self.momentum * (var - self.running_var)
+        return self.weight * ((x - mu) / sig * r + d) + self.bias
+
+
+@pytest.mark.parametrize("spec", [None, fasthess.BatchSpec(batch_loss=True)])
+def test_a_norm_forward_that_reads_the_running_statistics_it_writes_is_refused_and_plain_subclasses_answer(spec):
+    torch.manual_seed(0)
+    renorm = nn.Sequential(nn.Linear(4, 6), BatchRenorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    with torch.no_grad():
+        renorm[1].running_var.uniform_(0.5, 2)
+    before = {n: b.clone() for n, b in renorm.named_buffers()}
+    X, y = _data()
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(StatefulModelError, match="running statistics it updates.*model.eval"):
+        fasthess.lambda_max(renorm, loss, (X, y), batch_size=CHUNK, batch=spec)
+    assert all(torch.equal(b, before[n]) for n, b in renorm.named_buffers())
+    plain = nn.Sequential(nn.Linear(4, 6), BatchRenorm1d(6, plain=True), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    _check(fasthess.HessianOperator(plain, loss, (X, y), batch_size=CHUNK, batch=spec),
+           dense_hessian(plain, loss, X, y, batch_size=CHUNK))
+
+
 def test_ggn_refuses_a_forward_that_writes_a_buffer_and_names_the_hessian():
     model, data = _stateful()
     with pytest.raises(UnsupportedModelError, match="in place.*curvature='hessian'"):
@@ -634,3 +671,36 @@ def test_mixing_behind_a_zero_gate_is_refused(dtype, gate):
     with pytest.raises(BatchDependentModelError, match="mixes the examples"):
         fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=8, tol=1e-6)
     assert torch.equal(torch.get_rng_state(), rng)  # the perturbation draws from a private generator
+
+
+class _CapacityMoE(nn.Module):
+    """Top-1 routing with a capacity max(4, ⌈N/E⌉) (Switch/DeepSpeed style; tokens past it are dropped), or
+    expert-choice routing (each expert takes its top ⌈N/E⌉ tokens): which rows an expert serves depends on the
+    batch."""
+
+    def __init__(self, expert_choice: bool, experts: int = 4) -> None:
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(5, 6), nn.Linear(6, experts), nn.Linear(6, 3)
+        self.experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(experts))
+        self.expert_choice = expert_choice
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        p, fair = self.gate(h).softmax(-1), -(-h.shape[0] // len(self.experts))
+        top, y = p.argmax(-1), torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            idx = p[:, e].topk(fair).indices if self.expert_choice else (top == e).nonzero().squeeze(1)[:max(4, fair)]
+            y = y.index_add(0, idx, p[idx, e:e + 1] * expert(h[idx]))
+        return self.out(h + y)
+
+
+@pytest.mark.parametrize("seed", [5, 9])  # seeds whose first chunk of 10 never overflows the capacity of 4
+@pytest.mark.parametrize("expert_choice", [False, True])
+def test_mixture_of_experts_routing_with_a_capacity_is_refused(seed, expert_choice):
+    """Certified false before (0.6529 vs 0.6442 on all 40 examples): a sub-batch of 8 distinct examples never
+    overflowed the capacity; the copies of one example in the sub-batch now do."""
+    torch.manual_seed(seed)
+    model = _CapacityMoE(expert_choice).double()
+    X, y = torch.randn(N, 5, dtype=torch.float64), torch.randint(0, 3, (N,))
+    with pytest.raises(BatchDependentModelError, match="mixture-of-experts routing with a capacity"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
