@@ -221,7 +221,12 @@ class BatchSpec:
             raise FasthessError("no tensor in the batch has a leading example dimension; pass batched tensors")
         if w is not None:
             if not isinstance(w, torch.Tensor) or w.shape != (rows,) or not w.is_floating_point():
-                raise FasthessError(f"per-example weights must be a floating tensor of shape ({rows},), got "
-                                    f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+                got = f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}"
+                hint = ("" if self.weights is not None else
+                        "; a batch of three entries is read as (inputs, targets, weights): if yours is (x, mask, y) "
+                        "or another layout, name its parts with batch=fasthess.BatchSpec(inputs=lambda b: (b[0], "
+                        "b[1]), targets=lambda b: b[2])")
+                raise FasthessError(f"per-example weights must be a floating tensor of shape ({rows},), got {got}"
+                                    f"{hint}")
         count = rows if self.count is None else self.count(raw)
         return Batch(args, kwargs, y, w, count, rows)

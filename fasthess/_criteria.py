@@ -129,9 +129,14 @@ class Criterion:
                                     f"example: class indices stored as {target.dtype}; pass y.long() (floating "
                                     "targets of the output's shape are read as class probabilities)")
         if indexed:
-            fix = (f"class indices need shape {tuple(expected)} (one index per example); pass y.squeeze(1)"
-                   if target.shape == expected + (1,) or target.shape[1:2] == (1,) else
-                   f"pass class indices of shape {tuple(expected)}")
+            if target.shape == expected + (1,) or target.shape[1:2] == (1,):
+                fix = f"class indices need shape {tuple(expected)} (one index per example); pass y.squeeze(1)"
+            elif out.dim() >= 3 and target.shape == out.shape[:-1]:
+                fix = (f"the classes are the last dimension of the output, but {self.name} reads them from dimension 1 "
+                       "(outputs (N, C, L...), targets (N, L...)); pass loss_fn=lambda out, y: crit(out.movedim(-1, 1), y) "
+                       "with crit your criterion, or return the output as (N, C, L)")
+            else:
+                fix = f"pass class indices of shape {tuple(expected)}"
             raise LossContractError(f"{self.name} got class-index targets of shape {tuple(target.shape)} for outputs "
                                     f"of shape {tuple(out.shape)}: {fix}")
         try:
@@ -202,7 +207,14 @@ class LossCallable:
     def check(self, value_of: Callable, out, batch: Batch, halves) -> None:
         """Decide the mode on a chunk and its two halves ``halves = ((out1, batch1), (out2, batch2))``."""
         v = value_of(out, batch)
-        v1, v2 = (value_of(o, b) for o, b in halves)
+        try:
+            v1, v2 = (value_of(o, b) for o, b in halves)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise LossContractError(
+                f"the loss failed on half of the first chunk ({type(exc).__name__}: {str(exc)[:160]}): cut at example "
+                f"{batch.rows // 2} of {batch.rows}, the output and the targets no longer match, so the output's "
+                "leading dimension is not the examples (e.g. logits flattened to (N·T, C) in the forward). Return "
+                "the output with the examples first, (N, T, C), and flatten inside the loss") from exc
         fix = ("use a per-example loss (a mean or sum over the examples of a function of each example's output, or "
                "reduction='none'); or, if you mean the average over training batches of each batch's loss, pass "
                "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "

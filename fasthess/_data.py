@@ -54,7 +54,16 @@ def _data_tuple_problem(data) -> str | None:
     if len(data) > 3:
         return f"it has {len(data)} entries; pass (X, y) or (X, y, w), or a BatchSpec with a list of batches"
     entry = next(i for i, t in enumerate(data) if not isinstance(t, torch.Tensor))
-    return (f"entry {entry} is a {type(data[entry]).__name__}, not a tensor; stack its rows into one tensor "
+    held = data[entry]
+    rows = {t.shape[0] for t in data if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if isinstance(held, (tuple, list)) and held and \
+            all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] in rows for t in held):
+        part = "inputs" if entry == 0 else "targets"
+        return (f"entry {entry} is a {type(held).__name__} of {len(held)} tensors (several {part}), which batch_size "
+                "cannot cut; pass the batches yourself as a DataLoader or a list of batches, e.g. [((x, mask), y), "
+                "...] (nested inputs are called as model(x, mask)), and name any extra targets with "
+                "batch=fasthess.BatchSpec(targets=...)")
+    return (f"entry {entry} is a {type(held).__name__}, not a tensor; stack its rows into one tensor "
             "(torch.stack(rows) for a list of row tensors, torch.as_tensor for numbers)")
 
 

@@ -41,7 +41,7 @@ from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
 from fasthess._modes import ModeRules
 from fasthess._unsupported import translated_errors
 from fasthess.distributed import ShardComm, resolve_group
-from fasthess.errors import FasthessError, NonFiniteError
+from fasthess.errors import FasthessError, NonFiniteError, UnsupportedModelError
 from fasthess.linop import SymmetricOperator
 
 if TYPE_CHECKING:
@@ -87,6 +87,13 @@ def _checked_layout(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> 
         raise FasthessError("the parameters are meta tensors (shapes without values); materialize the model "
                             "first, e.g. model.to_empty(device='cpu') and then load its weights")
     dtypes = {p.dtype for _, p in named}
+    complex_ = [name for name, p in named if p.is_complex()]
+    if complex_:
+        raise UnsupportedModelError(
+            f"the parameters {complex_[:3]} are complex; the Hessian here is that of a real loss over real "
+            "parameters (model.double() leaves complex tensors as they are). Store each complex parameter as its real "
+            "and imaginary parts, e.g. nn.Parameter(torch.view_as_real(w)) read as torch.view_as_complex(self.w) in "
+            "the forward; the Hessian is then over (Re, Im)")
     if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
         raise FasthessError(f"the parameters must share one floating dtype, got {sorted(map(str, dtypes))}; "
                             "convert the model with model.float() or model.double()")

@@ -5,8 +5,8 @@ oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional bat
 whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
 whole data. On the first chunk, k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every
-⌊rows/k⌋-th) are run as a batch of their own followed by 3k copies of the first of them, and every row of that
-batch is compared with the chunk's row of the same example, to roundoff: one extra forward of 4k examples per
+⌊rows/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row of that
+batch is compared with the chunk's row of the same example, to roundoff: one extra forward of k + max(3k, 64) examples per
 point at which the split is judged. Any mixing makes an example's output depend on which other examples share its
 batch; the spread sub-batch breaks up neighbours and a causal order across the examples as well as batch
 statistics, and the copies put most of the batch on one route, so a capacity measured against the batch's load
@@ -20,7 +20,9 @@ the chunk), so such a model agrees row by row unless something else mixes the ex
 Rows: an input or output tensor's example dimension is its first dimension of length ``rows`` (the targets'
 leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)). An output
 leaf with no such dimension, or a sub-batch that cannot be formed (a ``PackedSequence``) or run, leave the check
-unable to judge; it then passes rather than guessing.
+unable to judge; it then passes rather than guessing. Inputs with no example dimension are passed whole, so
+flat indices addressed by per-example offsets (an embedding bag written out) are refused as mixing: the message
+names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model.
 """
 from __future__ import annotations
 
@@ -46,11 +48,12 @@ def _row_dim(t, rows: int) -> int | None:
 
 
 SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
+COPIES = 64  # at least this many copies of one example: above the capacity floors MoE layers set (DeepSpeed: 4)
 
 
 def _sub_inputs(inputs, rows: int, index: torch.Tensor):
-    """Examples ``index`` of every input tensor with an example dimension (None if none has one, or a packed
-    sequence, whose rows cannot be cut)."""
+    """Examples ``index`` of every input tensor with an example dimension, the others whole (None if none has one,
+    or a packed sequence, whose rows cannot be cut)."""
     if any(isinstance(x, PackedSequence)
            for x in pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))):
         return None
@@ -149,7 +152,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     if k < 1:
         return
     spread = torch.arange(0, rows, rows // k)[:k]
-    index = torch.cat([spread, spread[:1].repeat(3 * k)])
+    index = torch.cat([spread, spread[:1].repeat(max(3 * k, COPIES))])
     inputs = _sub_inputs((args, kwargs), rows, index)
     if inputs is None:
         return
@@ -160,7 +163,12 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         try:
             with _replayed(recorded):
                 part = forward(*inputs)
-        except (RuntimeError, ValueError, IndexError, TypeError):
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            hint = _uncut_hint(args, kwargs, rows)
+            if hint:  # the failure is most likely the whole indices against cut offsets: nothing shows the split
+                raise BatchDependentModelError(
+                    f"fasthess cannot check that the model's outputs split over the examples: its forward failed on "
+                    f"a sub-batch of {where} ({type(exc).__name__}: {str(exc)[:120]}){hint}") from exc
             return  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
     worst = worst_row_gap(out, part, rows, index)
     tol = 1e-9 if dtype == torch.float64 else 1e-3
@@ -169,7 +177,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     raise BatchDependentModelError(
         f"the model's forward mixes the examples of a batch: on {where} ({rows} examples), the outputs of "
         f"{k} of its examples differ from those of the same examples run as a batch of their own, the "
-        f"first copied {3 * k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff "
+        f"first copied {len(index) - k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff "
         f"would be below {tol:g}). "
         "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
         "whitening, attention across the examples, in-forward mixup and mixture-of-experts routing with a capacity "
@@ -177,4 +185,17 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         "the mixing is train-mode only; or, if you mean the ghost-batch Hessian (the average over the training "
         "batches of each batch's loss), pass batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the "
         "training batches (batch_size=<the training batch size>, or a DataLoader of them): the result is then that "
-        "ghost-batch loss's Hessian")
+        f"ghost-batch loss's Hessian{_uncut_hint(args, kwargs, rows)}")
+
+
+def _uncut_hint(args: tuple, kwargs: dict, rows: int) -> str:
+    """For inputs the sub-batch passed whole (1-D integer tensors with no example dimension: flat indices with
+    offsets), the opt-in that fits a model that is per-example after all."""
+    uncut = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() == 1
+             and not t.is_floating_point() and _row_dim(t, rows) is None]
+    if not uncut:
+        return ""
+    return (f". An input of {uncut[0].numel()} integers has no example dimension, so the sub-batch passed it whole; "
+            "if these are flat indices addressed by per-example offsets and the model is per-example, either give "
+            "each example a row (indices padded to (N, L)) or pass batch=fasthess.BatchSpec(batch_loss=True), which "
+            "takes each chunk's loss as given (exact for a per-example model)")
