@@ -132,9 +132,9 @@ class Criterion:
             if target.shape == expected + (1,) or target.shape[1:2] == (1,):
                 fix = f"class indices need shape {tuple(expected)} (one index per example); pass y.squeeze(1)"
             elif out.dim() >= 3 and target.shape == out.shape[:-1]:
-                fix = (f"the classes are the last dimension of the output, but {self.name} reads them from dimension 1 "
-                       "(outputs (N, C, L...), targets (N, L...)); pass loss_fn=lambda out, y: crit(out.movedim(-1, 1), y) "
-                       "with crit your criterion, or return the output as (N, C, L)")
+                fix = (f"the classes are the last dimension of the output, but {self.name} reads them from "
+                       "dimension 1 (outputs (N, C, L...), targets (N, L...)); pass loss_fn=lambda out, y: "
+                       "crit(out.movedim(-1, 1), y) with crit your criterion, or return the output as (N, C, L)")
             else:
                 fix = f"pass class indices of shape {tuple(expected)}"
             raise LossContractError(f"{self.name} got class-index targets of shape {tuple(target.shape)} for outputs "

@@ -91,9 +91,9 @@ def _checked_layout(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> 
     if complex_:
         raise UnsupportedModelError(
             f"the parameters {complex_[:3]} are complex; the Hessian here is that of a real loss over real "
-            "parameters (model.double() leaves complex tensors as they are). Store each complex parameter as its real "
-            "and imaginary parts, e.g. nn.Parameter(torch.view_as_real(w)) read as torch.view_as_complex(self.w) in "
-            "the forward; the Hessian is then over (Re, Im)")
+            "parameters (model.double() leaves complex tensors as they are). Store each complex parameter as its "
+            "real and imaginary parts, e.g. nn.Parameter(torch.view_as_real(w)) read as "
+            "torch.view_as_complex(self.w) in the forward; the Hessian is then over (Re, Im)")
     if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
         raise FasthessError(f"the parameters must share one floating dtype, got {sorted(map(str, dtypes))}; "
                             "convert the model with model.float() or model.double()")

@@ -5,13 +5,14 @@ oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional bat
 whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
 whole data. On the first chunk, k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every
-⌊rows/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row of that
-batch is compared with the chunk's row of the same example, to roundoff: one extra forward of k + max(3k, 64) examples per
-point at which the split is judged. Any mixing makes an example's output depend on which other examples share its
-batch; the spread sub-batch breaks up neighbours and a causal order across the examples as well as batch
-statistics, and the copies put most of the batch on one route, so a capacity measured against the batch's load
-overflows (a sub-batch of distinct examples is too small to overflow one). A first chunk of one example shows no
-mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
+⌊rows/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row
+of that batch is compared with the chunk's row of the same example, to roundoff: one extra forward of
+k + max(3k, 64) examples per point at which the split is judged. Any mixing makes an example's output depend on
+which other examples share its batch; the spread sub-batch breaks up neighbours and a causal order across the
+examples as well as batch statistics, and the copies put most of the batch on one route, so a capacity measured
+against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). A first chunk
+of one example shows no mixing alone; it is judged joined with the next chunk, as one batch
+(:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
@@ -21,8 +22,9 @@ Rows: an input or output tensor's example dimension is its first dimension of le
 leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)). An output
 leaf with no such dimension, or a sub-batch that cannot be formed (a ``PackedSequence``) or run, leave the check
 unable to judge; it then passes rather than guessing. Inputs with no example dimension are passed whole, so
-flat indices addressed by per-example offsets (an embedding bag written out) are refused as mixing: the message
-names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model.
+flat indices addressed by per-example offsets (an embedding bag written out) are refused as mixing, or as unable
+to be judged when the sub-batch fails: the message names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a
+per-example model.
 """
 from __future__ import annotations
 
@@ -177,8 +179,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     raise BatchDependentModelError(
         f"the model's forward mixes the examples of a batch: on {where} ({rows} examples), the outputs of "
         f"{k} of its examples differ from those of the same examples run as a batch of their own, the "
-        f"first copied {len(index) - k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; roundoff "
-        f"would be below {tol:g}). "
+        f"first copied {len(index) - k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; "
+        f"roundoff would be below {tol:g}). "
         "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
         "whitening, attention across the examples, in-forward mixup and mixture-of-experts routing with a capacity "
         "do this; the Hessian of the loss on the whole data is then not a sum over chunks. Fix: call model.eval() if "
