@@ -772,6 +772,29 @@ def test_flat_indices_with_offsets_are_refused_with_the_opt_in_that_answers_exac
     _check(op, dense_hessian_of(model, lambda p: ce(functional_call(model, p, (flat, offsets)), y)))
 
 
+class _SegmentBag(_FlatBag):
+    """The same layout, pooled with repeat_interleave: cut offsets against whole indices make the sub-batch raise."""
+
+    def forward(self, flat, offsets):
+        lengths = torch.cat([offsets[1:], offsets.new_tensor([flat.numel()])]) - offsets
+        rows = torch.arange(len(offsets)).repeat_interleave(lengths)
+        pooled = torch.zeros(len(offsets), 4, dtype=self.o.weight.dtype).index_add(0, rows, self.e(flat))
+        return self.o(torch.tanh(pooled / lengths[:, None]))
+
+
+def test_flat_indices_whose_sub_batch_fails_are_refused_as_unjudgeable_with_the_opt_in():
+    """A failing sub-batch otherwise lets the check pass; with inputs it passed whole, the failure says nothing about
+    the split, so the model is refused (a bag followed by batch centring was certified this way)."""
+    torch.manual_seed(0)
+    lens = torch.randint(1, 5, (12,))
+    flat, offsets = torch.randint(0, 9, (int(lens.sum()),)), torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]])
+    y, model, ce = torch.randint(0, 3, (12,)), _SegmentBag().double(), nn.CrossEntropyLoss()
+    with pytest.raises(BatchDependentModelError, match=r"cannot check.*failed on a sub-batch.*batch_loss=True"):
+        fasthess.lambda_max(model, ce, [((flat, offsets), y)])
+    op = fasthess.HessianOperator(model, ce, [((flat, offsets), y)], batch=fasthess.BatchSpec(batch_loss=True))
+    _check(op, dense_hessian_of(model, lambda p: ce(functional_call(model, p, (flat, offsets)), y)))
+
+
 class _ComplexLinear(nn.Module):
     def __init__(self, as_real: bool) -> None:
         super().__init__()
