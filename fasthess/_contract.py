@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
@@ -264,6 +265,8 @@ class ContractChecks:
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
+        seq_first = any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
+                        for m in self.model.modules())
 
         def forward_at(params: list[torch.Tensor]) -> Callable[[tuple, dict], object]:
             named = dict(zip(self.names, params))
@@ -273,7 +276,7 @@ class ContractChecks:
             try:
                 for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
                     check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
-                                       batch_stats, self.compute_dtype, where)
+                                       batch_stats, self.compute_dtype, where, seq_first)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator

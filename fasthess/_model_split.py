@@ -4,32 +4,37 @@ The Hessian of the loss on the whole data assumes that example i's output depend
 oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional batch statistics, batch centring or
 whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
-whole data. On the first chunk, k ≈ min(rows // 2, 8) examples (even when k > 1) spread over it (every
-⌊rows/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row
-of that batch is compared with the chunk's row of the same example, to roundoff: one extra forward of
+whole data. On the first chunk, k ≈ min(n // 2, 8) examples (even when k > 1) spread over its n examples (every
+⌊n/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row of
+that batch is compared with the chunk's row of the same example, to roundoff: one extra forward of
 k + max(3k, 64) examples per point at which the split is judged. Any mixing makes an example's output depend on
 which other examples share its batch; the spread sub-batch breaks up neighbours and a causal order across the
 examples as well as batch statistics, and the copies put most of the batch on one route, so a capacity measured
-against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). A first chunk
-of one example shows no mixing alone; it is judged joined with the next chunk, as one batch
-(:mod:`fasthess._contract`).
+against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). A forward
+that refuses that batch (one that views the batch as groups of g examples) is judged on the spread examples
+followed by copies up to the chunk's own size n. A first chunk of one example shows no mixing alone; it is judged
+joined with the next chunk, as one batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
 the chunk), so such a model agrees row by row unless something else mixes the examples.
 
-Rows: an input or output tensor's example dimension is its first dimension of length ``rows`` (the targets'
-leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)). An output
-leaf with no such dimension, or a sub-batch that cannot be formed (a ``PackedSequence``) or run, leave the check
-unable to judge; it then passes rather than guessing. Inputs with no example dimension are passed whole, so
-flat indices addressed by per-example offsets (an embedding bag written out) are refused as mixing, or as unable
-to be judged when the sub-batch fails: the message names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a
-per-example model.
+Examples (:func:`cuts`): an input tensor's example dimension is its first dimension of length ``rows`` (the
+targets' leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)).
+When no input has one, the targets hold m rows per example (tokens flattened to (N·T,)): the examples are the
+inputs' leading dimension (the second, first, in a model with a sequence-first module), and an output dimension
+of n·m rows holds them in blocks of m. An output leaf with no such dimension, or a sub-batch that cannot be
+formed (a ``PackedSequence``) or run at either size, leave the check unable to judge; it then passes rather than
+guessing. Inputs with no example dimension are passed whole, so flat indices addressed by per-example offsets
+(an embedding bag written out) are refused as mixing, or as unable to be judged when the sub-batch fails: the
+message names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model. A refusal names an input
+table that was cut only because it has the chunk's number of rows when the outputs agree with it passed whole.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -53,49 +58,86 @@ SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap 
 COPIES = 64  # at least this many copies of one example: above the capacity floors MoE layers set (DeepSpeed: 4)
 
 
-def _sub_inputs(inputs, rows: int, index: torch.Tensor):
-    """Examples ``index`` of every input tensor with an example dimension, the others whole (None if none has one,
-    or a packed sequence, whose rows cannot be cut)."""
-    if any(isinstance(x, PackedSequence)
-           for x in pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))):
-        return None
+@dataclass(frozen=True)
+class Cut:
+    """How the inputs are cut into examples: ``n`` examples, each input leaf's example dimension (None: passed
+    whole), and whether an output dimension of ``n·m`` rows holds the examples inner (``(m, n)``, sequence-first
+    flattening) rather than outer (``(n, m)``)."""
+
+    n: int
+    dims: tuple[int | None, ...]
+    inner: bool
+
+
+def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
+    """The cuts to judge, in order. With an input dimension of ``rows`` (the targets' length) it is the one cut.
+    Otherwise the targets count m rows per example (tokens flattened to (N·T,)): the examples are the leading
+    dimension n of the inputs, n·m = rows; with a sequence-first module in the model, the second dimension first,
+    then the leading one (the model may transpose its inputs for it). Empty for a ``PackedSequence``, whose rows
+    cannot be cut."""
+    leaves = pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))
+    if any(isinstance(x, PackedSequence) for x in leaves):
+        return []
+    dims = tuple(_row_dim(t, rows) for t in leaves)
+    if any(d is not None for d in dims):
+        return [Cut(rows, dims, next(d for d in dims if d is not None) == 1)]
+    found = []
+    for axis in (1, 0) if seq_first else (0,):
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > axis]
+        n = next((t.shape[axis] for t in tensors if 1 < t.shape[axis] < rows and rows % t.shape[axis] == 0), None)
+        if n is not None:
+            found.append(Cut(n, tuple(axis if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == n
+                                      else None for t in leaves), axis == 1))
+    return found
+
+
+def _sub_inputs(inputs, cut: Cut, index: torch.Tensor):
+    """Examples ``index`` of every input tensor with an example dimension, the others whole."""
     leaves, spec = pytree.tree_flatten(inputs)
-    dims = [_row_dim(t, rows) for t in leaves]
-    if all(d is None for d in dims):
-        return None
     return pytree.tree_unflatten([t if d is None else t.index_select(d, index.to(t.device))
-                                  for t, d in zip(leaves, dims)], spec)
+                                  for t, d in zip(leaves, cut.dims)], spec)
 
 
-def _output_dim(full: torch.Tensor, part: torch.Tensor, rows: int, k: int) -> int | None:
-    """The example dimension of an output leaf: length ``rows`` in ``full``, ``k`` in ``part``, every other
-    dimension equal (None when there is none: the leaf is not per example)."""
+def _output_dim(full: torch.Tensor, part: torch.Tensor, n: int, k: int) -> tuple[int, int] | None:
+    """The example dimension d of an output leaf and its rows per example m: length ``n·m`` in ``full``, ``k·m``
+    in ``part``, every other dimension equal; m = 1 first (None when there is none: the leaf is not per
+    example)."""
     if part.dim() != full.dim():
         return None
-    for d in range(full.dim()):
-        if full.shape[d] == rows and part.shape[d] == k and \
-                full.shape[:d] + full.shape[d + 1:] == part.shape[:d] + part.shape[d + 1:]:
-            return d
-    return None
+    fits = [(d, full.shape[d] // n) for d in range(full.dim()) if full.shape[d] % n == 0 and full.shape[d] >= n
+            and part.shape[d] * n == full.shape[d] * k
+            and full.shape[:d] + full.shape[d + 1:] == part.shape[:d] + part.shape[d + 1:]]
+    return min(fits, key=lambda f: f[1] != 1, default=None)
 
 
-def worst_row_gap(out, part, rows: int, index: torch.Tensor) -> tuple[float, int] | None:
+def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inner: bool) -> torch.Tensor:
+    """The rows of examples ``index`` along dimension d of ``t`` (n examples of m rows: (n, m) or, inner,
+    (m, n))."""
+    if m == 1:
+        return t.index_select(d, index.to(t.device))
+    shape = (m, n) if inner else (n, m)
+    grouped = t.reshape(t.shape[:d] + shape + t.shape[d + 1:]).index_select(d + inner, index.to(t.device))
+    return grouped.reshape(t.shape[:d] + (-1,) + t.shape[d + 1:])
+
+
+def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False) -> tuple[float, int] | None:
     """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number (None: nothing to
-    compare)."""
+    compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`)."""
     full_leaves, spec = pytree.tree_flatten(out)
     part_leaves, part_spec = pytree.tree_flatten(part)
     if part_spec != spec:
         return None
     worst = None
     for i, (leaf, p) in enumerate(zip(full_leaves, part_leaves)):
-        if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)):
+        if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
             continue
-        d = _output_dim(leaf, p, rows, len(index))
-        if d is None or leaf.numel() == 0:
+        fit = _output_dim(leaf, p, n, len(index))
+        if fit is None:
             continue
         full = leaf.detach().double()
         scale = float(full.abs().max())
-        gap = float((full.index_select(d, index.to(full.device)) - p.detach().double()).abs().max())
+        d, m = fit
+        gap = float((_examples(full, d, n, m, index, inner) - p.detach().double()).abs().max())
         rel = gap / scale if scale > 0 else gap
         if worst is None or not rel <= worst[0]:
             worst = (rel, i)
@@ -144,50 +186,110 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
                        out, batchnorms: Sequence[nn.Module], dtype: torch.dtype,
-                       where: str = "the first chunk") -> None:
+                       where: str = "the first chunk", seq_first: bool = False) -> None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
-    batch statistics; ``where`` names the chunk in the refusal."""
-    k = min(rows // 2, SUBSET)
-    k -= k % 2 if k > 1 else 0  # an even sub-batch, for models that pair up their examples
-    if k < 1:
+    batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
+    module (see :func:`cuts`)."""
+    found = cuts((args, kwargs), rows, seq_first)
+    if not found:
         return
-    spread = torch.arange(0, rows, rows // k)[:k]
-    index = torch.cat([spread, spread[:1].repeat(max(3 * k, COPIES))])
-    inputs = _sub_inputs((args, kwargs), rows, index)
-    if inputs is None:
-        return
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
     with torch.no_grad():
         recorded: Statistics = {}
         if batchnorms or out is None:  # the chunk's own statistics, for the sub-batch
             out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
-        try:
-            with _replayed(recorded):
-                part = forward(*inputs)
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            hint = _uncut_hint(args, kwargs, rows)
-            if hint:  # the failure is most likely the whole indices against cut offsets: nothing shows the split
-                raise BatchDependentModelError(
-                    f"fasthess cannot check that the model's outputs split over the examples: its forward failed on "
-                    f"a sub-batch of {where} ({type(exc).__name__}: {str(exc)[:120]}){hint}") from exc
-            return  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
-    worst = worst_row_gap(out, part, rows, index)
-    tol = 1e-9 if dtype == torch.float64 else 1e-3
-    if worst is None or worst[0] <= tol:
-        return
+        run = _SubBatches(forward, (args, kwargs), out, recorded)
+        verdicts = []
+        for cut in found:
+            verdict = run.judge(cut, _uncut_hint(args, kwargs, rows), where)
+            if verdict is None or verdict[0] <= tol:
+                return
+            verdicts.append((cut, verdict))
+        cut, (gap, leaf, index) = verdicts[0]
+        shared = run.shared(cut, index, tol)
+    k = len(_spread(cut.n))
+    grouped = f"; its {rows} target rows read as {cut.n} examples of {rows // cut.n} rows" if cut.n != rows else ""
     raise BatchDependentModelError(
-        f"the model's forward mixes the examples of a batch: on {where} ({rows} examples), the outputs of "
-        f"{k} of its examples differ from those of the same examples run as a batch of their own, the "
-        f"first copied {len(index) - k} times (relative difference {worst[0]:.3g} in output tensor {worst[1]}; "
-        f"roundoff would be below {tol:g}). "
+        f"{'either an input table is shared by every example, or ' if shared else ''}"
+        f"the model's forward mixes the examples of a batch: on {where} ({cut.n} examples{grouped}), the outputs "
+        f"of {k} of its examples differ from those of the same examples run as a batch of their own, the first "
+        f"copied {len(index) - k} times (relative difference {gap:.3g} in output tensor {leaf}; roundoff would be "
+        f"below {tol:g}). "
         "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
         "whitening, attention across the examples, in-forward mixup and mixture-of-experts routing with a capacity "
         "do this; the Hessian of the loss on the whole data is then not a sum over chunks. Fix: call model.eval() if "
         "the mixing is train-mode only; or, if you mean the ghost-batch Hessian (the average over the training "
         "batches of each batch's loss), pass batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the "
         "training batches (batch_size=<the training batch size>, or a DataLoader of them): the result is then that "
-        f"ghost-batch loss's Hessian{_uncut_hint(args, kwargs, rows)}")
+        f"ghost-batch loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}")
+
+
+def _spread(n: int) -> torch.Tensor:
+    """k = min(n // 2, SUBSET) examples (even when k > 1, for models that pair up their examples), every
+    ⌊n/k⌋-th."""
+    k = min(n // 2, SUBSET)
+    k -= k % 2 if k > 1 else 0
+    return torch.arange(0, n, n // k)[:k] if k else torch.zeros(0, dtype=torch.long)
+
+
+class _SubBatches:
+    """Sub-batches of one chunk run through the forward and compared row by row with the chunk's ``out``."""
+
+    def __init__(self, forward: Callable[[tuple, dict], object], inputs: tuple, out, recorded: Statistics) -> None:
+        self.forward, self.inputs, self.out, self.recorded = forward, inputs, out, recorded
+
+    def _gap(self, cut: Cut, index: torch.Tensor):
+        """The worst row gap of the sub-batch ``index`` (raises what the forward raises)."""
+        with _replayed(self.recorded):
+            part = self.forward(*_sub_inputs(self.inputs, cut, index))
+        return worst_row_gap(self.out, part, cut.n, index, cut.inner)
+
+    def judge(self, cut: Cut, hint: str, where: str) -> tuple[float, int, torch.Tensor] | None:
+        """(gap, output leaf, index) of k spread examples followed by max(3k, COPIES) copies of the first; when the
+        forward refuses that batch, of the spread examples followed by copies up to the chunk's own size (a forward
+        that takes only some batch sizes, e.g. one that views the batch as groups of g). None: nothing to judge;
+        a failure with flat indices passed whole (``hint``) is refused, since it most likely comes from cutting
+        their offsets."""
+        spread = _spread(cut.n)
+        k = len(spread)
+        if k < 1:
+            return None
+        failure = None
+        for copies in (max(3 * k, COPIES), cut.n - k):
+            index = torch.cat([spread, spread[:1].repeat(copies)])
+            try:
+                worst = self._gap(cut, index)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                failure = exc
+                continue
+            return None if worst is None else (*worst, index)
+        if hint:
+            raise BatchDependentModelError(
+                f"fasthess cannot check that the model's outputs split over the examples: its forward failed on a "
+                f"sub-batch of {where} ({type(failure).__name__}: {str(failure)[:120]}){hint}") from failure
+        return None  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
+
+    def shared(self, cut: Cut, index: torch.Tensor, tol: float) -> str:
+        """The hint for an input table that was cut as examples only because it has as many rows as the chunk:
+        the outputs agree when it alone is passed whole. One chunk cannot tell such a table from per-example
+        data, which would make a model that attends over it mix the examples, so this is a hint, not a pass."""
+        leaves = pytree.tree_leaves(self.inputs)
+        for j, d in enumerate(cut.dims):
+            if d is None or leaves[j].dim() < 2 or sum(e is not None for e in cut.dims) < 2:
+                continue
+            try:
+                worst = self._gap(replace(cut, dims=cut.dims[:j] + (None,) + cut.dims[j + 1:]), index)
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                continue
+            if worst is not None and worst[0] <= tol:
+                return (f". The outputs agree when input tensor {j} (shape {tuple(leaves[j].shape)}) is passed whole: "
+                        "it has as many rows as the chunk, so it was cut as examples. If it is shared by every "
+                        "example (a table of prototypes, a codebook), the model is per-example: make it a buffer "
+                        "or attribute of the model instead of an input, or use a batch size other than its number "
+                        "of rows (one chunk cannot tell a shared table from per-example data)")
+        return ""
 
 
 def _uncut_hint(args: tuple, kwargs: dict, rows: int) -> str:
