@@ -12,7 +12,8 @@ What the first pass carries from chunk to chunk is a :class:`FirstPass`, passed 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows, tensors_of
-from fasthess._buffers import buffer_versions, refuse_stateful_forward
+from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
 from fasthess._model_split import check_model_splits
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
@@ -48,6 +49,25 @@ class GeneratorWatch:
     def advanced(self) -> bool:
         """Did some default generator draw since this was made?"""
         return not all(torch.equal(a, b) for a, b in zip(self.states, self._states(self.device)))
+
+
+@contextlib.contextmanager
+def checking_forward() -> Iterator[None]:
+    """The mode of the checks' forwards: grad enabled, as in the products (a forward may branch on
+    ``torch.is_grad_enabled()`` or call ``torch.autograd.grad`` on its input), with detached parameters so that
+    no graph to them is built, and the math attention kernel, which has a second derivative."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _leaves_read(value, probe) -> list[int]:
+    """The numbers of the leaves of ``probe`` (the output, floating leaves requiring grad) that ``value`` reads."""
+    leaves = pytree.tree_leaves(probe)
+    wanted = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not (isinstance(value, torch.Tensor) and value.requires_grad and wanted):
+        return []
+    grads = torch.autograd.grad(value.sum(), [leaves[i] for i in wanted], allow_unused=True, retain_graph=True)
+    return [i for i, g in zip(wanted, grads) if g is not None]
 
 
 def _finite(value) -> bool:
@@ -155,7 +175,7 @@ class ContractChecks:
                       params: list[torch.Tensor] | None = None):
         """The model's output on the first chunk (no grad; ``buffers`` by name replace the model's, ``params`` the
         parameters), refusing reentrant checkpointing and naming a failed call's likely cause."""
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), refuse_reentrant_checkpoint():
+        with checking_forward(), refuse_reentrant_checkpoint():
             try:
                 return self._forward({**(buffers or {}), **dict(zip(self.names, params or self._primals()))}, batch)
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
@@ -188,12 +208,13 @@ class ContractChecks:
                 "the model's forward changes its input in place (e.g. x.mul_(0.5), x += 1, x.clamp_()); fasthess "
                 "runs the forward on the same data once per product, so each pass would see other data (and your "
                 "data would change). Use out-of-place operations (x = x * 0.5), or copy first (x = x.clone())")
-        refuse_stateful_forward(versions, lambda buffers: self._first_output(batch, buffers), out, batch.rows)
+        refuse_stateful_forward(written_buffers(self.model, versions), lambda buffers: self._first_output(batch, buffers),
+                                out, batch.rows)
         return out
 
-    def _first_loss(self, out, batch: Batch) -> torch.Tensor:
+    def _first_loss(self, out, batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """The loss on the first chunk with a graph from the output (never from θ through the model), refusing ops
-        without a second derivative."""
+        without a second derivative, and the numbers of the output leaves it reads."""
         if self.loss.kind == "criterion":
             self.loss.check_shapes(out, batch.target)
         probe = pytree.tree_map(lambda t: t.detach().requires_grad_(True).clone() if isinstance(t, torch.Tensor)
@@ -214,7 +235,7 @@ class ContractChecks:
                 "the loss does not depend on the model's output: its value has no graph back to the output (a "
                 ".detach(), .item(), .numpy() or torch.no_grad() inside loss_fn), so its Hessian would be 0; remove "
                 "the detach, and compute the loss from the output with torch operations")
-        return value
+        return value, _leaves_read(value, probe)
 
     def _check_chunk(self, chunk: Chunk) -> tuple | None:
         """The first chunk's checks (see :meth:`_check_contract`)."""
@@ -223,7 +244,7 @@ class ContractChecks:
         if bad is not None:  # before the split tests, whose refusals would name the loss instead
             raise NonFiniteError(f"chunk {chunk.index}: {bad}; clean the data (the Hessian is undefined there)")
         out = self._first_output_fixed(batch)
-        value = self._first_loss(out, batch)
+        value, read = self._first_loss(out, batch)
         reached = self._reads_parameters(value)
         if reached:
             raise LossContractError(
@@ -236,7 +257,7 @@ class ContractChecks:
             self._check_penalty()
         rows = batch.rows
         if not self.data.spec.batch_loss:
-            self._check_model_splits(batch, out)
+            self._check_model_splits(batch, out, read=read)
         if self.data.spec.batch_loss:
             return None  # declared per batch: nothing to split
         if self.loss.kind == "callable" and rows < 2:
@@ -258,8 +279,10 @@ class ContractChecks:
         self.loss.check(value_of, out, batch, halves)
         return None
 
-    def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk") -> None:
-        """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone
+    def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk",
+                            read: list[int] | None = None) -> None:
+        """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone,
+        and the batch-level output leaves the loss reads (``read``, None: all) do not change with the batch
         (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
         ``allow_stochastic`` accepts it."""
         watch = GeneratorWatch(self.device)
@@ -272,11 +295,11 @@ class ContractChecks:
             named = dict(zip(self.names, params))
             return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
 
-        with sdpa_kernel(SDPBackend.MATH):
+        with checking_forward():
             try:
                 for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
                     check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
-                                       batch_stats, self.compute_dtype, where, seq_first)
+                                       batch_stats, self.compute_dtype, where, seq_first, read)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
@@ -294,7 +317,7 @@ class ContractChecks:
                 [t.shape[1:] for t in tensors_of((a.args, a.kwargs))]:
             return
         batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with checking_forward():
             try:
                 out = self._forward(dict(zip(self.names, self._primals())), batch)
             except (RuntimeError, ValueError, IndexError, TypeError):
@@ -319,7 +342,7 @@ class ContractChecks:
         forward of each chunk on the first pass."""
         out0, first = kept
         watch = GeneratorWatch(self.device)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with checking_forward():
             out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
         b0, b1 = first.batch, chunk.batch
         rows = b0.rows + b1.rows

@@ -6,13 +6,14 @@ whitening, attention across the examples, in-forward mixup, mixture-of-experts r
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
 whole data. On the first chunk, k ≈ min(n // 2, 8) examples (even when k > 1) spread over its n examples (every
 ⌊n/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row of
-that batch is compared with the chunk's row of the same example, to roundoff: one extra forward of
-k + max(3k, 64) examples per point at which the split is judged. Any mixing makes an example's output depend on
+that batch is compared with the chunk's row of the same example, to roundoff: extra forwards of
+k + max(3k, 64) and of n examples per point at which the split is judged. Any mixing makes an example's output depend on
 which other examples share its batch; the spread sub-batch breaks up neighbours and a causal order across the
 examples as well as batch statistics, and the copies put most of the batch on one route, so a capacity measured
-against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). A forward
-that refuses that batch (one that views the batch as groups of g examples) is judged on the spread examples
-followed by copies up to the chunk's own size n. A first chunk of one example shows no mixing alone; it is judged
+against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). The spread
+examples followed by copies up to the chunk's own size n are judged too: a forward that takes only some batch
+sizes (one that views the batch as groups of g examples), or mixes only at some (odd ones, large ones), takes
+and mixes the chunk's. A first chunk of one example shows no mixing alone; it is judged
 joined with the next chunk, as one batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
@@ -33,7 +34,7 @@ table that was cut only because it has the chunk's number of rows when the outpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -120,9 +121,12 @@ def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inne
     return grouped.reshape(t.shape[:d] + (-1,) + t.shape[d + 1:])
 
 
-def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False) -> tuple[float, int] | None:
-    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number (None: nothing to
-    compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`)."""
+def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
+                  whole: Collection[int] | None = ()) -> tuple[float, int, bool] | None:
+    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
+    example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Leaves with no
+    example dimension are compared whole when their number is in ``whole`` (None: all): one value per batch (a
+    load-balancing loss, a batch mean) must not change with the batch if the loss reads it."""
     full_leaves, spec = pytree.tree_flatten(out)
     part_leaves, part_spec = pytree.tree_flatten(part)
     if part_spec != spec:
@@ -131,16 +135,18 @@ def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False) -
     for i, (leaf, p) in enumerate(zip(full_leaves, part_leaves)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
             continue
-        fit = _output_dim(leaf, p, n, len(index))
-        if fit is None:
+        full, fit = leaf.detach().double(), _output_dim(leaf, p, n, len(index))
+        if fit is not None:
+            rows = _examples(full, fit[0], n, fit[1], index, inner)
+        elif (whole is None or i in whole) and p.shape == leaf.shape and leaf.is_floating_point():
+            rows = full
+        else:
             continue
-        full = leaf.detach().double()
         scale = float(full.abs().max())
-        d, m = fit
-        gap = float((_examples(full, d, n, m, index, inner) - p.detach().double()).abs().max())
+        gap = float((rows - p.detach().double()).abs().max())
         rel = gap / scale if scale > 0 else gap
         if worst is None or not rel <= worst[0]:
-            worst = (rel, i)
+            worst = (rel, i, fit is not None)
     return worst
 
 
@@ -186,44 +192,51 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
                        out, batchnorms: Sequence[nn.Module], dtype: torch.dtype,
-                       where: str = "the first chunk", seq_first: bool = False) -> None:
+                       where: str = "the first chunk", seq_first: bool = False,
+                       read: Collection[int] | None = None) -> None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
-    module (see :func:`cuts`)."""
+    module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), whose values must not change
+    with the batch when they have no example dimension."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
         return
     tol = 1e-9 if dtype == torch.float64 else 1e-3
-    with torch.no_grad():
+    with torch.enable_grad():  # as in the products: a forward may branch on the grad mode
         recorded: Statistics = {}
         if batchnorms or out is None:  # the chunk's own statistics, for the sub-batch
             out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
-        run = _SubBatches(forward, (args, kwargs), out, recorded)
+        run = _SubBatches(forward, (args, kwargs), out, recorded, read)
         verdicts = []
         for cut in found:
             verdict = run.judge(cut, _uncut_hint(args, kwargs, rows), where)
             if verdict is None or verdict[0] <= tol:
                 return
             verdicts.append((cut, verdict))
-        cut, (gap, leaf, index) = verdicts[0]
-        shared = run.shared(cut, index, tol)
+        cut, (gap, leaf, per_example, index) = verdicts[0]
+        shared = run.shared(cut, index, tol) if per_example else ""
     k = len(_spread(cut.n))
     grouped = f"; its {rows} target rows read as {cut.n} examples of {rows // cut.n} rows" if cut.n != rows else ""
+    seen = (f"the outputs of {k} of its examples differ from those of the same examples run as a batch of their own, "
+            f"the first copied {len(index) - k} times (relative difference {gap:.3g} in output tensor {leaf}"
+            if per_example else
+            f"output tensor {leaf}, which the loss reads and which has no example dimension (one value per batch), "
+            f"changes when {k} of its examples, the first copied {len(index) - k} times, are run as a batch of their "
+            f"own (relative difference {gap:.3g}")
     raise BatchDependentModelError(
         f"{'either an input table is shared by every example, or ' if shared else ''}"
-        f"the model's forward mixes the examples of a batch: on {where} ({cut.n} examples{grouped}), the outputs "
-        f"of {k} of its examples differ from those of the same examples run as a batch of their own, the first "
-        f"copied {len(index) - k} times (relative difference {gap:.3g} in output tensor {leaf}; roundoff would be "
-        f"below {tol:g}). "
+        f"the model's forward mixes the examples of a batch: on {where} ({cut.n} examples{grouped}), {seen}; roundoff "
+        f"would be below {tol:g}). "
         "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
-        "whitening, attention across the examples, in-forward mixup and mixture-of-experts routing with a capacity "
-        "do this; the Hessian of the loss on the whole data is then not a sum over chunks. Fix: call model.eval() if "
-        "the mixing is train-mode only; or, if you mean the ghost-batch Hessian (the average over the training "
-        "batches of each batch's loss), pass batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the "
-        "training batches (batch_size=<the training batch size>, or a DataLoader of them): the result is then that "
-        f"ghost-batch loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}")
+        "whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity and "
+        "batch-level outputs (a load-balancing loss, a batch mean) do this; the Hessian of the loss on the whole "
+        "data is then not a sum over chunks. Fix: call model.eval() if the mixing is train-mode only; or, if you "
+        "mean the ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
+        "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "
+        "(batch_size=<the training batch size>, or a DataLoader of them): the result is then that ghost-batch "
+        f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}")
 
 
 def _spread(n: int) -> torch.Tensor:
@@ -237,39 +250,41 @@ def _spread(n: int) -> torch.Tensor:
 class _SubBatches:
     """Sub-batches of one chunk run through the forward and compared row by row with the chunk's ``out``."""
 
-    def __init__(self, forward: Callable[[tuple, dict], object], inputs: tuple, out, recorded: Statistics) -> None:
-        self.forward, self.inputs, self.out, self.recorded = forward, inputs, out, recorded
+    def __init__(self, forward: Callable[[tuple, dict], object], inputs: tuple, out, recorded: Statistics,
+                 read: Collection[int] | None) -> None:
+        self.forward, self.inputs, self.out, self.recorded, self.read = forward, inputs, out, recorded, read
 
     def _gap(self, cut: Cut, index: torch.Tensor):
         """The worst row gap of the sub-batch ``index`` (raises what the forward raises)."""
         with _replayed(self.recorded):
             part = self.forward(*_sub_inputs(self.inputs, cut, index))
-        return worst_row_gap(self.out, part, cut.n, index, cut.inner)
+        return worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read)
 
-    def judge(self, cut: Cut, hint: str, where: str) -> tuple[float, int, torch.Tensor] | None:
-        """(gap, output leaf, index) of k spread examples followed by max(3k, COPIES) copies of the first; when the
-        forward refuses that batch, of the spread examples followed by copies up to the chunk's own size (a forward
-        that takes only some batch sizes, e.g. one that views the batch as groups of g). None: nothing to judge;
-        a failure with flat indices passed whole (``hint``) is refused, since it most likely comes from cutting
-        their offsets."""
+    def judge(self, cut: Cut, hint: str, where: str) -> tuple[float, int, bool, torch.Tensor] | None:
+        """The worst (gap, output leaf, per example, index) of two sub-batches: k spread examples followed by max(3k, COPIES)
+        copies of the first, and the same examples followed by copies up to the chunk's own size (a forward that
+        takes only some batch sizes, or mixes only at some, like the chunk's). None: nothing to judge; when
+        neither runs, a failure with flat indices passed whole (``hint``) is refused, since it most likely comes
+        from cutting their offsets."""
         spread = _spread(cut.n)
         k = len(spread)
         if k < 1:
             return None
-        failure = None
-        for copies in (max(3 * k, COPIES), cut.n - k):
+        worst, failure = None, None
+        for copies in dict.fromkeys((max(3 * k, COPIES), cut.n - k)):
             index = torch.cat([spread, spread[:1].repeat(copies)])
             try:
-                worst = self._gap(cut, index)
+                gap = self._gap(cut, index)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 failure = exc
                 continue
-            return None if worst is None else (*worst, index)
-        if hint:
+            if gap is not None and (worst is None or not gap[0] <= worst[0]):
+                worst = (*gap, index)
+        if worst is None and failure is not None and hint:
             raise BatchDependentModelError(
                 f"fasthess cannot check that the model's outputs split over the examples: its forward failed on a "
                 f"sub-batch of {where} ({type(failure).__name__}: {str(failure)[:120]}){hint}") from failure
-        return None  # the sub-batch is not an input this model takes (rows that are not examples): nothing to judge
+        return worst
 
     def shared(self, cut: Cut, index: torch.Tensor, tol: float) -> str:
         """The hint for an input table that was cut as examples only because it has as many rows as the chunk:

@@ -374,9 +374,10 @@ def test_ggn_with_saved_tensor_hooks_names_the_hessian_operator():
 
 # ---- running statistics and other buffers are never changed -------------------------------------------------------
 class StatefulNet(nn.Module):
-    """A train-mode InstanceNorm with running statistics, a BatchNorm, and a buffer the forward writes in place."""
+    """A train-mode InstanceNorm with running statistics, a BatchNorm, and a buffer the forward writes in place
+    (``count="in place"``) or reassigns (``count="reassign"``, as an EMA is usually kept)."""
 
-    def __init__(self, count: bool = True) -> None:
+    def __init__(self, count: str | None = "in place") -> None:
         super().__init__()
         self.count = count
         self.conv, self.inorm = nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True, affine=True)
@@ -384,12 +385,14 @@ class StatefulNet(nn.Module):
         self.register_buffer("seen", torch.zeros(()))
 
     def forward(self, x):
-        if self.count:
+        if self.count == "in place":
             self.seen.add_(x.shape[0])
+        elif self.count == "reassign":
+            self.seen = self.seen + x.shape[0]
         return self.fc(torch.tanh(self.bn(torch.tanh(self.inorm(self.conv(x))).flatten(1))))
 
 
-def _stateful(count: bool = True):
+def _stateful(count: str | None = "in place"):
     torch.manual_seed(0)
     model = StatefulNet(count).double().train()
     g = torch.Generator().manual_seed(3)
@@ -401,7 +404,7 @@ def _run_every_path(model, data):
     op = fasthess.HessianOperator(model, loss, data, batch_size=CHUNK)
     yield "hessian", lambda: op.matmat(torch.randn(op.num_params, 2, dtype=torch.float64))
     yield "gradient", op.gradient
-    if not model.count:  # torch.func's transforms refuse in-place writes to buffers: test_ggn_refuses_...
+    if model.count != "in place":  # torch.func's transforms refuse in-place writes to buffers: test_ggn_refuses_...
         ggn = fasthess.GGNOperator(model, loss, data, batch_size=CHUNK)
         yield "ggn", lambda: ggn.matmat(torch.randn(ggn.num_params, 2, dtype=torch.float64))
     yield "lambda_max", lambda: fasthess.lambda_max(model, loss, data, batch_size=CHUNK)
@@ -411,8 +414,8 @@ def _run_every_path(model, data):
     yield "tracker", lambda: (tracker.update(model), tracker.update(model))
 
 
-@pytest.mark.parametrize("count", [True, False])
-def test_no_path_changes_running_statistics_or_buffers_written_in_place(count):
+@pytest.mark.parametrize("count", ["in place", "reassign", None])
+def test_no_path_changes_running_statistics_or_buffers_written_in_place_or_reassigned(count):
     model, data = _stateful(count)
     for path, run in _run_every_path(model, data):
         before = {n: b.clone() for n, b in model.named_buffers()}
@@ -678,18 +681,18 @@ class _CapacityMoE(nn.Module):
     expert-choice routing (each expert takes its top ⌈N/E⌉ tokens): which rows an expert serves depends on the
     batch."""
 
-    def __init__(self, expert_choice: bool, experts: int = 4) -> None:
+    def __init__(self, expert_choice: bool, experts: int = 4, floor: int = 4) -> None:
         super().__init__()
         self.inp, self.gate, self.out = nn.Linear(5, 6), nn.Linear(6, experts), nn.Linear(6, 3)
         self.experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(experts))
-        self.expert_choice = expert_choice
+        self.expert_choice, self.floor = expert_choice, floor
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
         p, fair = self.gate(h).softmax(-1), -(-h.shape[0] // len(self.experts))
         top, y = p.argmax(-1), torch.zeros_like(h)
         for e, expert in enumerate(self.experts):
-            idx = p[:, e].topk(fair).indices if self.expert_choice else (top == e).nonzero().squeeze(1)[:max(4, fair)]
+            idx = p[:, e].topk(fair).indices if self.expert_choice else (top == e).nonzero().squeeze(1)[:max(self.floor, fair)]
             y = y.index_add(0, idx, p[idx, e:e + 1] * expert(h[idx]))
         return self.out(h + y)
 
@@ -704,6 +707,16 @@ def test_mixture_of_experts_routing_with_a_capacity_is_refused(seed, expert_choi
     X, y = torch.randn(N, 5, dtype=torch.float64), torch.randint(0, 3, (N,))
     with pytest.raises(BatchDependentModelError, match="mixture-of-experts routing with a capacity"):
         fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+
+
+def test_a_capacity_floor_above_the_copies_is_overflowed_at_the_chunks_size():
+    """A floor of 80 rows: the sub-batch of k + 64 rows never reaches it, the chunk-sized one (8 spread examples and
+    112 copies) does, while the chunk of 120 itself routes within it."""
+    torch.manual_seed(0)
+    model = _CapacityMoE(False, floor=80).double()
+    X, y = torch.randn(240, 5, dtype=torch.float64), torch.randint(0, 3, (240,))
+    with pytest.raises(BatchDependentModelError, match="copied 112 times"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=120)
 
 
 class _Masked(nn.Module):
@@ -901,3 +914,96 @@ def test_a_shared_input_table_answers_and_one_with_the_chunks_rows_names_the_amb
         return
     _check(fasthess.HessianOperator(model, ce, data),
            dense_hessian_of(model, lambda p: ce(functional_call(model, p, (X, table)), y)))
+
+
+class _AnnealedTemperature(nn.Module):
+    """A temperature buffer the forward reassigns (annealed each call) and reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("tau", torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x):
+        self.tau = self.tau * 0.9
+        return self.fc(x) / self.tau
+
+
+def test_a_reassigned_buffer_the_forward_reads_is_refused_as_stateful_and_put_back():
+    X, y = _data()
+    model = _AnnealedTemperature().double()
+    with pytest.raises(StatefulModelError, match=r"writes the buffer\(s\) \['tau'\]"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+    assert float(model.tau) == 1.0
+
+
+class _GradModeMix(nn.Module):
+    """Centres the batch only while autograd records (a regulariser gated on grad mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0) if torch.is_grad_enabled() else h)
+
+
+def test_mixing_gated_on_grad_mode_is_refused():
+    """The checks' forwards run with grad enabled, as the products do: it was certified (0.6529 vs 0.6527)."""
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(BatchDependentModelError, match="mixes the examples"):
+        fasthess.lambda_max(_GradModeMix().double(), nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+
+
+class _ForceField(nn.Module):
+    """Forces as the input gradient of a learned energy, F = −∂E/∂x, written as for training (no enable_grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        x = x.requires_grad_(True)
+        energy = self.b(torch.tanh(self.a(x))).sum()
+        return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+def test_a_forward_that_differentiates_its_input_answers():
+    torch.manual_seed(0)
+    X, F_true = _data()[0], torch.randn(N, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    model, mse = _ForceField().double(), nn.MSELoss()
+    op = fasthess.HessianOperator(model, mse, (X, F_true), batch_size=CHUNK)
+    _check(op, dense_hessian_of(model, lambda p: mse(functional_call(model, p, (X.clone(),)), F_true)))
+
+
+class _WithBatchLevel(nn.Module):
+    """Logits and one value per batch: a batch mean of the features (mixing) or a learned temperature (not)."""
+
+    def __init__(self, batch_mean: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.batch_mean = nn.Linear(4, 6), nn.Linear(6, 3), batch_mean
+        self.t = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h), (h.mean(0) if self.batch_mean else self.t * torch.ones(6, dtype=h.dtype))
+
+
+def _ce_plus_penalty(out, y):
+    return F.cross_entropy(out[0], y) + 2.0 * out[1].pow(2).sum()
+
+
+def test_a_batch_level_output_the_loss_reads_is_refused_and_a_constant_one_answers():
+    """An output with no example dimension (an MoE load-balancing loss, a batch mean) reaches both halves of the
+    loss-split check whole, so 'CE + penalty(batch mean)' passed as a mean and each chunk used its own (3.1551 vs
+    3.1564). It is compared whole with the sub-batch's when the loss reads it."""
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(BatchDependentModelError, match=r"output tensor 1, which the loss reads and which has no "
+                                                       r"example dimension"):
+        fasthess.lambda_max(_WithBatchLevel(True).double(), _ce_plus_penalty, (X, y), batch_size=CHUNK)
+    model = _WithBatchLevel(False).double()
+    _check(fasthess.HessianOperator(model, _ce_plus_penalty, (X, y), batch_size=CHUNK),
+           dense_hessian_of(model, lambda p: _ce_plus_penalty(functional_call(model, p, (X,)), y)))
