@@ -66,6 +66,17 @@ def take_rows(tree, lo: int, hi: int, rows: int):
                            else t, tree)
 
 
+def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False):
+    """Rows ``lo:hi`` of every tensor leaf along its first dimension of length ``rows``, else its second (a
+    sequence-first output (T, N, ...)); ``seq_first``: the second first. Other leaves unchanged."""
+    def cut(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        d = next((d for d in ((1, 0) if seq_first else (0, 1)) if t.dim() > d and t.shape[d] == rows), None)
+        return t if d is None else t.narrow(d, lo, hi - lo)
+    return pytree.tree_map(cut, tree)
+
+
 IGNORE_INDEX = -100  # the padding label of torch.nn's class-indexed criteria and of Hugging Face collators
 
 

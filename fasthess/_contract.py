@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from fasthess._batch import Batch, cast_floating, join_rows, nonfinite_data, take_rows, tensors_of
+from fasthess._batch import (Batch, cast_floating, join_rows, nonfinite_data, take_output_rows, take_rows,
+                             tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
 from fasthess._model_split import check_model_splits
@@ -265,7 +266,8 @@ class ContractChecks:
                 "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
                 "(a mean, a sum or per-example losses); use chunks of two or more examples (batch_size >= 2)")
         h = rows // 2
-        halves = [(take_rows(out, lo, hi, rows), self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
+        halves = [(take_output_rows(out, lo, hi, rows, self._seq_first()),
+                   self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
                   for lo, hi in ((0, h), (h, rows))] if rows >= 2 else None
 
         if self.loss.kind == "callable":
@@ -288,8 +290,6 @@ class ContractChecks:
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
-        seq_first = any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
-                        for m in self.model.modules())
 
         def forward_at(params: list[torch.Tensor]) -> Callable[[tuple, dict], object]:
             named = dict(zip(self.names, params))
@@ -299,11 +299,17 @@ class ContractChecks:
             try:
                 for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
                     check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
-                                       batch_stats, self.compute_dtype, where, seq_first, read)
+                                       batch_stats, self.compute_dtype, where, self._seq_first(), read)
             except BatchDependentModelError:
                 if self.allow_stochastic and watch.advanced():
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
                 raise
+
+    def _seq_first(self) -> bool:
+        """Does the model hold a sequence-first module (an RNN or attention with ``batch_first=False``), whose
+        tensors are (T, N, ...)?"""
+        return any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
+                   for m in self.model.modules())
 
     def _check_joined_splits(self, lone: Chunk, chunk: Chunk) -> None:
         """First pass, after a first chunk of one row (which alone shows no mixing): the forward's split is judged

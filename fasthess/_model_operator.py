@@ -328,6 +328,12 @@ class ModelOperator(ContractChecks, SymmetricOperator):
     def _run_pass(self, acc: torch.Tensor, state: PassState, per_chunk: Callable) -> torch.Tensor:
         """One data pass: Σ_c of ``per_chunk(chunk)``'s rows into ``acc`` (all-reduced over the ranks), divided by W
         (counted on the first pass); returns the chunk sums."""
+        if torch.is_inference_mode_enabled():
+            raise FasthessError(
+                "fasthess was called inside torch.inference_mode(), which switches autograd off (Lightning runs "
+                "validation_step and on_validation_* hooks under it); Hessian products need autograd. Call it outside "
+                "inference mode (a training hook such as on_train_epoch_end, or under torch.no_grad(), which is "
+                "fine), with data created outside it")
         self.modes.check()
         first = FirstPass() if self._normalizer is None else None
         try:

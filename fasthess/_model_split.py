@@ -48,11 +48,12 @@ from fasthess.errors import BatchDependentModelError
 __all__ = ["check_model_splits", "worst_row_gap"]
 
 
-def _row_dim(t, rows: int) -> int | None:
-    """The example dimension of an input tensor: the first of length ``rows``, else the second (sequence-first)."""
+def _row_dim(t, rows: int, order: tuple[int, int] = (0, 1)) -> int | None:
+    """The example dimension of an input tensor: the first of length ``rows``, else the second (sequence-first);
+    ``order`` (1, 0) tries the second first."""
     if not isinstance(t, torch.Tensor):
         return None
-    return next((d for d in (0, 1) if t.dim() > d and t.shape[d] == rows), None)
+    return next((d for d in order if t.dim() > d and t.shape[d] == rows), None)
 
 
 SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
@@ -71,8 +72,9 @@ class Cut:
 
 
 def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
-    """The cuts to judge, in order. With an input dimension of ``rows`` (the targets' length) it is the one cut.
-    Otherwise the targets count m rows per example (tokens flattened to (N·T,)): the examples are the leading
+    """The cuts to judge, in order; the model splits if one of them shows no mixing. With an input dimension of
+    ``rows`` (the targets' length) it is the one cut (with a sequence-first module in the model, an input whose
+    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise the targets count m rows per example (tokens flattened to (N·T,)): the examples are the leading
     dimension n of the inputs, n·m = rows; with a sequence-first module in the model, the second dimension first,
     then the leading one (the model may transpose its inputs for it). Empty for a ``PackedSequence``, whose rows
     cannot be cut."""
@@ -81,7 +83,8 @@ def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
         return []
     dims = tuple(_row_dim(t, rows) for t in leaves)
     if any(d is not None for d in dims):
-        return [Cut(rows, dims, next(d for d in dims if d is not None) == 1)]
+        found = [dims, tuple(_row_dim(t, rows, (1, 0)) for t in leaves)] if seq_first else [dims]
+        return [Cut(rows, d, next(e for e in d if e is not None) == 1) for d in dict.fromkeys(reversed(found))]
     found = []
     for axis in (1, 0) if seq_first else (0,):
         tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > axis]
@@ -99,13 +102,16 @@ def _sub_inputs(inputs, cut: Cut, index: torch.Tensor):
                                   for t, d in zip(leaves, cut.dims)], spec)
 
 
-def _output_dim(full: torch.Tensor, part: torch.Tensor, n: int, k: int) -> tuple[int, int] | None:
+def _output_dim(full: torch.Tensor, part: torch.Tensor, n: int, k: int,
+                inner: bool = False) -> tuple[int, int] | None:
     """The example dimension d of an output leaf and its rows per example m: length ``n·m`` in ``full``, ``k·m``
-    in ``part``, every other dimension equal; m = 1 first (None when there is none: the leaf is not per
-    example)."""
+    in ``part``, every other dimension equal; m = 1 first, then the second dimension first when the inputs were
+    cut along theirs (``inner``; a sub-batch of the chunk's size fits every dimension of length n). None when there
+    is none: the leaf is not per example."""
     if part.dim() != full.dim():
         return None
-    fits = [(d, full.shape[d] // n) for d in range(full.dim()) if full.shape[d] % n == 0 and full.shape[d] >= n
+    order = [1, 0, *range(2, full.dim())] if inner and full.dim() > 1 else range(full.dim())
+    fits = [(d, full.shape[d] // n) for d in order if full.shape[d] % n == 0 and full.shape[d] >= n
             and part.shape[d] * n == full.shape[d] * k
             and full.shape[:d] + full.shape[d + 1:] == part.shape[:d] + part.shape[d + 1:]]
     return min(fits, key=lambda f: f[1] != 1, default=None)
@@ -135,7 +141,7 @@ def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
     for i, (leaf, p) in enumerate(zip(full_leaves, part_leaves)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
             continue
-        full, fit = leaf.detach().double(), _output_dim(leaf, p, n, len(index))
+        full, fit = leaf.detach().double(), _output_dim(leaf, p, n, len(index), inner)
         if fit is not None:
             rows = _examples(full, fit[0], n, fit[1], index, inner)
         elif (whole is None or i in whole) and p.shape == leaf.shape and leaf.is_floating_point():
@@ -217,6 +223,12 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
             verdicts.append((cut, verdict))
         cut, (gap, leaf, per_example, index) = verdicts[0]
         shared = run.shared(cut, index, tol) if per_example else ""
+    layout = ""
+    if seq_first and not any(c.inner for c, _ in verdicts):
+        layout = (". The model has a sequence-first module (batch_first=False) and the examples were read along the "
+                  "inputs' first dimension, the length of the targets' leading one: if the targets are "
+                  "sequence-first too ((T, N, ...)), pass them batch-first (y.T, the loss permuting the output to "
+                  "match), so that their leading dimension counts the examples")
     k = len(_spread(cut.n))
     grouped = f"; its {rows} target rows read as {cut.n} examples of {rows // cut.n} rows" if cut.n != rows else ""
     seen = (f"the outputs of {k} of its examples differ from those of the same examples run as a batch of their own, "
@@ -236,7 +248,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         "mean the ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
         "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "
         "(batch_size=<the training batch size>, or a DataLoader of them): the result is then that ghost-batch "
-        f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}")
+        f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}{layout}")
 
 
 def _spread(n: int) -> torch.Tensor:

@@ -100,6 +100,8 @@ def subsample_operator(op, fraction: float, seed: int = 0):
         return None
     N = op.data.num_examples
     m = max(math.ceil(fraction * N), MIN_SUBSET)
+    b = op.data.batch_size
+    m += bool(b and b > 1 and m % b == 1)  # no chunk of one row: train-mode BatchNorm refuses it
     if m > N // 2:
         return None
     gen = torch.Generator().manual_seed(seed)

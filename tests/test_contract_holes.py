@@ -1007,3 +1007,72 @@ def test_a_batch_level_output_the_loss_reads_is_refused_and_a_constant_one_answe
     model = _WithBatchLevel(False).double()
     _check(fasthess.HessianOperator(model, _ce_plus_penalty, (X, y), batch_size=CHUNK),
            dense_hessian_of(model, lambda p: _ce_plus_penalty(functional_call(model, p, (X,)), y)))
+
+
+def test_a_call_inside_inference_mode_is_refused_by_name():
+    """PyTorch's raw 'Inference tensors do not track version counter' before."""
+    torch.manual_seed(0)
+    X, y = _data()
+    model, ce = nn.Sequential(nn.Linear(4, 3)).double(), nn.CrossEntropyLoss()
+    tracker = fasthess.SharpnessTracker(ce, (X, y), batch_size=CHUNK)
+    with torch.inference_mode():
+        with pytest.raises(fasthess.FasthessError, match=r"inside torch.inference_mode\(\).*outside"):
+            fasthess.lambda_max(model, ce, (X, y), batch_size=CHUNK)
+        with pytest.raises(fasthess.FasthessError, match=r"inside torch.inference_mode\(\)"):
+            tracker.update(model)
+
+
+def test_the_exploring_subset_of_a_warm_update_leaves_no_one_row_chunk():
+    """160 rows in chunks of 7 leave none of one row, but a subset of 64 = 9·7 + 1 did, and train-mode BatchNorm
+    refused the warm update with advice the user already followed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    X, y = torch.randn(160, 5, dtype=torch.float64), torch.randint(0, 3, (160,))
+    ce = nn.CrossEntropyLoss()
+    tracker = fasthess.SharpnessTracker(ce, (X, y), batch_size=7, warm_start=True, explore="subsample", seed=0)
+    tracker.update(model, 0)
+    warm = tracker.update(model, 1)
+    top = float(torch.linalg.eigvalsh(dense_hessian(model, ce, X, y, batch_size=7))[-1])
+    assert abs(warm.lambda_max - top) <= 1e-6 * top
+
+
+class _SeqFirstTagger(nn.Module):
+    """A sequence-first GRU tagger: (T, N, 5) → (T, N, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.out = nn.GRU(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0])
+
+
+def _tagger_batches(T: int, targets_first: bool, n: int = 18, b: int = 6):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(T, n, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (T, n) if targets_first else (n, T), generator=g)
+    return X, y, [(X[:, s:s + b], y[:, s:s + b] if targets_first else y[s:s + b]) for s in range(0, n, b)]
+
+
+@pytest.mark.parametrize("T", [3, 6])  # 6: as many time steps as examples in a chunk
+def test_a_sequence_first_tagger_with_batch_first_targets_answers(T):
+    """Its (T, N, C) outputs are cut along the examples in the loss-split check (the loss failed on halves cut along
+    time), and inputs whose first two dimensions both have the chunk's length are cut along the second first."""
+    torch.manual_seed(0)
+    model = _SeqFirstTagger().double()
+    X, y, data = _tagger_batches(T, targets_first=False)
+
+    def loss(out, t):
+        return F.cross_entropy(out.permute(1, 2, 0), t)
+
+    r = fasthess.lambda_max(model, loss, data)
+    top = float(torch.linalg.eigvalsh(dense_hessian_of(model, lambda p: loss(functional_call(model, p, (X,)), y)))[-1])
+    assert r.converged.all() and abs(float(r.eigenvalues[0]) - top) <= 1e-5 * top
+
+
+def test_sequence_first_targets_name_the_batch_first_layout():
+    torch.manual_seed(0)
+    _, _, data = _tagger_batches(3, targets_first=True)
+    with pytest.raises(BatchDependentModelError, match=r"sequence-first module.*pass them batch-first \(y\.T"):
+        fasthess.lambda_max(_SeqFirstTagger().double(),
+                            lambda out, t: F.cross_entropy(out.reshape(-1, 3), t.reshape(-1)), data)
