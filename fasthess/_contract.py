@@ -25,10 +25,10 @@ from fasthess._batch import (Batch, cast_floating, join_rows, nonfinite_data, ta
                              tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
-from fasthess._model_split import check_model_splits
+from fasthess._model_split import check_model_splits, worst_row_gap
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
-                             StatefulModelError, StochasticModelError)
+                             StatefulModelError, StochasticModelError, UnsupportedModelError)
 
 __all__ = ["ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
 
@@ -180,6 +180,13 @@ class ContractChecks:
             try:
                 return self._forward({**(buffers or {}), **dict(zip(self.names, params or self._primals()))}, batch)
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+                if "does not require grad" in str(exc):
+                    raise UnsupportedModelError(
+                        f"the model's forward differentiates with respect to the model's parameters ({str(exc)[:120]}):"
+                        " an inner gradient step (MAML, test-time adaptation) inside the forward is not supported; "
+                        "fasthess runs the forward with θ substituted as tensors that do not require grad, and an "
+                        "inner step on the batch's own loss mixes the examples of the batch. Take the Hessian of the "
+                        "adapted model: run the inner step first and pass a model holding the adapted weights") from exc
                 raise FasthessError(
                     f"the model's forward failed on the first chunk ({type(exc).__name__}: {str(exc)[:200]}) when "
                     f"called with {len(batch.args)} positional input(s) and keyword inputs {sorted(batch.kwargs)}; "
@@ -300,10 +307,23 @@ class ContractChecks:
                 for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
                     check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
                                        batch_stats, self.compute_dtype, where, self._seq_first(), read)
-            except BatchDependentModelError:
-                if self.allow_stochastic and watch.advanced():
+            except BatchDependentModelError as exc:
+                random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out)
+                if random and self.allow_stochastic:
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
+                if random and not watch.advanced():
+                    raise StochasticModelError(random_draws(
+                        "the model's forward gives another output on a second call with the same batch and weights "
+                        "(random numbers from a generator of its own: a torch.Generator, numpy or Python's random)",
+                        self.model.training)) from exc
                 raise
+
+    @staticmethod
+    def _differs_on_a_second_call(forward: Callable[[tuple, dict], object], batch: Batch, out) -> bool:
+        """Does a second forward of ``batch`` differ from its first output ``out``? (After a refusal as mixing
+        only: a random forward that the default generators do not show looks like one that mixes.)"""
+        worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows), whole=None)
+        return worst is not None and worst[0] > 0
 
     def _seq_first(self) -> bool:
         """Does the model hold a sequence-first module (an RNN or attention with ``batch_first=False``), whose

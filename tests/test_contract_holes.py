@@ -1076,3 +1076,39 @@ def test_sequence_first_targets_name_the_batch_first_layout():
     with pytest.raises(BatchDependentModelError, match=r"sequence-first module.*pass them batch-first \(y\.T"):
         fasthess.lambda_max(_SeqFirstTagger().double(),
                             lambda out, t: F.cross_entropy(out.reshape(-1, 3), t.reshape(-1)), data)
+
+
+class _PrivateNoise(nn.Module):
+    """Multiplicative noise from a generator of its own (reproducible augmentation): random, not mixing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.gen = nn.Linear(4, 6), nn.Linear(6, 3), torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h * (1 + 0.3 * torch.randn(h.shape, generator=self.gen, dtype=h.dtype)))
+
+
+class _InnerStep(nn.Module):
+    """A MAML-style inner gradient step on the batch's own loss inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        inner = torch.tanh(self.a(x)).pow(2).mean()
+        grad, = torch.autograd.grad(inner, self.a.weight, create_graph=True)
+        return self.b(torch.tanh(x @ (self.a.weight - 0.5 * grad).T + self.a.bias))
+
+
+@pytest.mark.parametrize("cls, error, match", [
+    (_PrivateNoise, fasthess.StochasticModelError, r"another output on a second call.*generator of its own"),
+    (_InnerStep, UnsupportedModelError, r"inner gradient step \(MAML, test-time adaptation\).*adapted weights")])
+def test_a_private_generator_and_an_inner_gradient_step_are_named(cls, error, match):
+    """Both were refused under a wrong cause: the first as mixing, the second as a dtype or device problem."""
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(error, match=match):
+        fasthess.lambda_max(cls().double(), nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
