@@ -25,7 +25,7 @@ from fasthess._batch import (Batch, cast_floating, join_rows, nonfinite_data, ta
                              tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
-from fasthess._model_split import check_model_splits, worst_row_gap
+from fasthess._model_split import check_model_splits, roundoff, worst_row_gap
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
@@ -308,7 +308,8 @@ class ContractChecks:
                     check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
                                        batch_stats, self.compute_dtype, where, self._seq_first(), read)
             except BatchDependentModelError as exc:
-                random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out)
+                random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out,
+                                                                             roundoff(self.compute_dtype))
                 if random and self.allow_stochastic:
                     return  # random outputs differ anyway; allow_stochastic accepts a random operator
                 if random and not watch.advanced():
@@ -319,11 +320,12 @@ class ContractChecks:
                 raise
 
     @staticmethod
-    def _differs_on_a_second_call(forward: Callable[[tuple, dict], object], batch: Batch, out) -> bool:
-        """Does a second forward of ``batch`` differ from its first output ``out``? (After a refusal as mixing
-        only: a random forward that the default generators do not show looks like one that mixes.)"""
+    def _differs_on_a_second_call(forward: Callable[[tuple, dict], object], batch: Batch, out, tol: float) -> bool:
+        """Does a second forward of ``batch`` differ from its first output ``out`` beyond roundoff ``tol``? (After a
+        refusal as mixing only: a random forward that the default generators do not show looks like one that
+        mixes.)"""
         worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows), whole=None)
-        return worst is not None and worst[0] > 0
+        return worst is not None and worst[0] > tol
 
     def _seq_first(self) -> bool:
         """Does the model hold a sequence-first module (an RNN or attention with ``batch_first=False``), whose

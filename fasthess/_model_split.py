@@ -45,7 +45,13 @@ from torch.utils import _pytree as pytree
 
 from fasthess.errors import BatchDependentModelError
 
-__all__ = ["check_model_splits", "worst_row_gap"]
+__all__ = ["check_model_splits", "roundoff", "worst_row_gap"]
+
+
+def roundoff(dtype: torch.dtype) -> float:
+    """The relative gap between two forwards of the same examples that roundoff explains (another batch, another
+    memory layout, another BLAS path)."""
+    return 1e-9 if dtype == torch.float64 else 1e-3
 
 
 def _row_dim(t, rows: int, order: tuple[int, int] = (0, 1)) -> int | None:
@@ -209,7 +215,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
         return
-    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    tol = roundoff(dtype)
     with torch.enable_grad():  # as in the products: a forward may branch on the grad mode
         recorded: Statistics = {}
         if batchnorms or out is None:  # the chunk's own statistics, for the sub-batch
