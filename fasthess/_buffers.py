@@ -102,8 +102,8 @@ def _nudged(b: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_stateful_forward(written: dict[str, torch.Tensor], run: Callable[[dict], object], out, rows: int) -> None:
-    """Refuse a forward that wrote the buffers ``written`` (:func:`written_buffers`) and reads one: its output ``out`` on a
-    chunk of ``rows`` examples changes when ``run(buffers)`` runs it again with the written buffers nudged
+    """Refuse a forward that wrote the buffers ``written`` (:func:`written_buffers`) and reads one: its output ``out``
+    on a chunk of ``rows`` examples changes when ``run(buffers)`` runs it again with the written buffers nudged
     (:func:`_nudged` copies), o = f(x; θ, u) with u moved by each forward. Whether u is read does not depend on how
     far it has converged (a converged power iteration rewrites u unchanged), so neither does the refusal; a buffer
     written and never read (a counter) leaves the output bitwise the same. One more forward, only when a buffer was

@@ -216,8 +216,8 @@ class ContractChecks:
                 "the model's forward changes its input in place (e.g. x.mul_(0.5), x += 1, x.clamp_()); fasthess "
                 "runs the forward on the same data once per product, so each pass would see other data (and your "
                 "data would change). Use out-of-place operations (x = x * 0.5), or copy first (x = x.clone())")
-        refuse_stateful_forward(written_buffers(self.model, versions), lambda buffers: self._first_output(batch, buffers),
-                                out, batch.rows)
+        refuse_stateful_forward(written_buffers(self.model, versions),
+                                lambda buffers: self._first_output(batch, buffers), out, batch.rows)
         return out
 
     def _first_loss(self, out, batch: Batch) -> tuple[torch.Tensor, list[int]]:

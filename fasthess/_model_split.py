@@ -80,10 +80,10 @@ class Cut:
 def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
     """The cuts to judge, in order; the model splits if one of them shows no mixing. With an input dimension of
     ``rows`` (the targets' length) it is the one cut (with a sequence-first module in the model, an input whose
-    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise the targets count m rows per example (tokens flattened to (N·T,)): the examples are the leading
-    dimension n of the inputs, n·m = rows; with a sequence-first module in the model, the second dimension first,
-    then the leading one (the model may transpose its inputs for it). Empty for a ``PackedSequence``, whose rows
-    cannot be cut."""
+    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise the targets
+    count m rows per example (tokens flattened to (N·T,)): the examples are the leading dimension n of the inputs,
+    n·m = rows; with a sequence-first module in the model, the second dimension first, then the leading one (the
+    model may transpose its inputs for it). Empty for a ``PackedSequence``, whose rows cannot be cut."""
     leaves = pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))
     if any(isinstance(x, PackedSequence) for x in leaves):
         return []
@@ -279,11 +279,11 @@ class _SubBatches:
         return worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read)
 
     def judge(self, cut: Cut, hint: str, where: str) -> tuple[float, int, bool, torch.Tensor] | None:
-        """The worst (gap, output leaf, per example, index) of two sub-batches: k spread examples followed by max(3k, COPIES)
-        copies of the first, and the same examples followed by copies up to the chunk's own size (a forward that
-        takes only some batch sizes, or mixes only at some, like the chunk's). None: nothing to judge; when
-        neither runs, a failure with flat indices passed whole (``hint``) is refused, since it most likely comes
-        from cutting their offsets."""
+        """The worst (gap, output leaf, per example, index) of two sub-batches: k spread examples followed by
+        max(3k, COPIES) copies of the first, and the same examples followed by copies up to the chunk's own size
+        (a forward that takes only some batch sizes, or mixes only at some, like the chunk's). None: nothing to
+        judge; when neither runs, a failure with flat indices passed whole (``hint``) is refused, since it most
+        likely comes from cutting their offsets."""
         spread = _spread(cut.n)
         k = len(spread)
         if k < 1:

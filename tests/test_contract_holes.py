@@ -692,7 +692,8 @@ class _CapacityMoE(nn.Module):
         p, fair = self.gate(h).softmax(-1), -(-h.shape[0] // len(self.experts))
         top, y = p.argmax(-1), torch.zeros_like(h)
         for e, expert in enumerate(self.experts):
-            idx = p[:, e].topk(fair).indices if self.expert_choice else (top == e).nonzero().squeeze(1)[:max(self.floor, fair)]
+            routed = (top == e).nonzero().squeeze(1)[:max(self.floor, fair)]
+            idx = p[:, e].topk(fair).indices if self.expert_choice else routed
             y = y.index_add(0, idx, p[idx, e:e + 1] * expert(h[idx]))
         return self.out(h + y)
 
@@ -937,16 +938,12 @@ def test_a_reassigned_buffer_the_forward_reads_is_refused_as_stateful_and_put_ba
     assert float(model.tau) == 1.0
 
 
-class _GradModeMix(nn.Module):
+class _GradModeMix(Centred):
     """Centres the batch only while autograd records (a regulariser gated on grad mode)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
     def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(0) if torch.is_grad_enabled() else h)
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h - h.mean(0) if torch.is_grad_enabled() else h)
 
 
 def test_mixing_gated_on_grad_mode_is_refused():
