@@ -131,8 +131,8 @@ def perturbed(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class ContractChecks:
     """The first-pass checks of :class:`fasthess._model_operator.ModelOperator`, which provides ``model``,
-    ``loss``, ``loss_fn``, ``penalty``, ``data``, ``names``, ``device``, ``compute_dtype``, ``allow_stochastic``,
-    ``_params``, ``_primals()``, ``_forward(params, batch)`` and ``modes``
+    ``loss``, ``loss_fn``, ``penalty``, ``data``, ``comm``, ``names``, ``device``, ``compute_dtype``,
+    ``allow_stochastic``, ``_params``, ``_primals()``, ``_forward(params, batch)`` and ``modes``
     (:class:`fasthess._modes.ModeRules`)."""
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
@@ -264,7 +264,7 @@ class ContractChecks:
         if self.penalty is not None:
             self._check_penalty()
         rows = batch.rows
-        if not self.data.spec.batch_loss:
+        if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):  # one chunk: nothing to split
             self._check_model_splits(batch, out, read=read)
         if self.data.spec.batch_loss:
             return None  # declared per batch: nothing to split

@@ -195,6 +195,14 @@ class ChunkedData:
             self.num_examples = len(data)
 
     @property
+    def one_chunk(self) -> bool:
+        """Is the whole data one chunk (in-memory tensors within one ``batch_size``, or a list of one batch)? Then
+        the loss on the whole data as one batch is the one chunk's, whatever the forward mixes."""
+        if self._tensors is not None:
+            return self._tensors[0].shape[0] <= self.batch_size
+        return isinstance(self._source, (list, tuple)) and len(self._source) == 1
+
+    @property
     def resident(self) -> list[torch.Tensor]:
         """The in-memory data tensors (empty for a loader or dataset): alive anyway, so no kept graph owns them."""
         return list(self._tensors or ())

@@ -772,18 +772,32 @@ class _FlatBag(nn.Module):
         return self.o(torch.tanh(torch.stack([h[a:b].mean(0) for a, b in zip(offsets.tolist(), ends.tolist())])))
 
 
+def _bags(seed: int = 0, n: int = 12):
+    """Two batches of n bags in the flat layout: ((flat indices, offsets), labels)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        lens = torch.randint(1, 5, (n,), generator=g)
+        flat, offsets = torch.randint(0, 9, (int(lens.sum()),), generator=g), torch.cat([lens.new_zeros(1),
+                                                                                          lens.cumsum(0)[:-1]])
+        batches.append(((flat, offsets), torch.randint(0, 3, (n,), generator=g)))
+    return batches
+
+
+def _bags_hessian(model, batches, ce):
+    return dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, x), t) for x, t in batches) / 2)
+
+
 def test_flat_indices_with_offsets_are_refused_with_the_opt_in_that_answers_exactly():
     """The sub-batch cannot cut flat indices (it passes them whole), so a per-example model in that layout looks like
     mixing; the message names BatchSpec(batch_loss=True), which answers exactly. Skipping the check for such inputs
     instead let a bag followed by batch centring be certified (red team: 0.105 vs 0.133)."""
     torch.manual_seed(0)
-    lens = torch.randint(1, 5, (12,))
-    flat, offsets = torch.randint(0, 9, (int(lens.sum()),)), torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]])
-    y, model, ce = torch.randint(0, 3, (12,)), _FlatBag().double(), nn.CrossEntropyLoss()
+    batches, model, ce = _bags(), _FlatBag().double(), nn.CrossEntropyLoss()
     with pytest.raises(BatchDependentModelError, match=r"integers has no example dimension.*batch_loss=True"):
-        fasthess.lambda_max(model, ce, [((flat, offsets), y)])
-    op = fasthess.HessianOperator(model, ce, [((flat, offsets), y)], batch=fasthess.BatchSpec(batch_loss=True))
-    _check(op, dense_hessian_of(model, lambda p: ce(functional_call(model, p, (flat, offsets)), y)))
+        fasthess.lambda_max(model, ce, batches)
+    _check(fasthess.HessianOperator(model, ce, batches, batch=fasthess.BatchSpec(batch_loss=True)),
+           _bags_hessian(model, batches, ce))
 
 
 class _SegmentBag(_FlatBag):
@@ -800,13 +814,11 @@ def test_flat_indices_whose_sub_batch_fails_are_refused_as_unjudgeable_with_the_
     """A failing sub-batch otherwise lets the check pass; with inputs it passed whole, the failure says nothing about
     the split, so the model is refused (a bag followed by batch centring was certified this way)."""
     torch.manual_seed(0)
-    lens = torch.randint(1, 5, (12,))
-    flat, offsets = torch.randint(0, 9, (int(lens.sum()),)), torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]])
-    y, model, ce = torch.randint(0, 3, (12,)), _SegmentBag().double(), nn.CrossEntropyLoss()
+    batches, model, ce = _bags(), _SegmentBag().double(), nn.CrossEntropyLoss()
     with pytest.raises(BatchDependentModelError, match=r"cannot check.*failed on a sub-batch.*batch_loss=True"):
-        fasthess.lambda_max(model, ce, [((flat, offsets), y)])
-    op = fasthess.HessianOperator(model, ce, [((flat, offsets), y)], batch=fasthess.BatchSpec(batch_loss=True))
-    _check(op, dense_hessian_of(model, lambda p: ce(functional_call(model, p, (flat, offsets)), y)))
+        fasthess.lambda_max(model, ce, batches)
+    _check(fasthess.HessianOperator(model, ce, batches, batch=fasthess.BatchSpec(batch_loss=True)),
+           _bags_hessian(model, batches, ce))
 
 
 class _ComplexLinear(nn.Module):
@@ -1109,3 +1121,15 @@ def test_a_private_generator_and_an_inner_gradient_step_are_named(cls, error, ma
     X, y = _data()
     with pytest.raises(error, match=match):
         fasthess.lambda_max(cls().double(), nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+
+
+@pytest.mark.parametrize("form", ["tensors", "list"])
+def test_a_forward_that_mixes_examples_answers_exactly_when_the_data_is_one_chunk(form):
+    """The loss on the whole data as one batch is then the one chunk's loss, whatever the forward mixes."""
+    torch.manual_seed(0)
+    X, y = _data()
+    model, ce = Centred().double(), nn.CrossEntropyLoss()
+    data = (X, y) if form == "tensors" else [(X, y)]
+    _check(fasthess.HessianOperator(model, ce, data), dense_hessian(model, ce, X, y, batch_size=N))
+    with pytest.raises(BatchDependentModelError, match="mixes the examples"):  # two chunks: refused
+        fasthess.lambda_max(model, ce, (X, y), batch_size=N // 2)
