@@ -110,7 +110,7 @@ def refuse_stateful_forward(written: dict[str, torch.Tensor], run: Callable[[dic
     written."""
     if not written:
         return
-    worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows))
+    worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows), whole=None)
     if worst is None or worst[0] == 0:
         return
     cause = ("A normalization module with its own train-mode forward that reads the running statistics it updates "

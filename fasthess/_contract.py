@@ -174,8 +174,8 @@ class ContractChecks:
 
     def _first_output(self, batch: Batch, buffers: dict[str, torch.Tensor] | None = None,
                       params: list[torch.Tensor] | None = None):
-        """The model's output on the first chunk (no grad; ``buffers`` by name replace the model's, ``params`` the
-        parameters), refusing reentrant checkpointing and naming a failed call's likely cause."""
+        """The model's output on the first chunk (:func:`checking_forward`; ``buffers`` by name replace the model's,
+        ``params`` the parameters), refusing reentrant checkpointing and naming a failed call's likely cause."""
         with checking_forward(), refuse_reentrant_checkpoint():
             try:
                 return self._forward({**(buffers or {}), **dict(zip(self.names, params or self._primals()))}, batch)

@@ -22,14 +22,16 @@ the chunk), so such a model agrees row by row unless something else mixes the ex
 
 Examples (:func:`cuts`): an input tensor's example dimension is its first dimension of length ``rows`` (the
 targets' leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)).
-When no input has one, the targets hold m rows per example (tokens flattened to (N·T,)): the examples are the
-inputs' leading dimension (the second, first, in a model with a sequence-first module), and an output dimension
-of n·m rows holds them in blocks of m. An output leaf with no such dimension, or a sub-batch that cannot be
-formed (a ``PackedSequence``) or run at either size, leave the check unable to judge; it then passes rather than
-guessing. Inputs with no example dimension are passed whole, so flat indices addressed by per-example offsets
-(an embedding bag written out) are refused as mixing, or as unable to be judged when the sub-batch fails: the
-message names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model. A refusal names an input
-table that was cut only because it has the chunk's number of rows when the outputs agree with it passed whole.
+When no input has one but an input's first two dimensions multiply to ``rows``, the targets hold m rows per
+example (tokens flattened to (N·T,)): the examples are that input's leading dimension (the second, first, in a
+model with a sequence-first module), and an output dimension of n·m rows holds them in blocks of m. Inputs that
+say nothing of where the examples are (a graph batch: node features against one target per graph), an output
+leaf with no example dimension that the loss does not read, or a sub-batch that cannot be formed (a
+``PackedSequence``) or run at either size, leave the check unable to judge; it then passes rather than guessing.
+Inputs with no example dimension are passed whole, so flat indices addressed by per-example offsets (an
+embedding bag written out) are refused as mixing, or as unable to be judged when the sub-batch fails: the message
+names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model. A refusal names an input table
+that was cut only because it has the chunk's number of rows when the outputs agree with it passed whole.
 """
 from __future__ import annotations
 
@@ -80,10 +82,12 @@ class Cut:
 def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
     """The cuts to judge, in order; the model splits if one of them shows no mixing. With an input dimension of
     ``rows`` (the targets' length) it is the one cut (with a sequence-first module in the model, an input whose
-    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise the targets
-    count m rows per example (tokens flattened to (N·T,)): the examples are the leading dimension n of the inputs,
-    n·m = rows; with a sequence-first module in the model, the second dimension first, then the leading one (the
-    model may transpose its inputs for it). Empty for a ``PackedSequence``, whose rows cannot be cut."""
+    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise, when an
+    input's first two dimensions multiply to ``rows`` (tokens (N, T, ...) against targets flattened to (N·T,)), the
+    examples are its leading dimension, m = T target rows each; with a sequence-first module in the model, the
+    second dimension first, then the leading one (the model may transpose its inputs for it). Empty for a
+    ``PackedSequence``, whose rows cannot be cut, and when nothing says where the examples are (graph batches:
+    node features against one target per graph)."""
     leaves = pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))
     if any(isinstance(x, PackedSequence) for x in leaves):
         return []
@@ -91,14 +95,13 @@ def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
     if any(d is not None for d in dims):
         found = [dims, tuple(_row_dim(t, rows, (1, 0)) for t in leaves)] if seq_first else [dims]
         return [Cut(rows, d, next(e for e in d if e is not None) == 1) for d in dict.fromkeys(reversed(found))]
-    found = []
-    for axis in (1, 0) if seq_first else (0,):
-        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > axis]
-        n = next((t.shape[axis] for t in tensors if 1 < t.shape[axis] < rows and rows % t.shape[axis] == 0), None)
-        if n is not None:
-            found.append(Cut(n, tuple(axis if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == n
-                                      else None for t in leaves), axis == 1))
-    return found
+    grid = next((t.shape[:2] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 1
+                 and t.shape[0] * t.shape[1] == rows and min(t.shape[:2]) > 1), None)
+    if grid is None:
+        return []
+    return [Cut(n, tuple(axis if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == n else None
+                         for t in leaves), axis == 1)
+            for axis, n in (((1, grid[1]), (0, grid[0])) if seq_first else ((0, grid[0]),))]
 
 
 def _sub_inputs(inputs, cut: Cut, index: torch.Tensor):
@@ -207,7 +210,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
                        where: str = "the first chunk", seq_first: bool = False,
                        read: Collection[int] | None = None) -> None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
-    run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model (no grad); ``out`` is
+    run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model; ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
     module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), whose values must not change

@@ -1133,3 +1133,32 @@ def test_a_forward_that_mixes_examples_answers_exactly_when_the_data_is_one_chun
     _check(fasthess.HessianOperator(model, ce, data), dense_hessian(model, ce, X, y, batch_size=N))
     with pytest.raises(BatchDependentModelError, match="mixes the examples"):  # two chunks: refused
         fasthess.lambda_max(model, ce, (X, y), batch_size=N // 2)
+
+
+class _GraphPool(nn.Module):
+    """A graph batch as PyG lays it out: node features, each node's graph, one target per graph (mean pooling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, nodes, graph):
+        count = int(graph.max()) + 1
+        pooled = torch.zeros(count, 6, dtype=nodes.dtype).index_add(0, graph, torch.tanh(self.a(nodes)))
+        return self.b(pooled / torch.bincount(graph, minlength=count)[:, None])
+
+
+def test_a_graph_batch_with_one_target_per_graph_answers():
+    """No input has the targets' length and no input's first two dimensions multiply to it, so nothing says where
+    the examples are; the split is not judged (cutting an edge list or node features as examples would refuse)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        sizes = torch.randint(2, 5, (6,), generator=g)
+        graph = torch.arange(6).repeat_interleave(sizes)
+        batches.append(((torch.randn(len(graph), 4, generator=g, dtype=torch.float64), graph),
+                        torch.randint(0, 3, (6,), generator=g)))
+    model, ce = _GraphPool().double(), nn.CrossEntropyLoss()
+    _check(fasthess.HessianOperator(model, ce, batches),
+           dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, x), t) for x, t in batches) / 2))
