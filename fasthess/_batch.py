@@ -19,7 +19,7 @@ for a loss callable that returns a mean; a language model's token mean needs the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,15 +66,44 @@ def take_rows(tree, lo: int, hi: int, rows: int):
                            else t, tree)
 
 
-def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False):
+def _grid(t, rows: int) -> int | None:
+    """B for a tensor whose first two dimensions (A, B) hold ``rows`` = A·B target rows in row-major order (an
+    (N, T, C) output against targets flattened to (N·T,)), else None."""
+    return t.shape[1] if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] * t.shape[1] == rows else None
+
+
+def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False, fits: list | None = None):
     """Rows ``lo:hi`` of every tensor leaf along its first dimension of length ``rows``, else its second (a
-    sequence-first output (T, N, ...)); ``seq_first``: the second first. Other leaves unchanged."""
-    def cut(t):
-        if not isinstance(t, torch.Tensor):
+    sequence-first output (T, N, ...)); ``seq_first``: the second first. ``fits`` (per leaf, from the split check:
+    (example dimension, rows per example), or None for a leaf with none, which is left whole) overrides that
+    order. A leaf whose first two dimensions (A, B) hold the rows (:func:`_grid`) is cut along the first at
+    lo/B:hi/B (``lo`` and ``hi`` multiples of B, see :func:`halfway`). Without ``fits``, a list of ``rows`` outputs
+    (one per example) is sliced. Other leaves unchanged."""
+    if fits is None and isinstance(tree, list) and len(tree) == rows:
+        return tree[lo:hi]
+    leaves, spec = pytree.tree_flatten(tree)
+    fits = fits if fits is not None and len(fits) == len(leaves) else None
+
+    def cut(t, fit):
+        if not isinstance(t, torch.Tensor) or fits is not None and fit is None:
             return t
-        d = next((d for d in ((1, 0) if seq_first else (0, 1)) if t.dim() > d and t.shape[d] == rows), None)
-        return t if d is None else t.narrow(d, lo, hi - lo)
-    return pytree.tree_map(cut, tree)
+        order = (fit[0],) if fit is not None else ((1, 0) if seq_first else (0, 1))
+        d = next((d for d in order if t.dim() > d and t.shape[d] == rows), None)
+        if d is not None:
+            return t.narrow(d, lo, hi - lo)
+        b = _grid(t, rows)
+        return t.narrow(0, lo // b, (hi - lo) // b) if b and lo % b == 0 and hi % b == 0 else t
+    return pytree.tree_unflatten([cut(t, None if fits is None else fits[i]) for i, t in enumerate(leaves)], spec)
+
+
+def halfway(out, rows: int) -> int:
+    """Where to cut ``rows`` target rows in two for :func:`take_output_rows`: ⌊rows/2⌋, or, when no output leaf has
+    a dimension of ``rows`` but one holds them as (A, B), ⌊A/2⌋·B (a whole number of examples)."""
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if any(rows in t.shape[:2] for t in leaves):
+        return rows // 2
+    b = next((b for b in map(lambda t: _grid(t, rows), leaves) if b), None)
+    return rows // 2 if b is None else rows // b // 2 * b
 
 
 IGNORE_INDEX = -100  # the padding label of torch.nn's class-indexed criteria and of Hugging Face collators
@@ -91,10 +120,11 @@ def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def join_rows(a, b, rows_a: int, rows_b: int):
+def join_rows(a, b, rows_a: int, rows_b: int, whole: Collection[int] = ()):
     """Two trees of one structure joined along the rows (tensor leaves whose leading dimensions are ``rows_a`` and
-    ``rows_b``; other leaves from ``a``), ragged trailing dimensions padded to the longer (see :func:`_pad_to`), or
-    None when the structures or a joined pair's ranks differ, or nothing can be joined."""
+    ``rows_b``; other leaves, and those numbered in ``whole``, from ``a``), ragged trailing dimensions padded to the
+    longer (see :func:`_pad_to`), or None when the structures or a joined pair's ranks differ, or nothing can be
+    joined."""
     leaves_a, spec = pytree.tree_flatten(a)
     leaves_b, spec_b = pytree.tree_flatten(b)
     if spec != spec_b:
@@ -104,8 +134,8 @@ def join_rows(a, b, rows_a: int, rows_b: int):
         return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
 
     joined = []
-    for x, y in zip(leaves_a, leaves_b):
-        if not (rows(x, rows_a) and rows(y, rows_b)):
+    for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
+        if i in whole or not (rows(x, rows_a) and rows(y, rows_b)):
             joined.append(x)
             continue
         if x.dim() != y.dim():

@@ -5,10 +5,13 @@ Every normalization module's running statistics (any ``_NormBase``: BatchNorm, I
 written back after it. Any other buffer the forward writes in place is found on the first pass (its version counter
 or its value changed) and is saved and restored from then on. Restoring is a device copy, no host sync. A buffer
 the forward reassigns (``self.ema = 0.9 * self.ema + ...``) replaces the tensor in its module's slot; every slot is
-put back to the tensor it held before the pass (a pointer comparison per buffer).
+put back to the tensor it held before the pass (a pointer comparison per buffer), unless the new tensor has
+another shape or dtype: a cache grown to the data's length (a rotary-embedding table), whose length the module
+keeps in a Python attribute that fasthess cannot put back; it is left as the forward made it.
 
 A buffer that the forward writes and also reads (spectral_norm's power-iteration vectors in train mode: each
-forward takes one power step) makes the forward not a fixed function of θ; it is refused on the first chunk
+forward takes one power step) makes the forward not a fixed function of θ (unless a second forward leaves it
+alone: a cache filled once); it is refused on the first chunk
 (:func:`refuse_stateful_forward`) before the split check could misread it as a forward that mixes the examples.
 The running statistics of PyTorch's own normalization forwards are exempt (in train mode they are written, never
 read); a subclass with its own forward is not: Batch Renormalization reads them in train mode, and each chunk's
@@ -60,7 +63,8 @@ class KeptBuffers:
             yield
         finally:
             for (module, name), b in slots.items():
-                if module._buffers.get(name) is not b:
+                now = module._buffers.get(name)
+                if now is not b and (b is None or now is None or (now.shape, now.dtype) == (b.shape, b.dtype)):
                     module._buffers[name] = b
             changed = [(b, copy) for b, copy, version in saved
                        if b._version != version or (first and not torch.equal(b, copy))]

@@ -21,11 +21,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from fasthess._batch import (Batch, cast_floating, join_rows, nonfinite_data, take_output_rows, take_rows,
+from fasthess._batch import (Batch, cast_floating, halfway, join_rows, nonfinite_data, take_output_rows, take_rows,
                              tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
-from fasthess._model_split import check_model_splits, roundoff, worst_row_gap
+from fasthess._model_split import Split, check_model_splits, roundoff, worst_row_gap
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
@@ -61,14 +61,28 @@ def checking_forward() -> Iterator[None]:
         yield
 
 
-def _leaves_read(value, probe) -> list[int]:
-    """The numbers of the leaves of ``probe`` (the output, floating leaves requiring grad) that ``value`` reads."""
-    leaves = pytree.tree_leaves(probe)
+def _leaves_read(value, probe, loss_of: Callable[[object], object]) -> list[int]:
+    """The numbers of the leaves of ``probe`` (the output, floating leaves requiring grad) that the loss
+    ``value = loss_of(probe)`` reads: through its graph, or (a ``.detach()``, an ``.item()``) because its value
+    changes when the leaf is moved."""
+    leaves, spec = pytree.tree_flatten(probe)
     wanted = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not (isinstance(value, torch.Tensor) and value.requires_grad and wanted):
+    if not (isinstance(value, torch.Tensor) and wanted):
         return []
-    grads = torch.autograd.grad(value.sum(), [leaves[i] for i in wanted], allow_unused=True, retain_graph=True)
-    return [i for i, g in zip(wanted, grads) if g is not None]
+    read = []
+    if value.requires_grad:
+        grads = torch.autograd.grad(value.sum(), [leaves[i] for i in wanted], allow_unused=True, retain_graph=True)
+        read = [i for i, g in zip(wanted, grads) if g is not None]
+    with torch.no_grad():
+        for i in (i for i in wanted if i not in read):
+            moved = leaves[:i] + [leaves[i].detach() * 1.1 + 0.1] + leaves[i + 1:]
+            try:
+                other = loss_of(pytree.tree_unflatten(moved, spec))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                continue
+            if not (isinstance(other, torch.Tensor) and torch.equal(other.detach(), value.detach())):
+                read.append(i)
+    return sorted(read)
 
 
 def _finite(value) -> bool:
@@ -106,8 +120,9 @@ def scalar_value(value, penalty: bool = False) -> torch.Tensor:
 
 @dataclass
 class FirstPass:
-    """What the first pass carries from chunk to chunk: whether the first chunk was checked, its ``(output,
-    chunk)`` when a loss callable's joined-chunk tests need them, and this process's part of W so far."""
+    """What the first pass carries from chunk to chunk: whether the first chunk was checked, its ``(output, chunk,
+    fits)`` when a loss callable's joined-chunk tests need them (``fits``: the output leaves' example dimensions
+    found by the split check, or None), and this process's part of W so far."""
 
     checked: bool = False
     kept: tuple | None = None
@@ -216,8 +231,12 @@ class ContractChecks:
                 "the model's forward changes its input in place (e.g. x.mul_(0.5), x += 1, x.clamp_()); fasthess "
                 "runs the forward on the same data once per product, so each pass would see other data (and your "
                 "data would change). Use out-of-place operations (x = x * 0.5), or copy first (x = x.clone())")
-        refuse_stateful_forward(written_buffers(self.model, versions),
-                                lambda buffers: self._first_output(batch, buffers), out, batch.rows)
+        written = written_buffers(self.model, versions)
+        if written:  # a buffer filled once (a cache grown to the data's length) is not state: keep those written again
+            again = buffer_versions(self.model)
+            self._first_output(batch)
+            written = {n: b for n, b in written.items() if n in written_buffers(self.model, again)}
+        refuse_stateful_forward(written, lambda buffers: self._first_output(batch, buffers), out, batch.rows)
         return out
 
     def _first_loss(self, out, batch: Batch) -> tuple[torch.Tensor, list[int]]:
@@ -243,7 +262,7 @@ class ContractChecks:
                 "the loss does not depend on the model's output: its value has no graph back to the output (a "
                 ".detach(), .item(), .numpy() or torch.no_grad() inside loss_fn), so its Hessian would be 0; remove "
                 "the detach, and compute the loss from the output with torch operations")
-        return value, _leaves_read(value, probe)
+        return value, _leaves_read(value, probe, lambda o: self.loss_fn(o, batch.target))
 
     def _check_chunk(self, chunk: Chunk) -> tuple | None:
         """The first chunk's checks (see :meth:`_check_contract`)."""
@@ -264,22 +283,24 @@ class ContractChecks:
         if self.penalty is not None:
             self._check_penalty()
         rows = batch.rows
+        split = None
         if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):  # one chunk: nothing to split
-            self._check_model_splits(batch, out, read=read)
+            split = self._check_model_splits(batch, out, read=read)
         if self.data.spec.batch_loss:
             return None  # declared per batch: nothing to split
         if self.loss.kind == "callable" and rows < 2:
             raise LossContractError(
                 "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
                 "(a mean, a sum or per-example losses); use chunks of two or more examples (batch_size >= 2)")
-        h = rows // 2
-        halves = [(take_output_rows(out, lo, hi, rows, self._seq_first()),
+        h = halfway(out, rows)
+        second, fits = (split.cut.inner, split.fits or None) if split is not None else (self._seq_first(), None)
+        halves = [(take_output_rows(out, lo, hi, rows, second, fits),
                    self.data.spec.read(take_rows(chunk.raw, lo, hi, rows)))
                   for lo, hi in ((0, h), (h, rows))] if rows >= 2 else None
 
         if self.loss.kind == "callable":
             self.loss.check(self._value64, out, batch, halves)
-            return out, chunk
+            return out, chunk, fits
 
         def value_of(o, b):
             with torch.no_grad():
@@ -289,11 +310,11 @@ class ContractChecks:
         return None
 
     def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk",
-                            read: list[int] | None = None) -> None:
+                            read: list[int] | None = None) -> Split | None:
         """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone,
         and the batch-level output leaves the loss reads (``read``, None: all) do not change with the batch
         (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
-        ``allow_stochastic`` accepts it."""
+        ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing was judged)."""
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
@@ -304,18 +325,20 @@ class ContractChecks:
 
         with checking_forward():
             try:
-                for params, output in ((primals, out), (perturbed(primals), None)):  # None: run at the moved θ
-                    check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
-                                       batch_stats, self.compute_dtype, where, self._seq_first(), read)
+                accepted = [check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
+                                               batch_stats, self.compute_dtype, where, self._seq_first(), read)
+                            for params, output in ((primals, out), (perturbed(primals), None))]  # None: at moved θ
+                return accepted[0]
             except BatchDependentModelError as exc:
                 random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out,
                                                                              roundoff(self.compute_dtype))
                 if random and self.allow_stochastic:
-                    return  # random outputs differ anyway; allow_stochastic accepts a random operator
+                    return None  # random outputs differ anyway; allow_stochastic accepts a random operator
                 if random and not watch.advanced():
                     raise StochasticModelError(random_draws(
                         "the model's forward gives another output on a second call with the same batch and weights "
-                        "(random numbers from a generator of its own: a torch.Generator, numpy or Python's random)",
+                        "(random numbers from a generator of its own: a torch.Generator, numpy or Python's random; or "
+                        "state kept outside the parameters and buffers, such as a call counter)",
                         self.model.training)) from exc
                 raise
 
@@ -368,20 +391,22 @@ class ContractChecks:
         widths (each batch padded to its own longest sequence) are padded to the longer (:func:`join_rows`); the
         test runs only if that padding leaves each chunk's own loss unchanged, i.e. the loss ignores it. Costs one
         forward of each chunk on the first pass."""
-        out0, first = kept
+        out0, first, fits = kept
         watch = GeneratorWatch(self.device)
         with checking_forward():
             out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
         b0, b1 = first.batch, chunk.batch
         rows = b0.rows + b1.rows
-        joined_out, target = join_rows(out0, out, b0.rows, b1.rows), join_rows(b0.target, b1.target, b0.rows, b1.rows)
+        whole = [i for i, fit in enumerate(fits or ()) if fit is None]  # one value per batch, or not per example
+        joined_out = join_rows(out0, out, b0.rows, b1.rows, whole)
+        target = join_rows(b0.target, b1.target, b0.rows, b1.rows)
         if joined_out is None or target is None or (b0.weight is None) != (b1.weight is None) \
                 or not _finite(self._value64(out, b1)):
             return  # nothing to join, or a non-finite loss, which the pass's own finiteness check names
         weight = None if b0.weight is None else torch.cat([b0.weight, b1.weight])
         joined = Batch((), {}, target, weight, b0.count + b1.count, rows)
-        parts = [(take_rows(joined_out, lo, hi, rows), replace(b, target=take_rows(target, lo, hi, rows),
-                                                               weight=None if weight is None else weight[lo:hi]))
+        parts = [(take_output_rows(joined_out, lo, hi, rows, fits=fits),
+                  replace(b, target=take_rows(target, lo, hi, rows), weight=None if weight is None else weight[lo:hi]))
                  for b, lo, hi in ((b0, 0, b0.rows), (b1, b0.rows, rows))]
         mode = self.loss.mode
         try:

@@ -47,7 +47,9 @@ from torch.utils import _pytree as pytree
 
 from fasthess.errors import BatchDependentModelError
 
-__all__ = ["check_model_splits", "roundoff", "worst_row_gap"]
+Fits = list  # per output leaf: (example dimension d, rows per example m), or None for a leaf with none
+
+__all__ = ["Cut", "Split", "check_model_splits", "cuts", "output_fits", "roundoff", "worst_row_gap"]
 
 
 def roundoff(dtype: torch.dtype) -> float:
@@ -57,15 +59,25 @@ def roundoff(dtype: torch.dtype) -> float:
 
 
 def _row_dim(t, rows: int, order: tuple[int, int] = (0, 1)) -> int | None:
-    """The example dimension of an input tensor: the first of length ``rows``, else the second (sequence-first);
-    ``order`` (1, 0) tries the second first."""
+    """The example dimension of an input tensor: the first of length ``rows``, else the second (sequence-first)
+    unless the first is 1 (one example, whose T tokens are the target rows); ``order`` (1, 0) tries the second
+    first."""
     if not isinstance(t, torch.Tensor):
         return None
-    return next((d for d in order if t.dim() > d and t.shape[d] == rows), None)
+    return next((d for d in order if t.dim() > d and t.shape[d] == rows and (d == 0 or t.shape[0] > 1)), None)
 
 
 SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
 COPIES = 64  # at least this many copies of one example: above the capacity floors MoE layers set (DeepSpeed: 4)
+
+
+@dataclass(frozen=True)
+class Split:
+    """What the split check found for a forward that does not mix: the cut of the inputs into examples, and each
+    output leaf's example dimension and rows per example (``fits``, None where none was found)."""
+
+    cut: Cut
+    fits: Fits | None
 
 
 @dataclass(frozen=True)
@@ -136,26 +148,41 @@ def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inne
     return grouped.reshape(t.shape[:d] + (-1,) + t.shape[d + 1:])
 
 
-def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
-                  whole: Collection[int] | None = ()) -> tuple[float, int, bool] | None:
-    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
-    example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Leaves with no
-    example dimension are compared whole when their number is in ``whole`` (None: all): one value per batch (a
-    load-balancing loss, a batch mean) must not change with the batch if the loss reads it."""
+def output_fits(out, part, n: int, k: int, inner: bool = False) -> Fits | None:
+    """Each output leaf's (d, m) (:func:`_output_dim`) for a part of k of the n examples; None when the two outputs
+    have different structures (one leaf per example, say), so that no leaf can be compared."""
     full_leaves, spec = pytree.tree_flatten(out)
     part_leaves, part_spec = pytree.tree_flatten(part)
     if part_spec != spec:
         return None
+    return [_output_dim(leaf, p, n, k, inner) if isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)
+            else None for leaf, p in zip(full_leaves, part_leaves)]
+
+
+def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
+                  whole: Collection[int] | None = (), fits: Fits | None = None) -> tuple[float, int, bool] | None:
+    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
+    example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Leaves with no
+    example dimension are compared whole when their number is in ``whole`` (None: all): one value per batch (a
+    load-balancing loss, a batch mean) must not change with the batch if the loss reads it. ``fits``: each leaf's
+    example dimension, found on a part of another size (default: on this one; a part of the chunk's own size fits
+    every dimension of length n)."""
+    fits = fits if fits is not None else output_fits(out, part, n, len(index), inner)
+    full_leaves, part_leaves = pytree.tree_leaves(out), pytree.tree_leaves(part)
+    if fits is None or len(part_leaves) != len(full_leaves):
+        return None
     worst = None
-    for i, (leaf, p) in enumerate(zip(full_leaves, part_leaves)):
+    for i, (leaf, p, fit) in enumerate(zip(full_leaves, part_leaves, fits)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
             continue
-        full, fit = leaf.detach().double(), _output_dim(leaf, p, n, len(index), inner)
+        full = leaf.detach().double()
         if fit is not None:
             rows = _examples(full, fit[0], n, fit[1], index, inner)
         elif (whole is None or i in whole) and p.shape == leaf.shape and leaf.is_floating_point():
             rows = full
         else:
+            continue
+        if rows.shape != p.shape:
             continue
         scale = float(full.abs().max())
         gap = float((rows - p.detach().double()).abs().max())
@@ -208,16 +235,17 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
                        out, batchnorms: Sequence[nn.Module], dtype: torch.dtype,
                        where: str = "the first chunk", seq_first: bool = False,
-                       read: Collection[int] | None = None) -> None:
+                       read: Collection[int] | None = None) -> Split | None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model; ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
     module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), whose values must not change
-    with the batch when they have no example dimension."""
+    with the batch when they have no example dimension. Returns the cut that showed no mixing (None: nothing was
+    judged), with the output leaves' example dimensions."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
-        return
+        return None
     tol = roundoff(dtype)
     with torch.enable_grad():  # as in the products: a forward may branch on the grad mode
         recorded: Statistics = {}
@@ -226,9 +254,11 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         run = _SubBatches(forward, (args, kwargs), out, recorded, read)
         verdicts = []
         for cut in found:
-            verdict = run.judge(cut, _uncut_hint(args, kwargs, rows), where)
-            if verdict is None or verdict[0] <= tol:
-                return
+            verdict, fits = run.judge(cut, _uncut_hint(args, kwargs, rows), where)
+            if verdict is None:
+                return None
+            if verdict[0] <= tol:
+                return Split(cut, fits)
             verdicts.append((cut, verdict))
         cut, (gap, leaf, per_example, index) = verdicts[0]
         shared = run.shared(cut, index, tol) if per_example else ""
@@ -268,6 +298,10 @@ def _spread(n: int) -> torch.Tensor:
     return torch.arange(0, n, n // k)[:k] if k else torch.zeros(0, dtype=torch.long)
 
 
+#: what a forward raises on a batch it does not take (a size it cannot view, rows that are not examples)
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError, AssertionError)
+
+
 class _SubBatches:
     """Sub-batches of one chunk run through the forward and compared row by row with the chunk's ``out``."""
 
@@ -275,37 +309,47 @@ class _SubBatches:
                  read: Collection[int] | None) -> None:
         self.forward, self.inputs, self.out, self.recorded, self.read = forward, inputs, out, recorded, read
 
-    def _gap(self, cut: Cut, index: torch.Tensor):
-        """The worst row gap of the sub-batch ``index`` (raises what the forward raises)."""
+    def _run(self, cut: Cut, index: torch.Tensor):
+        """The forward of the examples ``index`` (raises what the forward raises)."""
         with _replayed(self.recorded):
-            part = self.forward(*_sub_inputs(self.inputs, cut, index))
-        return worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read)
+            return self.forward(*_sub_inputs(self.inputs, cut, index))
 
-    def judge(self, cut: Cut, hint: str, where: str) -> tuple[float, int, bool, torch.Tensor] | None:
-        """The worst (gap, output leaf, per example, index) of two sub-batches: k spread examples followed by
-        max(3k, COPIES) copies of the first, and the same examples followed by copies up to the chunk's own size
-        (a forward that takes only some batch sizes, or mixes only at some, like the chunk's). None: nothing to
-        judge; when neither runs, a failure with flat indices passed whole (``hint``) is refused, since it most
-        likely comes from cutting their offsets."""
+    def judge(self, cut: Cut, hint: str,
+              where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | None]:
+        """The worst (gap, output leaf, per example, index) of three sub-batches, and the output leaves' fits: k spread examples followed by
+        max(3k, COPIES) copies of the first (copies overflow a capacity); the same followed by copies up to the
+        chunk's own size n (a forward that takes only some batch sizes, or mixes only at some, takes the chunk's);
+        the other n − k examples followed by k copies of the first of them (a batch statistic that the spread
+        examples hold, a maximum or a mode, is missing there). Each output leaf's example dimension is found on
+        the first sub-batch (its size is not n, so a dimension of length n that is not the examples' does not
+        fit). A worst of None: nothing to judge; when none runs, a failure with flat indices passed whole (``hint``) is
+        refused, since it most likely comes from cutting their offsets."""
         spread = _spread(cut.n)
         k = len(spread)
         if k < 1:
-            return None
-        worst, failure = None, None
-        for copies in dict.fromkeys((max(3 * k, COPIES), cut.n - k)):
-            index = torch.cat([spread, spread[:1].repeat(copies)])
+            return None, None
+        rest = torch.ones(cut.n, dtype=torch.bool)
+        rest[spread] = False
+        rest = rest.nonzero().squeeze(1)
+        batches = [torch.cat([spread, spread[:1].repeat(max(3 * k, COPIES))]),
+                   torch.cat([spread, spread[:1].repeat(cut.n - k)]), torch.cat([rest, rest[:1].repeat(k)])]
+        fits, worst, failure = None, None, None
+        for i, index in enumerate(batches):
             try:
-                gap = self._gap(cut, index)
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                part = self._run(cut, index)
+            except FORWARD_ERRORS as exc:
                 failure = exc
                 continue
+            if i == 0:
+                fits = output_fits(self.out, part, cut.n, len(index), cut.inner) or []  # []: nothing comparable
+            gap = worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read, fits)
             if gap is not None and (worst is None or not gap[0] <= worst[0]):
                 worst = (*gap, index)
         if worst is None and failure is not None and hint:
             raise BatchDependentModelError(
                 f"fasthess cannot check that the model's outputs split over the examples: its forward failed on a "
                 f"sub-batch of {where} ({type(failure).__name__}: {str(failure)[:120]}){hint}") from failure
-        return worst
+        return worst, fits
 
     def shared(self, cut: Cut, index: torch.Tensor, tol: float) -> str:
         """The hint for an input table that was cut as examples only because it has as many rows as the chunk:
@@ -315,9 +359,10 @@ class _SubBatches:
         for j, d in enumerate(cut.dims):
             if d is None or leaves[j].dim() < 2 or sum(e is not None for e in cut.dims) < 2:
                 continue
+            whole = replace(cut, dims=cut.dims[:j] + (None,) + cut.dims[j + 1:])
             try:
-                worst = self._gap(replace(cut, dims=cut.dims[:j] + (None,) + cut.dims[j + 1:]), index)
-            except (RuntimeError, ValueError, IndexError, TypeError):
+                worst = worst_row_gap(self.out, self._run(whole, index), cut.n, index, cut.inner, self.read)
+            except FORWARD_ERRORS:
                 continue
             if worst is not None and worst[0] <= tol:
                 return (f". The outputs agree when input tensor {j} (shape {tuple(leaves[j].shape)}) is passed whole: "

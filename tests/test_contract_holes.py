@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fasthess
 from conftest import dense_hessian, dense_hessian_of
@@ -1162,3 +1163,182 @@ def test_a_graph_batch_with_one_target_per_graph_answers():
     model, ce = _GraphPool().double(), nn.CrossEntropyLoss()
     _check(fasthess.HessianOperator(model, ce, batches),
            dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, x), t) for x, t in batches) / 2))
+
+
+# ---- red team 9 ---------------------------------------------------------------------------------------------------
+class _PeakNorm(Centred):
+    """Divides by the batch's largest activation: the spread sub-batches hold the maximum when it falls among the
+    spread examples, so only the batch of the other examples shows the mixing."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h / h.abs().max())
+
+
+class _StatOut(Centred):
+    """Logits and the batch's mean feature norm, which the loss reads through .detach() or .item()."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return {"logits": self.fc2(h), "norm": h.norm(dim=1).mean()}
+
+
+@pytest.mark.parametrize("model, loss", [
+    (_PeakNorm, F.cross_entropy),
+    (_StatOut, lambda o, y: F.cross_entropy(o["logits"], y) / o["norm"].detach()),
+    (_StatOut, lambda o, y: F.cross_entropy(o["logits"], y) / o["norm"].item())])
+def test_a_batch_maximum_and_a_batch_statistic_read_without_a_graph_are_refused(model, loss):
+    """Both were certified (0.7077 vs 0.7284; 0.6370 vs 0.6171): the spread sub-batches held the maximum, and the
+    loss read the statistic without a graph, so it counted as unread."""
+    torch.manual_seed(0)
+    X, y = _data()
+    for seed in range(4):  # the maximum falls among the spread examples for some seeds, not for others
+        torch.manual_seed(seed)
+        with pytest.raises(BatchDependentModelError, match="mixes the examples"):
+            fasthess.lambda_max(model().double(), loss, (X, y), batch_size=4)
+
+
+class _AssertsGroups(Centred):
+    """A per-example forward that asserts the batch comes in groups of 5."""
+
+    def forward(self, x):
+        assert x.shape[0] % 5 == 0, "groups of 5"
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class _ClassPrior(nn.Module):
+    """Logits and a learned prior over C classes (C may equal the batch size), or time-major logits (T, N, C)."""
+
+    def __init__(self, time_major: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.time_major = nn.Linear(4, 6), nn.Linear(6, 3), time_major
+        self.prior = nn.Parameter(torch.linspace(-1, 1, CHUNK))
+
+    def forward(self, x):  # x: (N, 4) or (N, T, 4)
+        z = self.b(torch.tanh(self.a(x)))
+        return z.transpose(0, 1) if self.time_major else (z, self.prior)
+
+
+def _prior_loss(out, y):
+    z, prior = out
+    return F.cross_entropy(z, y) + 0.1 * prior.softmax(0).pow(2).sum()
+
+
+def _time_major_loss(out, y):
+    return F.cross_entropy(out.permute(1, 2, 0), y)
+
+
+class _PerExampleList(Centred):
+    """Returns one output tensor per example, in a list."""
+
+    def forward(self, x):
+        return list(self.fc2(torch.tanh(self.fc1(x))))
+
+
+def _list_loss(out, y):
+    return sum(F.cross_entropy(o[None], y[i:i + 1]) for i, o in enumerate(out)) / len(out)
+
+
+@pytest.mark.parametrize("model, loss, time_major", [
+    (_AssertsGroups, F.cross_entropy, False), (lambda: _ClassPrior(), _prior_loss, False),
+    (lambda: _ClassPrior(True), _time_major_loss, True), (_PerExampleList, _list_loss, False)])
+def test_per_example_forms_the_sub_batches_misread_answer(model, loss, time_major):
+    """An assert on the batch size (a raw AssertionError); a learned vector as long as the batch, and time-major
+    outputs with T equal to the batch size, whose dimensions of the chunk's length were taken as the examples' (an
+    output leaf's example dimension is now found on the sub-batch of another size); a list of per-example outputs
+    (compared element by element with other examples)."""
+    torch.manual_seed(0)
+    X, y = _data()
+    if time_major:
+        X, y = torch.randn(N, CHUNK, 4, dtype=torch.float64), torch.randint(0, 3, (N, CHUNK))
+    model = model().double()
+    op = fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK)
+    _check(op, dense_hessian_of(model, lambda p: loss(functional_call(model, p, (X,)), y)))
+
+
+class _EncoderTagger(nn.Module):
+    """A batch-first tagger around a default (sequence-first) TransformerEncoderLayer: (N, T, 4) → (N, T, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.enc = nn.TransformerEncoderLayer(4, 1, dim_feedforward=6, dropout=0.0)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.enc(self.a(x).transpose(0, 1)).transpose(0, 1))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_token_outputs_against_flat_or_square_targets_answer(flat):
+    """(N, T, C) outputs against targets flattened to (N·T,) (the loss-split check cut the targets mid-example and
+    passed the output whole), and a batch-first tagger around a sequence-first encoder with T equal to the batch
+    size (its outputs were cut along time)."""
+    torch.manual_seed(0)
+    T = CHUNK
+    X, y = torch.randn(N, T, 4, dtype=torch.float64), torch.randint(0, 3, (N, T))
+    model = _EncoderTagger().double().eval()
+    targets = y.reshape(-1) if flat else y
+    batches = [(X[s:s + CHUNK], targets[s * T:(s + CHUNK) * T] if flat else targets[s:s + CHUNK])
+               for s in range(0, N, CHUNK)]
+
+    def loss(out, t):
+        return F.cross_entropy(out.reshape(-1, 3), t.reshape(-1))
+
+    with sdpa_kernel(SDPBackend.MATH):  # the reference needs the math kernel for second derivatives
+        H = dense_hessian_of(model, lambda p: loss(functional_call(model, p, (X,)), y))
+    _check(fasthess.HessianOperator(model, loss, batches), H)
+
+
+class _RotaryCache(nn.Module):
+    """A rotary-embedding table grown by reassignment to the longest sequence seen, its length in an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.out = nn.Embedding(7, 4), nn.Linear(4, 3)
+        self.grow(2)
+
+    def grow(self, length: int) -> None:
+        self.cached = length
+        self.register_buffer("cos", torch.cos(torch.arange(length, dtype=torch.float64)[:, None] *
+                                              torch.linspace(0.1, 1, 4, dtype=torch.float64)), persistent=False)
+
+    def forward(self, ids):
+        if ids.shape[1] > self.cached:
+            self.grow(ids.shape[1])
+        return self.out((self.e(ids) * self.cos[:ids.shape[1]]).tanh().mean(1))
+
+
+def test_a_cache_the_forward_grows_once_answers_and_the_model_still_runs():
+    """It was refused as stateful (written and read), and the grown table was put back while the module's length
+    attribute kept the new length, so the caller's next forward failed."""
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 7, (N, 5)), torch.randint(0, 3, (N,))
+    model, ce = _RotaryCache().double(), nn.CrossEntropyLoss()
+    r = fasthess.lambda_max(model, ce, (ids, y), batch_size=CHUNK)
+    top = float(torch.linalg.eigvalsh(dense_hessian_of(model, lambda p: ce(functional_call(model, p, (ids,)), y)))[-1])
+    assert r.converged.all() and abs(float(r.eigenvalues[0]) - top) <= 1e-5 * top
+    model(ids)  # the module is left consistent
+
+
+class _SequenceMean(nn.Module):
+    """Each token's logits see the mean of its own sequence: per example, not per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.out = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.e(ids)
+        return self.out(torch.tanh(h + h.mean(1, keepdim=True)))
+
+
+def test_one_sequence_per_chunk_with_flat_token_targets_is_not_cut_along_time():
+    """batch_size=1 language-model chunks (1, T) against targets (T,): the time dimension had the targets' length
+    and was cut as the examples (refused as mixing)."""
+    torch.manual_seed(0)
+    model, ce = _SequenceMean().double(), nn.CrossEntropyLoss()
+    ids, y = torch.randint(0, 7, (4, 6)), torch.randint(0, 3, (4, 6))
+    batches = [(ids[i:i + 1], y[i]) for i in range(4)]
+    _check(fasthess.HessianOperator(model, lambda o, t: ce(o.reshape(-1, 3), t), batches),
+           dense_hessian_of(model, lambda p: ce(functional_call(model, p, (ids,)).reshape(-1, 3), y.reshape(-1))))
