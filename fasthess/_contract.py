@@ -30,7 +30,7 @@ from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_se
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
 
-__all__ = ["ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
+__all__ = ["CONTRACT_BASES", "ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
 
 
 class GeneratorWatch:
@@ -59,6 +59,12 @@ def checking_forward() -> Iterator[None]:
     no graph to them is built, and the math attention kernel, which has a second derivative."""
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def detached(tree):
+    """``tree`` with every tensor detached (a check's forward builds a graph when the forward differentiates its
+    input; the checks compare values only)."""
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
 def _leaves_read(value, probe, loss_of: Callable[[object], object]) -> list[int]:
@@ -126,8 +132,23 @@ class FirstPass:
 
     checked: bool = False
     kept: tuple | None = None
+    basis: str | None = None  # what the operator's equality with the whole-data Hessian rests on (CONTRACT_BASES)
     total: torch.Tensor | None = None
     lone: Chunk | None = None  # a first chunk of one row: its forward's split is judged joined with the next chunk
+
+
+#: what the operator's equality with the Hessian of the loss on the whole data rests on, by case
+#: (:attr:`fasthess.EigResult.contract`)
+CONTRACT_BASES = {
+    "checked": "checked: the forward's outputs split over the examples of the first chunk",
+    "ghost": "checked: the forward's outputs split over the examples of the first chunk, train-mode BatchNorm "
+             "normalizing each chunk by its own statistics (ghost batches)",
+    "one chunk": "one chunk: the loss on the whole data as one batch",
+    "declared": "declared: BatchSpec(batch_loss=True), each chunk's loss as given",
+    "random": "assumed: a random forward (allow_stochastic=True), whose split over the examples is not checked",
+    "unjudged": "assumed: nothing showed where the examples are in the inputs, or the forward ran on no sub-batch, "
+                "so its split over the examples was not checked",
+}
 
 
 #: the relative size of the second point at which the forward's split is judged
@@ -154,23 +175,23 @@ class ContractChecks:
         """First pass, before chunk ``chunk``'s products: the contract on the first chunk, the joined-chunk test on
         the others (a loss callable), and this chunk's part of W."""
         if not first.checked:
-            first.kept, first.checked = self._check_contract(chunk), True
+            (first.kept, first.basis), first.checked = self._check_contract(chunk), True
             if chunk.batch.rows < 2 and not self.data.spec.batch_loss:
                 first.lone = chunk
         else:
             if first.lone is not None:
                 lone, first.lone = first.lone, None
-                self._check_joined_splits(lone, chunk)
+                first.basis = self._check_joined_splits(lone, chunk)
             if first.kept is not None:
                 self._check_joined(chunk, first.kept)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
             first.total = part if first.total is None else first.total + part
 
-    def _check_contract(self, chunk: Chunk) -> tuple | None:
+    def _check_contract(self, chunk: Chunk) -> tuple[tuple | None, str]:
         """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples; a
-        refusal caused by random draws (in the forward or the loss) is reported as such. Returns (output, chunk)
-        for a loss callable's joined-chunk tests, else None."""
+        refusal caused by random draws (in the forward or the loss) is reported as such. Returns (output, chunk,
+        fits) for a loss callable's joined-chunk tests, else None, and the basis (:data:`CONTRACT_BASES`)."""
         watch = GeneratorWatch(self.device)
         try:
             kept = self._check_chunk(chunk)
@@ -193,7 +214,8 @@ class ContractChecks:
         ``params`` the parameters), refusing reentrant checkpointing and naming a failed call's likely cause."""
         with checking_forward(), refuse_reentrant_checkpoint():
             try:
-                return self._forward({**(buffers or {}), **dict(zip(self.names, params or self._primals()))}, batch)
+                return detached(self._forward({**(buffers or {}), **self._checking_params(params or self._primals())},
+                                              batch))
             except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
                 if "does not require grad" in str(exc):
                     raise UnsupportedModelError(
@@ -264,7 +286,7 @@ class ContractChecks:
                 "the detach, and compute the loss from the output with torch operations")
         return value, _leaves_read(value, probe, lambda o: self.loss_fn(o, batch.target))
 
-    def _check_chunk(self, chunk: Chunk) -> tuple | None:
+    def _check_chunk(self, chunk: Chunk) -> tuple[tuple | None, str]:
         """The first chunk's checks (see :meth:`_check_contract`)."""
         batch = chunk.batch
         bad = nonfinite_data(batch)
@@ -283,11 +305,11 @@ class ContractChecks:
         if self.penalty is not None:
             self._check_penalty()
         rows = batch.rows
-        split = None
+        split, basis = None, CONTRACT_BASES["declared" if self.data.spec.batch_loss else "one chunk"]
         if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):  # one chunk: nothing to split
-            split = self._check_model_splits(batch, out, read=read)
+            split, basis = self._check_model_splits(batch, out, read=read)
         if self.data.spec.batch_loss:
-            return None  # declared per batch: nothing to split
+            return None, basis  # declared per batch: nothing to split
         if self.loss.kind == "callable" and rows < 2:
             raise LossContractError(
                 "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
@@ -300,27 +322,28 @@ class ContractChecks:
 
         if self.loss.kind == "callable":
             self.loss.check(self._value64, out, batch, halves)
-            return out, chunk, fits
+            return (out, chunk, fits), basis
 
         def value_of(o, b):
             with torch.no_grad():
                 return self.loss_fn(o, b.target)
 
         self.loss.check(value_of, out, batch, halves)
-        return None
+        return None, basis
 
     def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk",
-                            read: list[int] | None = None) -> Split | None:
+                            read: list[int] | None = None) -> tuple[Split | None, str]:
         """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone,
         and the batch-level output leaves the loss reads (``read``, None: all) do not change with the batch
         (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
-        ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing was judged)."""
+        ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing was judged) and the basis
+        (:data:`CONTRACT_BASES`)."""
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats = self.modes.batch_statistics_modules()
 
         def forward_at(params: list[torch.Tensor]) -> Callable[[tuple, dict], object]:
-            named = dict(zip(self.names, params))
+            named = self._checking_params(params)
             return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
 
         with checking_forward():
@@ -328,12 +351,13 @@ class ContractChecks:
                 accepted = [check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
                                                batch_stats, self.compute_dtype, where, self._seq_first(), read)
                             for params, output in ((primals, out), (perturbed(primals), None))]  # None: at moved θ
-                return accepted[0]
+                basis = "unjudged" if accepted[0] is None else "ghost" if batch_stats else "checked"
+                return accepted[0], CONTRACT_BASES[basis]
             except BatchDependentModelError as exc:
                 random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out,
                                                                              roundoff(self.compute_dtype))
                 if random and self.allow_stochastic:
-                    return None  # random outputs differ anyway; allow_stochastic accepts a random operator
+                    return None, CONTRACT_BASES["random"]  # allow_stochastic accepts a random operator
                 if random and not watch.advanced():
                     raise StochasticModelError(random_draws(
                         "the model's forward gives another output on a second call with the same batch and weights "
@@ -350,30 +374,35 @@ class ContractChecks:
         worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows), whole=None)
         return worst is not None and worst[0] > tol
 
+    def _checking_params(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every parameter of the model by name for a check's forward (:func:`checking_forward`): ``params`` for the
+        differentiated ones, the others detached, so that grad mode builds no graph to any of them."""
+        return {**{n: p.detach() for n, p in self.model.named_parameters()}, **dict(zip(self.names, params))}
+
     def _seq_first(self) -> bool:
         """Does the model hold a sequence-first module (an RNN or attention with ``batch_first=False``), whose
         tensors are (T, N, ...)?"""
         return any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
                    for m in self.model.modules())
 
-    def _check_joined_splits(self, lone: Chunk, chunk: Chunk) -> None:
+    def _check_joined_splits(self, lone: Chunk, chunk: Chunk) -> str:
         """First pass, after a first chunk of one row (which alone shows no mixing): the forward's split is judged
         on that row and chunk ``chunk`` joined as one batch. Skipped when their inputs cannot be joined without
         padding (padding changes what the model sees, so a difference would not prove mixing): one row overall,
-        or ragged inputs, leave nothing to judge."""
+        or ragged inputs, leave nothing to judge. Returns the basis (:data:`CONTRACT_BASES`)."""
         a, b = lone.batch, chunk.batch
         rows = a.rows + b.rows
         joined = join_rows((a.args, a.kwargs), (b.args, b.kwargs), a.rows, b.rows)
         if joined is None or [t.shape[1:] for t in tensors_of(take_rows(joined, 0, a.rows, rows))] != \
                 [t.shape[1:] for t in tensors_of((a.args, a.kwargs))]:
-            return
+            return CONTRACT_BASES["unjudged"]
         batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
         with checking_forward():
             try:
-                out = self._forward(dict(zip(self.names, self._primals())), batch)
+                out = detached(self._forward(self._checking_params(self._primals()), batch))
             except (RuntimeError, ValueError, IndexError, TypeError):
-                return  # the joined rows are not an input this model takes: nothing to judge, as for a sub-batch
-        self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined")
+                return CONTRACT_BASES["unjudged"]  # the joined rows are not an input this model takes, as for a sub-batch
+        return self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined")[1]
 
     def _value64(self, out, batch):
         """The loss of a callable in float64 where it allows it, so that split tests are sharp."""
@@ -394,7 +423,7 @@ class ContractChecks:
         out0, first, fits = kept
         watch = GeneratorWatch(self.device)
         with checking_forward():
-            out = self._forward(dict(zip(self.names, self._primals())), chunk.batch)
+            out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
         b0, b1 = first.batch, chunk.batch
         rows = b0.rows + b1.rows
         whole = [i for i, fit in enumerate(fits or ()) if fit is None]  # one value per batch, or not per example

@@ -195,6 +195,9 @@ class ModelOperator(ContractChecks, SymmetricOperator):
                 "track_running_stats=False), so the chunk size is part of the loss; pass batch_size=<the training "
                 "batch size>, or call model.eval() on a BatchNorm with running statistics")
         self._normalizer: float | None = None  # W, counted on the first pass (which also checks the contract)
+        #: what this operator's equality with the Hessian of the loss on the whole data rests on, set by the first
+        #: pass (:data:`fasthess._contract.CONTRACT_BASES`; None before it)
+        self.contract: str | None = None
 
         def build() -> ChunkedData:
             chunked = ChunkedData(data, batch_size, self.device, spec)
@@ -352,6 +355,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
             self._accumulate(acc, state, per_chunk, first)
             if first is not None:
                 self._set_normalizer(None if first.total is None else float(first.total))
+                self.contract = first.basis
         else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
             def local() -> tuple[torch.Tensor, torch.Tensor | None]:
                 self._accumulate(acc, state, per_chunk, first)
@@ -359,6 +363,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
             self.comm.run_pass(acc, local, lambda: self.data.num_examples)
             if first is not None:
                 self._set_normalizer(self.comm.normalizer)
+                self.contract = first.basis
 
     def _set_normalizer(self, total: float | None) -> None:
         if self.loss.sums:

@@ -235,7 +235,7 @@ def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
     return {name: precision_checked(_BlockView(op, s), s.outcome, products_dtype(op)).result(
-        s.num_hvps, s.num_passes, s.seconds) for name, s in solves.items()}
+        s.num_hvps, s.num_passes, s.seconds, getattr(op, "contract", None)) for name, s in solves.items()}
 
 
 def block_lambda_max(model: nn.Module, loss_fn: Callable, data, *, blocks: Mapping[str, Sequence[torch.Tensor]]

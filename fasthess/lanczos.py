@@ -197,7 +197,8 @@ def eigs(op, k: int = 1, *, which: str = "LA", tol: float = 1e-4, block_size: in
     with fixed(op):
         out = drive(steps, lambda P: op.matmat(P.T).T)
     out = precision_checked(op, out, products)
-    return out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
+    return out.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0,
+                      getattr(op, "contract", None))
 
 
 def products_dtype(op) -> torch.dtype:
@@ -287,14 +288,15 @@ class Outcome:
     start: str = RANDOM_START
     check_products: int = 0  # float64 products of the precision check (:func:`precision_checked`), one pass
 
-    def result(self, num_hvps: int, num_passes: int, seconds: float) -> EigResult:
-        """The result, its counters those of the solve (``num_hvps``, ``num_passes``) and of the precision check."""
+    def result(self, num_hvps: int, num_passes: int, seconds: float, contract: str | None = None) -> EigResult:
+        """The result, its counters those of the solve (``num_hvps``, ``num_passes``) and of the precision check;
+        ``contract``: the operator's (:attr:`EigResult.contract`)."""
         return EigResult(eigenvalues=self.cert.values, eigenvectors=self.cert.vectors.T.contiguous(),
                          residuals=self.cert.residuals, error_bounds=self.cert.bounds, converged=self.converged,
                          num_hvps=num_hvps + self.check_products,
                          num_passes=num_passes + (self.check_products > 0), seconds=seconds, which=self.which, tol=self.tol,
                          certificates=self.kinds, rounding_floor=self.floor, ritz_vectors=self.ritz_vectors,
-                         precision=self.precision, start=self.start)
+                         precision=self.precision, start=self.start, contract=contract)
 
 
 def lanczos_steps(n: int, device: torch.device, dtype: torch.dtype, *, k: int, which: str, tol: float,

@@ -69,7 +69,8 @@ def compare_lambda_max(op, c: float, *, tol: float = 1e-4, block_size: int | Non
         out = drive(steps, lambda P: op.matmat(P.T).T)
     checked = precision_checked(op, out, products)  # as eigs: float64 products of the Ritz vector
     shift = float(checked.cert.bounds[0] - out.cert.bounds[0])  # what the float64 check added to the bound, else 0
-    res = checked.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0)
+    res = checked.result(op.num_hvps - start_hvps, op.num_passes - start_passes, time.perf_counter() - t0,
+                         getattr(op, "contract", None))
     theta, bound = float(res.eigenvalues[0]), float(res.error_bounds[0])
     lower = theta - res.rounding_floor - shift
     upper = theta + bound if res.all_converged else float("inf")

@@ -165,6 +165,7 @@ def _record(out, *, step: int | None, previous: SharpnessRecord | None, lr: floa
         certificates=tuple(res.certificates),
         basis=_basis(out),
         precision=res.precision,
+        contract=res.contract,
         num_hvps=int(res.num_hvps),
         num_passes=int(res.num_passes),
         subset_hvps=sub_hvps,

@@ -1342,3 +1342,28 @@ def test_one_sequence_per_chunk_with_flat_token_targets_is_not_cut_along_time():
     batches = [(ids[i:i + 1], y[i]) for i in range(4)]
     _check(fasthess.HessianOperator(model, lambda o, t: ce(o.reshape(-1, 3), t), batches),
            dense_hessian_of(model, lambda p: ce(functional_call(model, p, (ids,)).reshape(-1, 3), y.reshape(-1))))
+
+
+@pytest.mark.parametrize("case, basis", [
+    ("checked", "checked: the forward's outputs split over the examples of the first chunk"),
+    ("batchnorm", "train-mode BatchNorm normalizing each chunk by its own statistics (ghost batches)"),
+    ("one chunk", "one chunk: the loss on the whole data as one batch"),
+    ("declared", "declared: BatchSpec(batch_loss=True)"),
+    ("graph", "assumed: nothing showed where the examples are")])
+def test_results_and_records_name_what_the_whole_data_hessian_rests_on(case, basis):
+    torch.manual_seed(0)
+    X, y = _data()
+    model, ce, kw = nn.Sequential(nn.Linear(4, 3)).double(), nn.CrossEntropyLoss(), {"batch_size": CHUNK}
+    data = (X, y)
+    if case == "batchnorm":
+        model = BNNet().double().train()
+    elif case == "one chunk":
+        kw = {}
+    elif case == "declared":
+        kw["batch"] = fasthess.BatchSpec(batch_loss=True)
+    elif case == "graph":
+        model, data, kw = _GraphPool().double(), [((torch.randn(5, 4, dtype=torch.float64), torch.tensor(
+            [0, 0, 1, 1, 1])), torch.tensor([0, 2]))] * 2, {}
+    assert basis in fasthess.lambda_max(model, ce, data, **kw).contract
+    tracker = fasthess.SharpnessTracker(ce, data, **kw)
+    assert basis in tracker.update(model).contract

@@ -41,7 +41,8 @@ def record_scalars(record: SharpnessRecord | Mapping[str, Any], prefix: str = "s
 
 def record_text(record: SharpnessRecord | Mapping[str, Any], prefix: str = "sharpness/") -> dict[str, str]:
     """The text fields of a record: ``basis`` (what the claim that θ₁ is λ_max rests on), ``precision`` (what it
-    assumes about rounding) and ``threshold_rule``, those that are set.
+    assumes about rounding), ``contract`` (what the operator's being the whole-data Hessian rests on) and
+    ``threshold_rule``, those that are set.
 
     >>> rec = SharpnessRecord(lambda_max=4.0, eigenvalues=(4.0,), residual=1e-6, error_bound=1e-9, converged=True,
     ...                       num_hvps=7, num_passes=2, seconds=0.1, warm_started=False,
@@ -50,5 +51,5 @@ def record_text(record: SharpnessRecord | Mapping[str, Any], prefix: str = "shar
     {'sharpness/basis': 'explored on the full data at this update'}
     """
     rec = _as_record(record)
-    return {f"{prefix}{name}": str(getattr(rec, name)) for name in ("basis", "precision", "threshold_rule")
+    return {f"{prefix}{name}": str(getattr(rec, name)) for name in ("basis", "precision", "contract", "threshold_rule")
             if getattr(rec, name)}
