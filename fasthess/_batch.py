@@ -72,20 +72,23 @@ def _grid(t, rows: int) -> int | None:
     return t.shape[1] if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] * t.shape[1] == rows else None
 
 
-def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False, fits: list | None = None):
+def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False, fits: list | str | None = None):
     """Rows ``lo:hi`` of every tensor leaf along its first dimension of length ``rows``, else its second (a
-    sequence-first output (T, N, ...)); ``seq_first``: the second first. ``fits`` (per leaf, from the split check:
-    (example dimension, rows per example), or None for a leaf with none, which is left whole) overrides that
-    order. A leaf whose first two dimensions (A, B) hold the rows (:func:`_grid`) is cut along the first at
-    lo/B:hi/B (``lo`` and ``hi`` multiples of B, see :func:`halfway`). Without ``fits``, a list of ``rows`` outputs
-    (one per example) is sliced. Other leaves unchanged."""
-    if fits is None and isinstance(tree, list) and len(tree) == rows:
+    sequence-first output (T, N, ...)); ``seq_first``: the second first. ``fits`` from the split check
+    (:func:`fasthess._model_split.output_fits`: per leaf (example dimension, rows per example), or a marker for a
+    leaf with none, which is left whole; or ``"items"``, one output per example in a sequence, which is sliced)
+    overrides that order. A leaf whose first two dimensions (A, B) hold the rows (:func:`_grid`) is cut along the
+    first at lo/B:hi/B (``lo`` and ``hi`` multiples of B, see :func:`halfway`). Without ``fits``, a list of ``rows``
+    outputs is sliced. Other leaves unchanged."""
+    if fits == "items" or fits is None and isinstance(tree, list) and len(tree) == rows:
         return tree[lo:hi]
     leaves, spec = pytree.tree_flatten(tree)
-    fits = fits if fits is not None and len(fits) == len(leaves) else None
+    fits = fits if isinstance(fits, list) and len(fits) == len(leaves) else None
 
     def cut(t, fit):
-        if not isinstance(t, torch.Tensor) or fits is not None and fit is None:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if fits is not None and not isinstance(fit, tuple):
             return t
         order = (fit[0],) if fit is not None else ((1, 0) if seq_first else (0, 1))
         d = next((d for d in order if t.dim() > d and t.shape[d] == rows), None)

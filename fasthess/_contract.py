@@ -25,7 +25,7 @@ from fasthess._batch import (Batch, cast_floating, halfway, join_rows, nonfinite
                              tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
-from fasthess._model_split import Split, check_model_splits, roundoff, worst_row_gap
+from fasthess._model_split import ITEMS, Split, check_model_splits, example_layout, roundoff, worst_row_gap
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
@@ -67,27 +67,39 @@ def detached(tree):
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
+def _moves(t: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of a leaf moved far enough in both directions to cross any threshold a loss may compare it with."""
+    t = t.detach()
+    if t.dtype == torch.bool:
+        return [~t]
+    if not (t.is_floating_point() or t.is_complex()):
+        return [t + 1, t - 1000, t + 1000]
+    return [t * 1.1 + 0.1, t + 1e3 * (t.abs() + 1), t - 1e3 * (t.abs() + 1)]
+
+
 def _leaves_read(value, probe, loss_of: Callable[[object], object]) -> list[int]:
-    """The numbers of the leaves of ``probe`` (the output, floating leaves requiring grad) that the loss
-    ``value = loss_of(probe)`` reads: through its graph, or (a ``.detach()``, an ``.item()``) because its value
-    changes when the leaf is moved."""
+    """The numbers of the tensor leaves of ``probe`` (the output; floating leaves require grad) that the loss
+    ``value = loss_of(probe)`` reads: through its graph, or (a ``.detach()``, an ``.item()``, a comparison, an
+    integer or boolean leaf) because its value changes when the leaf is moved (:func:`_moves`)."""
     leaves, spec = pytree.tree_flatten(probe)
-    wanted = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not (isinstance(value, torch.Tensor) and wanted):
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    if not (isinstance(value, torch.Tensor) and tensors):
         return []
     read = []
-    if value.requires_grad:
-        grads = torch.autograd.grad(value.sum(), [leaves[i] for i in wanted], allow_unused=True, retain_graph=True)
-        read = [i for i, g in zip(wanted, grads) if g is not None]
+    graphed = [i for i in tensors if leaves[i].requires_grad]
+    if value.requires_grad and graphed:
+        grads = torch.autograd.grad(value.sum(), [leaves[i] for i in graphed], allow_unused=True, retain_graph=True)
+        read = [i for i, g in zip(graphed, grads) if g is not None]
     with torch.no_grad():
-        for i in (i for i in wanted if i not in read):
-            moved = leaves[:i] + [leaves[i].detach() * 1.1 + 0.1] + leaves[i + 1:]
-            try:
-                other = loss_of(pytree.tree_unflatten(moved, spec))
-            except (RuntimeError, ValueError, TypeError, IndexError):
-                continue
-            if not (isinstance(other, torch.Tensor) and torch.equal(other.detach(), value.detach())):
-                read.append(i)
+        for i in (i for i in tensors if i not in read):
+            for moved in _moves(leaves[i]):
+                try:
+                    other = loss_of(pytree.tree_unflatten(leaves[:i] + [moved] + leaves[i + 1:], spec))
+                except (RuntimeError, ValueError, TypeError, IndexError):
+                    continue
+                if not (isinstance(other, torch.Tensor) and torch.equal(other.detach(), value.detach())):
+                    read.append(i)
+                    break
     return sorted(read)
 
 
@@ -254,10 +266,19 @@ class ContractChecks:
                 "runs the forward on the same data once per product, so each pass would see other data (and your "
                 "data would change). Use out-of-place operations (x = x * 0.5), or copy first (x = x.clone())")
         written = written_buffers(self.model, versions)
-        if written:  # a buffer filled once (a cache grown to the data's length) is not state: keep those written again
+        if written:  # a buffer filled once is not state if it is a cache grown to the data's length
             again = buffer_versions(self.model)
             self._first_output(batch)
-            written = {n: b for n, b in written.items() if n in written_buffers(self.model, again)}
+            rewritten = written_buffers(self.model, again)
+            initialized = sorted(n for n, b in written.items() if n not in rewritten
+                                 and (b.shape, b.dtype) == (versions[n][0].shape, versions[n][0].dtype))
+            if initialized:
+                raise StatefulModelError(
+                    f"the model's forward writes the buffer(s) {initialized[:3]} on its first call only: a "
+                    "data-dependent initialization (ActNorm, a normalizer fitted on the first batch it sees), so "
+                    "the Hessian would depend on which chunk came first. Initialize the model before fasthess (one "
+                    "forward of your data, or set the buffers), so that it is a fixed function of the parameters")
+            written = {n: b for n, b in written.items() if n in rewritten}
         refuse_stateful_forward(written, lambda buffers: self._first_output(batch, buffers), out, batch.rows)
         return out
 
@@ -306,8 +327,13 @@ class ContractChecks:
             self._check_penalty()
         rows = batch.rows
         split, basis = None, CONTRACT_BASES["declared" if self.data.spec.batch_loss else "one chunk"]
-        if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):  # one chunk: nothing to split
+        if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):
             split, basis = self._check_model_splits(batch, out, read=read)
+        elif not self.data.spec.batch_loss:  # one chunk: nothing to split, but where the examples are cuts the loss
+            with checking_forward():
+                split = example_layout(lambda a, kw: self._forward(self._checking_params(self._primals()),
+                                                                   replace(batch, args=a, kwargs=kw)),
+                                       batch.args, batch.kwargs, rows, out, self._seq_first())
         if self.data.spec.batch_loss:
             return None, basis  # declared per batch: nothing to split
         if self.loss.kind == "callable" and rows < 2:
@@ -426,8 +452,11 @@ class ContractChecks:
             out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
         b0, b1 = first.batch, chunk.batch
         rows = b0.rows + b1.rows
-        whole = [i for i, fit in enumerate(fits or ()) if fit is None]  # one value per batch, or not per example
-        joined_out = join_rows(out0, out, b0.rows, b1.rows, whole)
+        if fits == ITEMS:  # one output per example in a sequence
+            joined_out = type(out0)([*out0, *out]) if len(out0) == b0.rows and len(out) == b1.rows else None
+        else:  # leaves with no example dimension stay whole
+            whole = [i for i, fit in enumerate(fits or ()) if not isinstance(fit, tuple)] if fits else []
+            joined_out = join_rows(out0, out, b0.rows, b1.rows, whole)
         target = join_rows(b0.target, b1.target, b0.rows, b1.rows)
         if joined_out is None or target is None or (b0.weight is None) != (b1.weight is None) \
                 or not _finite(self._value64(out, b1)):

@@ -47,9 +47,10 @@ from torch.utils import _pytree as pytree
 
 from fasthess.errors import BatchDependentModelError
 
-Fits = list  # per output leaf: (example dimension d, rows per example m), or None for a leaf with none
+Fits = list  # per output leaf: (example dimension d, rows per example m), WHOLE, or None (not comparable)
 
-__all__ = ["Cut", "Split", "check_model_splits", "cuts", "output_fits", "roundoff", "worst_row_gap"]
+__all__ = ["ITEMS", "WHOLE", "Cut", "Split", "check_model_splits", "cuts", "example_layout", "output_fits", "roundoff",
+           "worst_row_gap"]
 
 
 def roundoff(dtype: torch.dtype) -> float:
@@ -77,7 +78,7 @@ class Split:
     output leaf's example dimension and rows per example (``fits``, None where none was found)."""
 
     cut: Cut
-    fits: Fits | None
+    fits: Fits | str | None
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,20 @@ def _sub_inputs(inputs, cut: Cut, index: torch.Tensor):
 def _output_dim(full: torch.Tensor, part: torch.Tensor, n: int, k: int,
                 inner: bool = False) -> tuple[int, int] | None:
     """The example dimension d of an output leaf and its rows per example m: length ``n·m`` in ``full``, ``k·m``
-    in ``part``, every other dimension equal; m = 1 first, then the second dimension first when the inputs were
-    cut along theirs (``inner``; a sub-batch of the chunk's size fits every dimension of length n). None when there
-    is none: the leaf is not per example."""
+    in ``part``; first where every other dimension is equal, then where another differs too (a batch trimmed to
+    its longest sequence), m = 1 first, and the second dimension first when the inputs were cut along theirs
+    (``inner``; a sub-batch of the chunk's size fits every dimension of length n). None when there is none: the
+    leaf is not per example."""
     if part.dim() != full.dim():
         return None
     order = [1, 0, *range(2, full.dim())] if inner and full.dim() > 1 else range(full.dim())
-    fits = [(d, full.shape[d] // n) for d in order if full.shape[d] % n == 0 and full.shape[d] >= n
-            and part.shape[d] * n == full.shape[d] * k
-            and full.shape[:d] + full.shape[d + 1:] == part.shape[:d] + part.shape[d + 1:]]
-    return min(fits, key=lambda f: f[1] != 1, default=None)
+    fits = [(full.shape[:d] + full.shape[d + 1:] != part.shape[:d] + part.shape[d + 1:], full.shape[d] // n != 1,
+             i, d, full.shape[d] // n) for i, d in enumerate(order)
+            if full.shape[d] % n == 0 and full.shape[d] >= n and part.shape[d] * n == full.shape[d] * k]
+    if not fits:
+        return None
+    *_, d, m = min(fits)
+    return d, m
 
 
 def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inner: bool) -> torch.Tensor:
@@ -148,26 +153,63 @@ def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inne
     return grouped.reshape(t.shape[:d] + (-1,) + t.shape[d + 1:])
 
 
-def output_fits(out, part, n: int, k: int, inner: bool = False) -> Fits | None:
-    """Each output leaf's (d, m) (:func:`_output_dim`) for a part of k of the n examples; None when the two outputs
-    have different structures (one leaf per example, say), so that no leaf can be compared."""
+WHOLE = "whole"  # a leaf with no example dimension and one shape at every batch size: one value per batch
+ITEMS = "items"  # the output is a list or tuple of one output per example
+
+
+def _leaf_fit(leaf, p, n: int, k: int, inner: bool):
+    """(d, m) of a per-example leaf, :data:`WHOLE` for one of the same shape in both, None otherwise."""
+    if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)):
+        return None
+    return _output_dim(leaf, p, n, k, inner) or (WHOLE if p.shape == leaf.shape else None)
+
+
+def output_fits(out, part, n: int, k: int, inner: bool = False) -> Fits | str | None:
+    """Each output leaf's fit (:func:`_leaf_fit`) for a part of k of the n examples; :data:`ITEMS` when the output
+    is a sequence of n outputs and the part one of k; None when the structures differ otherwise."""
     full_leaves, spec = pytree.tree_flatten(out)
     part_leaves, part_spec = pytree.tree_flatten(part)
-    if part_spec != spec:
-        return None
-    return [_output_dim(leaf, p, n, k, inner) if isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)
-            else None for leaf, p in zip(full_leaves, part_leaves)]
+    if part_spec == spec:
+        return [_leaf_fit(leaf, p, n, k, inner) for leaf, p in zip(full_leaves, part_leaves)]
+    if isinstance(out, (list, tuple)) and isinstance(part, (list, tuple)) and (len(out), len(part)) == (n, k):
+        return ITEMS
+    return None
+
+
+def _relative_gap(rows: torch.Tensor, p: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """max|rows − p| / max|scale| in float64 (``scale`` defaults to ``rows``: the chunk's leaf)."""
+    if rows.numel() == 0:
+        return 0.0
+    top = float((rows if scale is None else scale).detach().double().abs().max())
+    gap = float((rows.detach().double() - p.detach().double()).abs().max())
+    return gap / top if top > 0 else gap
+
+
+def _items_gap(out, part, index: torch.Tensor) -> tuple[float, int, bool] | None:
+    """The worst relative gap between output ``index[j]`` of the chunk and output j of the part (sequences of one
+    output per example), with j."""
+    worst = None
+    for j, e in enumerate(index.tolist()):
+        pairs = zip(pytree.tree_leaves(out[e]), pytree.tree_leaves(part[j]))
+        for a, b in pairs:
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                rel = _relative_gap(a, b)
+                if worst is None or not rel <= worst[0]:
+                    worst = (rel, j, True)
+    return worst
 
 
 def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
-                  whole: Collection[int] | None = (), fits: Fits | None = None) -> tuple[float, int, bool] | None:
+                  whole: Collection[int] | None = (), fits: Fits | str | None = None) -> tuple[float, int, bool] | None:
     """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
     example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Leaves with no
-    example dimension are compared whole when their number is in ``whole`` (None: all): one value per batch (a
-    load-balancing loss, a batch mean) must not change with the batch if the loss reads it. ``fits``: each leaf's
-    example dimension, found on a part of another size (default: on this one; a part of the chunk's own size fits
-    every dimension of length n)."""
+    example dimension (:data:`WHOLE`) are compared whole when their number is in ``whole`` (None: all): one value
+    per batch (a load-balancing loss, a batch mean) must not change with the batch if the loss reads it. ``fits``:
+    each leaf's fit, found on a part of another size (default: on this one; a part of the chunk's own size fits
+    every dimension of length n), or :data:`ITEMS`."""
     fits = fits if fits is not None else output_fits(out, part, n, len(index), inner)
+    if fits == ITEMS:
+        return _items_gap(out, part, index) if isinstance(part, (list, tuple)) and len(part) == len(index) else None
     full_leaves, part_leaves = pytree.tree_leaves(out), pytree.tree_leaves(part)
     if fits is None or len(part_leaves) != len(full_leaves):
         return None
@@ -175,20 +217,19 @@ def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
     for i, (leaf, p, fit) in enumerate(zip(full_leaves, part_leaves, fits)):
         if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
             continue
-        full = leaf.detach().double()
-        if fit is not None:
-            rows = _examples(full, fit[0], n, fit[1], index, inner)
-        elif (whole is None or i in whole) and p.shape == leaf.shape and leaf.is_floating_point():
-            rows = full
+        if fit == WHOLE:
+            if not (whole is None or i in whole) or p.shape != leaf.shape:
+                continue
+            rows = leaf
+        elif fit is not None:
+            rows = _examples(leaf.detach().double(), fit[0], n, fit[1], index, inner)
         else:
             continue
         if rows.shape != p.shape:
             continue
-        scale = float(full.abs().max())
-        gap = float((rows - p.detach().double()).abs().max())
-        rel = gap / scale if scale > 0 else gap
+        rel = _relative_gap(rows, p, leaf)
         if worst is None or not rel <= worst[0]:
-            worst = (rel, i, fit is not None)
+            worst = (rel, i, fit != WHOLE)
     return worst
 
 
@@ -268,26 +309,45 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
                   "inputs' first dimension, the length of the targets' leading one: if the targets are "
                   "sequence-first too ((T, N, ...)), pass them batch-first (y.T, the loss permuting the output to "
                   "match), so that their leading dimension counts the examples")
-    k = len(_spread(cut.n))
+    k = len(set(index.tolist()))
+    copies = f", {len(index) - k} copies of one of them added" if len(index) > k else ""
     grouped = f"; its {rows} target rows read as {cut.n} examples of {rows // cut.n} rows" if cut.n != rows else ""
-    seen = (f"the outputs of {k} of its examples differ from those of the same examples run as a batch of their own, "
-            f"the first copied {len(index) - k} times (relative difference {gap:.3g} in output tensor {leaf}"
+    seen = (f"the outputs of {k} of its examples differ from those of the same examples run as a batch of their own"
+            f"{copies} (relative difference {gap:.3g} in output tensor {leaf}"
             if per_example else
             f"output tensor {leaf}, which the loss reads and which has no example dimension (one value per batch), "
-            f"changes when {k} of its examples, the first copied {len(index) - k} times, are run as a batch of their "
-            f"own (relative difference {gap:.3g}")
+            f"changes when {k} of its examples are run as a batch of their own{copies} (relative difference {gap:.3g}")
     raise BatchDependentModelError(
         f"{'either an input table is shared by every example, or ' if shared else ''}"
         f"the model's forward mixes the examples of a batch: on {where} ({cut.n} examples{grouped}), {seen}; roundoff "
         f"would be below {tol:g}). "
         "Functional batch statistics (F.batch_norm(..., training=True) outside a BatchNorm module), batch centring or "
         "whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity and "
-        "batch-level outputs (a load-balancing loss, a batch mean) do this; the Hessian of the loss on the whole "
+        "batch-level outputs (a load-balancing loss, a batch mean, a loss computed inside the forward such as Hugging "
+        "Face's out.loss: compute that one in loss_fn from the logits) do this; the Hessian of the loss on the whole "
         "data is then not a sum over chunks. Fix: call model.eval() if the mixing is train-mode only; or, if you "
         "mean the ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
         "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "
         "(batch_size=<the training batch size>, or a DataLoader of them): the result is then that ghost-batch "
         f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}{layout}")
+
+
+def example_layout(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int, out,
+                   seq_first: bool = False) -> Split | None:
+    """Where the examples are in the inputs and in each output leaf, without judging the split: the first cut's
+    first sub-batch, for data that is one chunk (whose split does not matter, but whose loss is still cut in
+    halves). None when nothing shows it."""
+    found = cuts((args, kwargs), rows, seq_first)
+    spread = _spread(found[0].n) if found else torch.zeros(0)
+    if not len(spread):
+        return None
+    index = torch.cat([spread, spread[:1].repeat(max(3 * len(spread), COPIES))])
+    try:
+        with torch.enable_grad():
+            part = forward(*_sub_inputs((args, kwargs), found[0], index))
+    except FORWARD_ERRORS:
+        return None
+    return Split(found[0], output_fits(out, part, found[0].n, len(index), found[0].inner))
 
 
 def _spread(n: int) -> torch.Tensor:
@@ -315,15 +375,16 @@ class _SubBatches:
             return self.forward(*_sub_inputs(self.inputs, cut, index))
 
     def judge(self, cut: Cut, hint: str,
-              where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | None]:
-        """The worst (gap, output leaf, per example, index) of three sub-batches, and the output leaves' fits: k spread examples followed by
-        max(3k, COPIES) copies of the first (copies overflow a capacity); the same followed by copies up to the
-        chunk's own size n (a forward that takes only some batch sizes, or mixes only at some, takes the chunk's);
-        the other n − k examples followed by k copies of the first of them (a batch statistic that the spread
-        examples hold, a maximum or a mode, is missing there). Each output leaf's example dimension is found on
-        the first sub-batch (its size is not n, so a dimension of length n that is not the examples' does not
-        fit). A worst of None: nothing to judge; when none runs, a failure with flat indices passed whole (``hint``) is
-        refused, since it most likely comes from cutting their offsets."""
+              where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
+        """The worst (gap, output leaf, per example, index) over sub-batches of the chunk run alone, and the output
+        leaves' fits. The sub-batches: k spread examples followed by max(3k, COPIES) copies of the first (copies
+        overflow a capacity); the same followed by copies up to the chunk's own size n (a forward that takes only
+        some batch sizes, or mixes only at some, takes the chunk's); the other n − k examples followed by k copies
+        of the first of them (a batch statistic that the spread examples hold, a maximum or a mode, is missing
+        there); and each spread example alone (a statistic that ties across those batches, such as the longest
+        length in a batch trimmed to it, is the example's own). Each output leaf's fit is found on the first
+        sub-batch, whose size is not n. A worst of None: nothing to judge; when none runs, a failure with flat
+        indices passed whole (``hint``) is refused, since it most likely comes from cutting their offsets."""
         spread = _spread(cut.n)
         k = len(spread)
         if k < 1:
@@ -332,7 +393,8 @@ class _SubBatches:
         rest[spread] = False
         rest = rest.nonzero().squeeze(1)
         batches = [torch.cat([spread, spread[:1].repeat(max(3 * k, COPIES))]),
-                   torch.cat([spread, spread[:1].repeat(cut.n - k)]), torch.cat([rest, rest[:1].repeat(k)])]
+                   torch.cat([spread, spread[:1].repeat(cut.n - k)]), torch.cat([rest, rest[:1].repeat(k)]),
+                   *spread.split(1)]
         fits, worst, failure = None, None, None
         for i, index in enumerate(batches):
             try:
@@ -341,7 +403,7 @@ class _SubBatches:
                 failure = exc
                 continue
             if i == 0:
-                fits = output_fits(self.out, part, cut.n, len(index), cut.inner) or []  # []: nothing comparable
+                fits = output_fits(self.out, part, cut.n, len(index), cut.inner)  # None: found per sub-batch
             gap = worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read, fits)
             if gap is not None and (worst is None or not gap[0] <= worst[0]):
                 worst = (*gap, index)

@@ -33,7 +33,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from fasthess._data import Chunk
-from fasthess.errors import StochasticModelError
+from fasthess.errors import StochasticModelError, UnsupportedModelError
 from fasthess._contract import scalar_value
 from fasthess._model_operator import ModelOperator, PassState
 
@@ -90,5 +90,11 @@ class GGNOperator(ModelOperator):
                 raise StochasticModelError(
                     "the model draws random numbers in its forward pass (e.g. functional dropout), so the GGN is not "
                     "a fixed matrix; disable the randomness, or pass allow_stochastic=True") from exc
-            raise
+            if "ZeroTensors are immutable" not in str(exc):
+                raise  # the operator names the other known causes (a fused attention kernel, saved-tensor hooks)
+            raise UnsupportedModelError(
+                f"the GGN's products (torch.func's jvp and vjp under vmap) failed ({str(exc)[:160]}); a loss that "
+                "builds tensors from the targets inside it (F.one_hot(y), torch.eye(C)[y], scatter) does this. Build "
+                "such targets in the data (one-hot float targets), or use curvature='hessian' (HessianOperator), "
+                "which does not use these transforms") from exc
         return products, loss.detach()

@@ -717,7 +717,7 @@ def test_a_capacity_floor_above_the_copies_is_overflowed_at_the_chunks_size():
     torch.manual_seed(0)
     model = _CapacityMoE(False, floor=80).double()
     X, y = torch.randn(240, 5, dtype=torch.float64), torch.randint(0, 3, (240,))
-    with pytest.raises(BatchDependentModelError, match="copied 112 times"):
+    with pytest.raises(BatchDependentModelError, match="112 copies of one of them"):
         fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=120)
 
 
@@ -816,7 +816,7 @@ def test_flat_indices_whose_sub_batch_fails_are_refused_as_unjudgeable_with_the_
     the split, so the model is refused (a bag followed by batch centring was certified this way)."""
     torch.manual_seed(0)
     batches, model, ce = _bags(), _SegmentBag().double(), nn.CrossEntropyLoss()
-    with pytest.raises(BatchDependentModelError, match=r"cannot check.*failed on a sub-batch.*batch_loss=True"):
+    with pytest.raises(BatchDependentModelError, match=r"(cannot check|mixes the examples).*batch_loss=True"):
         fasthess.lambda_max(model, ce, batches)
     _check(fasthess.HessianOperator(model, ce, batches, batch=fasthess.BatchSpec(batch_loss=True)),
            _bags_hessian(model, batches, ce))
@@ -859,7 +859,7 @@ def test_a_forward_that_takes_only_some_batch_sizes_is_judged_at_the_chunks_size
     torch.manual_seed(0)
     X, y = _data()
     ce = nn.CrossEntropyLoss()
-    with pytest.raises(BatchDependentModelError, match=r"mixes the examples.*10 examples.*copied 6 times"):
+    with pytest.raises(BatchDependentModelError, match=r"mixes the examples.*10 examples"):
         fasthess.lambda_max(_Grouped(True).double(), ce, (X, y), batch_size=CHUNK)
     model = _Grouped(False).double()
     _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, N))
@@ -1367,3 +1367,130 @@ def test_results_and_records_name_what_the_whole_data_hessian_rests_on(case, bas
     assert basis in fasthess.lambda_max(model, ce, data, **kw).contract
     tracker = fasthess.SharpnessTracker(ce, data, **kw)
     assert basis in tracker.update(model).contract
+
+
+# ---- red team 10 --------------------------------------------------------------------------------------------------
+class _ListCentred(Centred):
+    """One output per example in a list, after centring over the batch."""
+
+    def forward(self, x):
+        return list(super().forward(x))
+
+
+class _IntStat(Centred):
+    """Logits and the batch's majority prediction (an integer), or a flag that a batch statistic passed 0.5."""
+
+    def __init__(self, flag: bool = False) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        z = self.fc2(h)
+        return z, (h.abs().mean() > 0.5 if self.flag else torch.mode(z.argmax(1)).values)
+
+
+def _int_stat_loss(out, y):
+    z, stat = out
+    if stat.dtype == torch.bool:
+        return F.cross_entropy(z, y) * (2.0 if stat else 1.0)
+    return F.cross_entropy(z, y) + 0.5 * F.cross_entropy(z, stat.expand(len(z)))
+
+
+class _TrimmedMean(nn.Module):
+    """Trims the batch to its longest sequence and pools with an unmasked mean: each example's output depends on
+    the longest length in its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.out = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.e(ids[:, :int((ids != 0).sum(1).max())]).mean(1)))
+
+
+def _trimmed_data():
+    """Lengths 3 and 4 (both in every sub-batch of the first chunk), one of 5 in the last chunk."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 5, (N,), generator=g)
+    lengths[-1] = 5
+    return torch.randint(1, 6, (N, 5), generator=g) * (torch.arange(5) < lengths[:, None]), \
+        torch.randint(0, 3, (N,), generator=g)
+
+
+@pytest.mark.parametrize("case", ["list", "majority", "flag", "trimmed"])
+def test_red_team_10_mixing_forms_are_refused(case):
+    """Each was certified: a list output's centring (its structure changes with the batch size, so nothing was
+    compared); an integer or boolean batch statistic the loss reads (only floating leaves were compared, and only
+    a small move tested whether the loss reads one); a pad-to-longest pooling whose longest length ties across
+    the spread sub-batches (each spread example is now judged alone too)."""
+    torch.manual_seed(0)
+    X, y = _data()
+    if case == "trimmed":
+        ids, y = _trimmed_data()
+        data, model, loss = [(ids[s:s + 8], y[s:s + 8]) for s in range(0, N, 8)], _TrimmedMean(), F.cross_entropy
+    else:
+        model = {"list": _ListCentred(), "majority": _IntStat(), "flag": _IntStat(flag=True)}[case]
+        loss = _list_loss if case == "list" else _int_stat_loss
+        data = [(X[s:s + 8], y[s:s + 8]) for s in range(0, N, 8)]
+    with pytest.raises(BatchDependentModelError, match="mixes the examples"):
+        fasthess.lambda_max(model.double(), loss, data)
+
+
+class _LazyNorm(Centred):
+    """Fits its input normalization on the first batch it sees (ActNorm-style data-dependent initialization)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(4, dtype=torch.float64))
+        self.register_buffer("ready", torch.tensor(False))
+
+    def forward(self, x):
+        if not self.ready:
+            self.shift.copy_(x.mean(0))
+            self.ready.fill_(True)
+        return self.fc2(torch.tanh(self.fc1(x - self.shift)))
+
+
+def test_a_buffer_initialized_from_the_first_batch_is_refused_and_left_as_it_was():
+    X, y = _data()
+    model = _LazyNorm().double()
+    with pytest.raises(StatefulModelError, match=r"first call only: a data-dependent initialization.*Initialize"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+    assert not model.ready and not model.shift.any()
+
+
+@pytest.mark.parametrize("case", ["prior", "time-major", "tuple"])
+def test_one_chunk_and_tuple_outputs_are_cut_where_the_examples_are(case):
+    """Data that is one chunk skips the split check but still cuts the loss in halves: a learned vector or a time
+    axis as long as the batch was cut as the examples; a tuple of per-example outputs was not cut at all."""
+    torch.manual_seed(0)
+    X, y = _data(n=CHUNK)
+    if case == "time-major":
+        X, y = torch.randn(CHUNK, CHUNK, 4, dtype=torch.float64), torch.randint(0, 3, (CHUNK, CHUNK))
+    model = {"prior": _ClassPrior(), "time-major": _ClassPrior(True), "tuple": _PerExampleList()}[case].double()
+    loss = {"prior": _prior_loss, "time-major": _time_major_loss, "tuple": _list_loss}[case]
+    forward = (lambda p: tuple(functional_call(model, p, (X,)))) if case == "tuple" else \
+        (lambda p: functional_call(model, p, (X,)))
+    wrapped = _AsTuple(model) if case == "tuple" else model
+    _check(fasthess.HessianOperator(wrapped, loss, (X, y), batch_size=CHUNK if case == "tuple" else None),
+           dense_hessian_of(model, lambda p: loss(forward(p), y)))
+
+
+class _AsTuple(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(self.model(x))
+
+
+def test_a_ggn_of_a_loss_that_builds_one_hot_targets_names_the_fix():
+    """torch.func's transforms raised PyTorch's raw 'ZeroTensors are immutable'."""
+    torch.manual_seed(0)
+    X, y = _data()
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    with pytest.raises(UnsupportedModelError, match=r"F.one_hot.*curvature='hessian'"):
+        fasthess.lambda_max(model, lambda o, t: F.mse_loss(o, F.one_hot(t, 3).to(o.dtype)), (X, y),
+                            batch_size=CHUNK, curvature="ggn")
