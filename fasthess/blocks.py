@@ -27,9 +27,10 @@ The same holds for the generalized Gauss-Newton matrix G = Jᵀ (∇²_o ℓ) J 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,8 +41,8 @@ from fasthess._model_operator import PassState
 from fasthess.errors import FasthessError
 from fasthess.ggn import GGNOperator
 from fasthess.hessian import HessianOperator
-from fasthess.lanczos import (Outcome, check_options, default_block_size, lanczos_steps, precision_checked,
-                               products_dtype)
+from fasthess.lanczos import (Outcome, check_options, check_span, default_block_size, lanczos_steps,
+                               precision_checked, products_dtype)
 from fasthess.linop import fixed
 from fasthess.results import EigResult
 
@@ -172,25 +173,49 @@ class _Solve:
             self.outcome, self.seconds = stop.value, seconds
 
 
-class _BlockView:
-    """One diagonal block of an operator as an operator on the block's own coordinates: what the float64 check of a
-    block's Ritz vectors multiplies (:func:`fasthess.lanczos.precision_checked`, :mod:`fasthess._certificate`)."""
+class _CheckedImages:
+    """One block's float64 products of its check rows (:func:`fasthess.lanczos.check_span`), all blocks' computed
+    in one data pass (:func:`_float64_images`), served to :func:`fasthess.lanczos.precision_checked` as the float64
+    twin of the block's operator (or the failure of that pass, raised as the twin's would be)."""
 
-    def __init__(self, op: HessianOperator | GGNOperator, solve: _Solve) -> None:
-        self.op, self.solve, self.num_hvps = op, solve, 0
+    def __init__(self, images: torch.Tensor | Exception) -> None:
+        self.images, self.num_hvps = images, 0
 
-    def in_float64(self) -> _BlockView:
-        return _BlockView(self.op.in_float64(), self.solve)
+    def in_float64(self) -> _CheckedImages:
+        return self
 
-    def fixed_weights(self):
-        return self.op.fixed_weights()
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        yield
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
-        """H_bb X for X in the block's coordinates (n_b, j)."""
-        V = torch.zeros(self.op.num_params, X.shape[1], dtype=torch.float64, device=self.op.device)
-        V[self.solve.index] = X
+        """H_bb X (n_b, j) for X the block's check rows, transposed."""
+        if isinstance(self.images, Exception):
+            raise self.images
+        if self.images.shape != X.shape:
+            raise RuntimeError(f"the float64 images are {tuple(self.images.shape)}, not {tuple(X.shape)}")
         self.num_hvps += X.shape[1]
-        return _product_of(self.op)(V, [self.solve.support] * X.shape[1])[self.solve.index]
+        return self.images
+
+
+def _float64_images(op: HessianOperator | GGNOperator, solves: dict[str, _Solve]) -> dict[str, _CheckedImages]:
+    """Every block's check rows multiplied by the float64 twin of ``op`` in one data pass (a separate pass per block
+    would cost a full float64 pass each)."""
+    spans = {name: check_span(s.outcome) for name, s in solves.items()}
+    widths = [span.shape[0] for span in spans.values()]
+    columns = dict(zip(spans, torch.arange(sum(widths), device=op.device).split(widths)))
+    V = torch.zeros(op.num_params, sum(widths), dtype=torch.float64, device=op.device)
+    for name, s in solves.items():
+        V[s.index[:, None], columns[name]] = spans[name].T.to(V.device)
+    twin = op.in_float64()
+    try:
+        with fixed(twin):
+            HV = _product_of(twin)(V, [solves[name].support for name in spans for _ in columns[name]])
+    except FasthessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each block's check reports it, as eigs' check does
+        return {name: _CheckedImages(exc) for name in solves}
+    return {name: _CheckedImages(HV[s.index[:, None], columns[name]]) for name, s in solves.items()}
 
 
 #: ``product(V, supports)``: the operator's columns V[:, j] in the rows of the parameter tensors ``supports[j]``
@@ -234,7 +259,9 @@ def _lockstep(op: HessianOperator | GGNOperator, product: BlockProduct,
             HV = product(V, [s.support for s, w in zip(live, widths) for _ in range(w)])
             for s, cols in zip(live, columns):
                 s.answer(HV[s.index[:, None], cols].T, time.perf_counter() - t0)
-    return {name: precision_checked(_BlockView(op, s), s.outcome, products_dtype(op)).result(
+    dtype = products_dtype(op)
+    twins = _float64_images(op, solves) if dtype != torch.float64 else {}
+    return {name: precision_checked(twins.get(name), s.outcome, dtype).result(
         s.num_hvps, s.num_passes, s.seconds, getattr(op, "contract", None)) for name, s in solves.items()}
 
 

@@ -207,6 +207,13 @@ def products_dtype(op) -> torch.dtype:
     return getattr(op, "compute_dtype", getattr(op, "dtype", torch.float64))
 
 
+def check_span(out: Outcome) -> torch.Tensor:
+    """The rows the float64 check multiplies: the wanted Ritz vectors and the next ones (``ritz_vectors``, most
+    wanted first; see :func:`~fasthess._certificate.float64_reach`)."""
+    k = out.cert.vectors.shape[0]
+    return torch.cat([out.cert.vectors, out.ritz_vectors.T[k:].to(out.cert.vectors.dtype)])
+
+
 def precision_checked(op, out: Outcome, products: torch.dtype) -> Outcome:
     """``out`` with its bounds checked against float64 products of its Ritz vectors when its products are below
     float64 (:mod:`fasthess._certificate`, :func:`~fasthess._certificate.floor_suffices`); ``precision`` names what
@@ -216,11 +223,10 @@ def precision_checked(op, out: Outcome, products: torch.dtype) -> Outcome:
         return out
     images, used = None, 0
     k = out.cert.vectors.shape[0]
+    span = check_span(out)
     if not hasattr(op, "in_float64"):
         why = "the operator has no float64 products"
     else:
-        # the wanted Ritz vectors and the next ones (ritz_vectors, most wanted first): see float64_reach
-        span = torch.cat([out.cert.vectors, out.ritz_vectors.T[k:].to(out.cert.vectors.dtype)])
         twin = op.in_float64()
         try:
             with fixed(twin):
