@@ -276,9 +276,10 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         args, kwargs = batch.args, batch.kwargs
         if not args and takes_whole_dict(self._signature, kwargs):
             args, kwargs = (kwargs,), {}
-        if self.compute_dtype != self.dtype:  # a half-precision model runs in float32 for the products
-            params = {**{n: b.to(self.compute_dtype) for n, b in self.model.named_buffers()
-                         if b.is_floating_point()}, **params}
+        if self.compute_dtype != self.dtype:  # a half-precision model runs in float32, the float64 twin in float64
+            frozen = [*self.model.named_buffers(), *self.model.named_parameters()]  # parameters left out by params=
+            params = {**{n: t.detach().to(self.compute_dtype) for n, t in frozen if t.is_floating_point()},
+                      **{n: t.to(self.compute_dtype) if t.is_floating_point() else t for n, t in params.items()}}
             args, kwargs = cast_floating((args, kwargs), self.compute_dtype)
         return functional_call(self.model, params, args, kwargs, strict=False)
 

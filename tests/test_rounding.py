@@ -156,3 +156,16 @@ def test_float32_rounding_that_reorders_the_top_pair_is_not_certified(seed):
         decision = fasthess.compare_lambda_max(fasthess.HessianOperator(model, bce, (X, y)), (3 * lam + lam2) / 4,
                                                tol=1e-6)
     assert decision.above is not False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_params_subset_of_a_low_precision_model_is_checked_against_float64_products(dtype):
+    """The parameters left out by params= stayed in the model's dtype in the float64 twin (and in the float32
+    products of a bf16 model), so the check failed ('Input type (double) and bias type (float)') and a float32
+    claim at tol 1e-4 rested on the modelled floor alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    X, y = torch.randn(40, 4).to(dtype), torch.randint(0, 3, (40,))
+    res = fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=10, params=[model[0].weight])
+    assert res.precision.startswith("float32 products, checked against float64 products"), res.precision
+    assert res.converged.all()
