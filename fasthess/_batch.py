@@ -75,7 +75,7 @@ def _grid(t, rows: int) -> int | None:
 def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False, fits: list | str | None = None):
     """Rows ``lo:hi`` of every tensor leaf along its first dimension of length ``rows``, else its second (a
     sequence-first output (T, N, ...)); ``seq_first``: the second first. ``fits`` from the split check
-    (:func:`fasthess._model_split.output_fits`: per leaf (example dimension, rows per example), or a marker for a
+    (:func:`fasthess._examples.output_fits`: per leaf (example dimension, rows per example), or a marker for a
     leaf with none, which is left whole; or ``"items"``, one output per example in a sequence, which is sliced)
     overrides that order. A leaf whose first two dimensions (A, B) hold the rows (:func:`_grid`) is cut along the
     first at lo/B:hi/B (``lo`` and ``hi`` multiples of B, see :func:`halfway`). Without ``fits``, a list of ``rows``
@@ -123,29 +123,31 @@ def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def join_rows(a, b, rows_a: int, rows_b: int, whole: Collection[int] = ()):
-    """Two trees of one structure joined along the rows (tensor leaves whose leading dimensions are ``rows_a`` and
-    ``rows_b``; other leaves, and those numbered in ``whole``, from ``a``), ragged trailing dimensions padded to the
-    longer (see :func:`_pad_to`), or None when the structures or a joined pair's ranks differ, or nothing can be
-    joined."""
+def join_rows(a, b, rows_a: int, rows_b: int, whole: Collection[int] = (), dims: list[int] | None = None):
+    """Two trees of one structure joined along the rows (tensor leaves whose leading dimensions, or dimension
+    ``dims[i]`` for leaf i, are ``rows_a`` and ``rows_b``; other leaves, and those numbered in ``whole``, from ``a``),
+    ragged other dimensions padded to the longer (see :func:`_pad_to`), or None when the structures or a joined
+    pair's ranks differ, or nothing can be joined."""
     leaves_a, spec = pytree.tree_flatten(a)
     leaves_b, spec_b = pytree.tree_flatten(b)
     if spec != spec_b:
         return None
 
-    def rows(t, n: int) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+    def rows(t, n: int, d: int) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == n
 
     joined = []
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
-        if i in whole or not (rows(x, rows_a) and rows(y, rows_b)):
+        d = dims[i] if dims is not None and i < len(dims) else 0
+        if i in whole or not (rows(x, rows_a, d) and rows(y, rows_b, d)):
             joined.append(x)
             continue
         if x.dim() != y.dim():
             return None
+        x, y = x.movedim(d, 0), y.movedim(d, 0)
         shape = (0, *(max(m, n) for m, n in zip(x.shape[1:], y.shape[1:])))
-        joined.append(torch.cat([_pad_to(x, shape), _pad_to(y, shape)]))
-    if not any(j is not x for j, x in zip(joined, leaves_a)):
+        joined.append(torch.cat([_pad_to(x, shape), _pad_to(y, shape)]).movedim(0, d))
+    if all(j is x for j, x in zip(joined, leaves_a)):
         return None  # nothing had rows to join (an output type pytree cannot open)
     return pytree.tree_unflatten(joined, spec)
 

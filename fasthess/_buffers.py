@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from fasthess._model_split import worst_row_gap
+from fasthess._examples import worst_row_gap
 from fasthess.errors import StatefulModelError
 
 __all__ = ["KeptBuffers", "buffer_slots", "buffer_versions", "refuse_stateful_forward", "written_buffers"]
@@ -114,7 +114,7 @@ def refuse_stateful_forward(written: dict[str, torch.Tensor], run: Callable[[dic
     written."""
     if not written:
         return
-    worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows), whole=None)
+    worst = worst_row_gap(out, run({n: _nudged(b) for n, b in written.items()}), rows, torch.arange(rows))
     if worst is None or worst[0] == 0:
         return
     cause = ("A normalization module with its own train-mode forward that reads the running statistics it updates "

@@ -25,7 +25,8 @@ from fasthess._batch import (Batch, cast_floating, halfway, join_rows, nonfinite
                              tensors_of)
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
-from fasthess._model_split import ITEMS, Split, check_model_splits, example_layout, roundoff, worst_row_gap
+from fasthess._examples import ITEMS, Split, roundoff, worst_row_gap
+from fasthess._model_split import check_model_splits, example_layout
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
@@ -397,7 +398,7 @@ class ContractChecks:
         """Does a second forward of ``batch`` differ from its first output ``out`` beyond roundoff ``tol``? (After a
         refusal as mixing only: a random forward that the default generators do not show looks like one that
         mixes.)"""
-        worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows), whole=None)
+        worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows))
         return worst is not None and worst[0] > tol
 
     def _checking_params(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -426,8 +427,8 @@ class ContractChecks:
         with checking_forward():
             try:
                 out = detached(self._forward(self._checking_params(self._primals()), batch))
-            except (RuntimeError, ValueError, IndexError, TypeError):
-                return CONTRACT_BASES["unjudged"]  # the joined rows are not an input this model takes, as for a sub-batch
+            except (RuntimeError, ValueError, IndexError, TypeError):  # not an input this model takes
+                return CONTRACT_BASES["unjudged"]
         return self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined")[1]
 
     def _value64(self, out, batch):
@@ -455,8 +456,9 @@ class ContractChecks:
         if fits == ITEMS:  # one output per example in a sequence
             joined_out = type(out0)([*out0, *out]) if len(out0) == b0.rows and len(out) == b1.rows else None
         else:  # leaves with no example dimension stay whole
-            whole = [i for i, fit in enumerate(fits or ()) if not isinstance(fit, tuple)] if fits else []
-            joined_out = join_rows(out0, out, b0.rows, b1.rows, whole)
+            whole = [i for i, fit in enumerate(fits or ()) if not isinstance(fit, tuple)]
+            dims = [fit[0] if isinstance(fit, tuple) else 0 for fit in fits] if fits else None
+            joined_out = join_rows(out0, out, b0.rows, b1.rows, whole, dims)
         target = join_rows(b0.target, b1.target, b0.rows, b1.rows)
         if joined_out is None or target is None or (b0.weight is None) != (b1.weight is None) \
                 or not _finite(self._value64(out, b1)):

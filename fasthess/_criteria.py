@@ -18,12 +18,14 @@ divides by on chunk c (W = 1 for a sum). Two kinds of loss are accepted:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils import _pytree as pytree
 
 from fasthess._batch import Batch
 from fasthess._unsupported import CTC_FIX
@@ -210,6 +212,13 @@ class LossCallable:
         try:
             v1, v2 = (value_of(o, b) for o, b in halves)
         except (RuntimeError, ValueError, IndexError) as exc:
+            opaque = [type(t).__name__ for t in pytree.tree_leaves(out) if dataclasses.is_dataclass(t)]
+            if opaque:
+                raise LossContractError(
+                    f"the model returns a {opaque[0]} dataclass, which fasthess cannot open to cut its rows into the "
+                    f"halves of the first chunk ({type(exc).__name__}: {str(exc)[:120]}); return a dict or a tuple, "
+                    f"or register the class as a pytree: torch.utils._pytree.register_dataclass({opaque[0]}) (Hugging "
+                    "Face's ModelOutput is one already)") from exc
             raise LossContractError(
                 f"the loss failed on half of the first chunk ({type(exc).__name__}: {str(exc)[:160]}): cut at example "
                 f"{batch.rows // 2} of {batch.rows}, the output and the targets no longer match, so the output's "

@@ -196,10 +196,13 @@ class ChunkedData:
 
     @property
     def one_chunk(self) -> bool:
-        """Is the whole data one chunk (in-memory tensors within one ``batch_size``, or a list of one batch)? Then
-        the loss on the whole data as one batch is the one chunk's, whatever the forward mixes."""
+        """Is the whole data one chunk (in-memory tensors within one ``batch_size``, a list of one batch, a loader or
+        dataset of one batch)? Then the loss on the whole data as one batch is the one chunk's, whatever the forward
+        mixes."""
         if self._tensors is not None:
             return self._tensors[0].shape[0] <= self.batch_size
+        if isinstance(self._source, DataLoader) and not isinstance(self._source.dataset, IterableDataset):
+            return len(self._source) == 1
         return isinstance(self._source, (list, tuple)) and len(self._source) == 1
 
     @property

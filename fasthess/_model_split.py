@@ -4,30 +4,28 @@ The Hessian of the loss on the whole data assumes that example i's output depend
 oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional batch statistics, batch centring or
 whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
-whole data. On the first chunk, k ≈ min(n // 2, 8) examples (even when k > 1) spread over its n examples (every
-⌊n/k⌋-th) are run as a batch of their own followed by max(3k, 64) copies of the first of them, and every row of
-that batch is compared with the chunk's row of the same example, to roundoff: extra forwards of
-k + max(3k, 64) and of n examples per point at which the split is judged. Any mixing makes an example's output depend on
-which other examples share its batch; the spread sub-batch breaks up neighbours and a causal order across the
-examples as well as batch statistics, and the copies put most of the batch on one route, so a capacity measured
-against the batch's load overflows (a sub-batch of distinct examples is too small to overflow one). The spread
-examples followed by copies up to the chunk's own size n are judged too: a forward that takes only some batch
-sizes (one that views the batch as groups of g examples), or mixes only at some (odd ones, large ones), takes
-and mixes the chunk's. A first chunk of one example shows no mixing alone; it is judged
-joined with the next chunk, as one batch (:mod:`fasthess._contract`).
+whole data. On the first chunk, k ≈ min(n // 2, 8) of its n examples (even when k > 1), spread over it (every
+⌊n/k⌋-th), are run in batches of their own, and every output row of such a batch is compared with the chunk's row
+of the same example, to roundoff (:meth:`_SubBatches.judge`): the k followed by max(3k, 64) copies of the first
+(the copies put most of the batch on one route, so a capacity measured against the batch's load overflows); the k
+followed by copies up to the chunk's size n (a forward that takes only some batch sizes, or mixes only at some,
+takes and mixes the chunk's); the other n − k followed by k copies (a statistic the k hold, a maximum, is missing
+there); and each of the k alone (a statistic that ties across those batches is the example's own). Any mixing
+makes an example's output depend on which other examples share its batch; the spread breaks up neighbours and a
+causal order across the examples as well as batch statistics. Only the output leaves the loss reads are judged
+(no other reaches the Hessian); those with no example dimension are compared whole (one value per batch must not
+change with the batch). All of it runs at θ and at a
+perturbed θ. A first chunk of one example shows no mixing alone; it is judged joined with the next chunk, as one
+batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
 the chunk), so such a model agrees row by row unless something else mixes the examples.
 
-Examples (:func:`cuts`): an input tensor's example dimension is its first dimension of length ``rows`` (the
-targets' leading dimension), or its second for sequence-first tensors (``batch_first=False`` RNNs: (T, N, ...)).
-When no input has one but an input's first two dimensions multiply to ``rows``, the targets hold m rows per
-example (tokens flattened to (N·T,)): the examples are that input's leading dimension (the second, first, in a
-model with a sequence-first module), and an output dimension of n·m rows holds them in blocks of m. Inputs that
-say nothing of where the examples are (a graph batch: node features against one target per graph), an output
-leaf with no example dimension that the loss does not read, or a sub-batch that cannot be formed (a
-``PackedSequence``) or run at either size, leave the check unable to judge; it then passes rather than guessing.
+Where the examples are in the inputs and in each output leaf is :mod:`fasthess._examples`. Inputs that say
+nothing of where the examples are (a graph batch: node features against one target per graph), an output leaf
+with no example dimension that the loss does not read, or a sub-batch that cannot be formed (a
+``PackedSequence``) or run at any size, leave the check unable to judge; it then passes rather than guessing.
 Inputs with no example dimension are passed whole, so flat indices addressed by per-example offsets (an
 embedding bag written out) are refused as mixing, or as unable to be judged when the sub-batch fails: the message
 names the opt-in, ``BatchSpec(batch_loss=True)``, exact for a per-example model. A refusal names an input table
@@ -37,200 +35,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import PackedSequence
 from torch.utils import _pytree as pytree
 
+from fasthess._examples import Cut, Fits, Split, cuts, output_fits, roundoff, row_dim, sub_inputs, worst_row_gap
 from fasthess.errors import BatchDependentModelError
 
-Fits = list  # per output leaf: (example dimension d, rows per example m), WHOLE, or None (not comparable)
-
-__all__ = ["ITEMS", "WHOLE", "Cut", "Split", "check_model_splits", "cuts", "example_layout", "output_fits", "roundoff",
-           "worst_row_gap"]
-
-
-def roundoff(dtype: torch.dtype) -> float:
-    """The relative gap between two forwards of the same examples that roundoff explains (another batch, another
-    memory layout, another BLAS path)."""
-    return 1e-9 if dtype == torch.float64 else 1e-3
-
-
-def _row_dim(t, rows: int, order: tuple[int, int] = (0, 1)) -> int | None:
-    """The example dimension of an input tensor: the first of length ``rows``, else the second (sequence-first)
-    unless the first is 1 (one example, whose T tokens are the target rows); ``order`` (1, 0) tries the second
-    first."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    return next((d for d in order if t.dim() > d and t.shape[d] == rows and (d == 0 or t.shape[0] > 1)), None)
-
+__all__ = ["check_model_splits", "example_layout"]
 
 SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
 COPIES = 64  # at least this many copies of one example: above the capacity floors MoE layers set (DeepSpeed: 4)
-
-
-@dataclass(frozen=True)
-class Split:
-    """What the split check found for a forward that does not mix: the cut of the inputs into examples, and each
-    output leaf's example dimension and rows per example (``fits``, None where none was found)."""
-
-    cut: Cut
-    fits: Fits | str | None
-
-
-@dataclass(frozen=True)
-class Cut:
-    """How the inputs are cut into examples: ``n`` examples, each input leaf's example dimension (None: passed
-    whole), and whether an output dimension of ``n·m`` rows holds the examples inner (``(m, n)``, sequence-first
-    flattening) rather than outer (``(n, m)``)."""
-
-    n: int
-    dims: tuple[int | None, ...]
-    inner: bool
-
-
-def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:
-    """The cuts to judge, in order; the model splits if one of them shows no mixing. With an input dimension of
-    ``rows`` (the targets' length) it is the one cut (with a sequence-first module in the model, an input whose
-    first two dimensions both have ``rows`` is cut along the second, then along the first). Otherwise, when an
-    input's first two dimensions multiply to ``rows`` (tokens (N, T, ...) against targets flattened to (N·T,)), the
-    examples are its leading dimension, m = T target rows each; with a sequence-first module in the model, the
-    second dimension first, then the leading one (the model may transpose its inputs for it). Empty for a
-    ``PackedSequence``, whose rows cannot be cut, and when nothing says where the examples are (graph batches:
-    node features against one target per graph)."""
-    leaves = pytree.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, PackedSequence))
-    if any(isinstance(x, PackedSequence) for x in leaves):
-        return []
-    dims = tuple(_row_dim(t, rows) for t in leaves)
-    if any(d is not None for d in dims):
-        found = [dims, tuple(_row_dim(t, rows, (1, 0)) for t in leaves)] if seq_first else [dims]
-        return [Cut(rows, d, next(e for e in d if e is not None) == 1) for d in dict.fromkeys(reversed(found))]
-    grid = next((t.shape[:2] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 1
-                 and t.shape[0] * t.shape[1] == rows and min(t.shape[:2]) > 1), None)
-    if grid is None:
-        return []
-    return [Cut(n, tuple(axis if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == n else None
-                         for t in leaves), axis == 1)
-            for axis, n in (((1, grid[1]), (0, grid[0])) if seq_first else ((0, grid[0]),))]
-
-
-def _sub_inputs(inputs, cut: Cut, index: torch.Tensor):
-    """Examples ``index`` of every input tensor with an example dimension, the others whole."""
-    leaves, spec = pytree.tree_flatten(inputs)
-    return pytree.tree_unflatten([t if d is None else t.index_select(d, index.to(t.device))
-                                  for t, d in zip(leaves, cut.dims)], spec)
-
-
-def _output_dim(full: torch.Tensor, part: torch.Tensor, n: int, k: int,
-                inner: bool = False) -> tuple[int, int] | None:
-    """The example dimension d of an output leaf and its rows per example m: length ``n·m`` in ``full``, ``k·m``
-    in ``part``; first where every other dimension is equal, then where another differs too (a batch trimmed to
-    its longest sequence), m = 1 first, and the second dimension first when the inputs were cut along theirs
-    (``inner``; a sub-batch of the chunk's size fits every dimension of length n). None when there is none: the
-    leaf is not per example."""
-    if part.dim() != full.dim():
-        return None
-    order = [1, 0, *range(2, full.dim())] if inner and full.dim() > 1 else range(full.dim())
-    fits = [(full.shape[:d] + full.shape[d + 1:] != part.shape[:d] + part.shape[d + 1:], full.shape[d] // n != 1,
-             i, d, full.shape[d] // n) for i, d in enumerate(order)
-            if full.shape[d] % n == 0 and full.shape[d] >= n and part.shape[d] * n == full.shape[d] * k]
-    if not fits:
-        return None
-    *_, d, m = min(fits)
-    return d, m
-
-
-def _examples(t: torch.Tensor, d: int, n: int, m: int, index: torch.Tensor, inner: bool) -> torch.Tensor:
-    """The rows of examples ``index`` along dimension d of ``t`` (n examples of m rows: (n, m) or, inner,
-    (m, n))."""
-    if m == 1:
-        return t.index_select(d, index.to(t.device))
-    shape = (m, n) if inner else (n, m)
-    grouped = t.reshape(t.shape[:d] + shape + t.shape[d + 1:]).index_select(d + inner, index.to(t.device))
-    return grouped.reshape(t.shape[:d] + (-1,) + t.shape[d + 1:])
-
-
-WHOLE = "whole"  # a leaf with no example dimension and one shape at every batch size: one value per batch
-ITEMS = "items"  # the output is a list or tuple of one output per example
-
-
-def _leaf_fit(leaf, p, n: int, k: int, inner: bool):
-    """(d, m) of a per-example leaf, :data:`WHOLE` for one of the same shape in both, None otherwise."""
-    if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)):
-        return None
-    return _output_dim(leaf, p, n, k, inner) or (WHOLE if p.shape == leaf.shape else None)
-
-
-def output_fits(out, part, n: int, k: int, inner: bool = False) -> Fits | str | None:
-    """Each output leaf's fit (:func:`_leaf_fit`) for a part of k of the n examples; :data:`ITEMS` when the output
-    is a sequence of n outputs and the part one of k; None when the structures differ otherwise."""
-    full_leaves, spec = pytree.tree_flatten(out)
-    part_leaves, part_spec = pytree.tree_flatten(part)
-    if part_spec == spec:
-        return [_leaf_fit(leaf, p, n, k, inner) for leaf, p in zip(full_leaves, part_leaves)]
-    if isinstance(out, (list, tuple)) and isinstance(part, (list, tuple)) and (len(out), len(part)) == (n, k):
-        return ITEMS
-    return None
-
-
-def _relative_gap(rows: torch.Tensor, p: torch.Tensor, scale: torch.Tensor | None = None) -> float:
-    """max|rows − p| / max|scale| in float64 (``scale`` defaults to ``rows``: the chunk's leaf)."""
-    if rows.numel() == 0:
-        return 0.0
-    top = float((rows if scale is None else scale).detach().double().abs().max())
-    gap = float((rows.detach().double() - p.detach().double()).abs().max())
-    return gap / top if top > 0 else gap
-
-
-def _items_gap(out, part, index: torch.Tensor) -> tuple[float, int, bool] | None:
-    """The worst relative gap between output ``index[j]`` of the chunk and output j of the part (sequences of one
-    output per example), with j."""
-    worst = None
-    for j, e in enumerate(index.tolist()):
-        pairs = zip(pytree.tree_leaves(out[e]), pytree.tree_leaves(part[j]))
-        for a, b in pairs:
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
-                rel = _relative_gap(a, b)
-                if worst is None or not rel <= worst[0]:
-                    worst = (rel, j, True)
-    return worst
-
-
-def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
-                  whole: Collection[int] | None = (), fits: Fits | str | None = None) -> tuple[float, int, bool] | None:
-    """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
-    example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Leaves with no
-    example dimension (:data:`WHOLE`) are compared whole when their number is in ``whole`` (None: all): one value
-    per batch (a load-balancing loss, a batch mean) must not change with the batch if the loss reads it. ``fits``:
-    each leaf's fit, found on a part of another size (default: on this one; a part of the chunk's own size fits
-    every dimension of length n), or :data:`ITEMS`."""
-    fits = fits if fits is not None else output_fits(out, part, n, len(index), inner)
-    if fits == ITEMS:
-        return _items_gap(out, part, index) if isinstance(part, (list, tuple)) and len(part) == len(index) else None
-    full_leaves, part_leaves = pytree.tree_leaves(out), pytree.tree_leaves(part)
-    if fits is None or len(part_leaves) != len(full_leaves):
-        return None
-    worst = None
-    for i, (leaf, p, fit) in enumerate(zip(full_leaves, part_leaves, fits)):
-        if not (isinstance(leaf, torch.Tensor) and isinstance(p, torch.Tensor)) or leaf.numel() == 0:
-            continue
-        if fit == WHOLE:
-            if not (whole is None or i in whole) or p.shape != leaf.shape:
-                continue
-            rows = leaf
-        elif fit is not None:
-            rows = _examples(leaf.detach().double(), fit[0], n, fit[1], index, inner)
-        else:
-            continue
-        if rows.shape != p.shape:
-            continue
-        rel = _relative_gap(rows, p, leaf)
-        if worst is None or not rel <= worst[0]:
-            worst = (rel, i, fit != WHOLE)
-    return worst
 
 
 Statistics = dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -281,8 +99,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model; ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
-    module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), whose values must not change
-    with the batch when they have no example dimension. Returns the cut that showed no mixing (None: nothing was
+    module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), the only ones judged (those
+    with no example dimension must not change with the batch at all). Returns the cut that showed no mixing (None: nothing was
     judged), with the output leaves' example dimensions."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
@@ -344,7 +162,7 @@ def example_layout(forward: Callable[[tuple, dict], object], args: tuple, kwargs
     index = torch.cat([spread, spread[:1].repeat(max(3 * len(spread), COPIES))])
     try:
         with torch.enable_grad():
-            part = forward(*_sub_inputs((args, kwargs), found[0], index))
+            part = forward(*sub_inputs((args, kwargs), found[0], index))
     except FORWARD_ERRORS:
         return None
     return Split(found[0], output_fits(out, part, found[0].n, len(index), found[0].inner))
@@ -372,7 +190,7 @@ class _SubBatches:
     def _run(self, cut: Cut, index: torch.Tensor):
         """The forward of the examples ``index`` (raises what the forward raises)."""
         with _replayed(self.recorded):
-            return self.forward(*_sub_inputs(self.inputs, cut, index))
+            return self.forward(*sub_inputs(self.inputs, cut, index))
 
     def judge(self, cut: Cut, hint: str,
               where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
@@ -439,7 +257,7 @@ def _uncut_hint(args: tuple, kwargs: dict, rows: int) -> str:
     """For inputs the sub-batch passed whole (1-D integer tensors with no example dimension: flat indices with
     offsets), the opt-in that fits a model that is per-example after all."""
     uncut = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() == 1
-             and not t.is_floating_point() and _row_dim(t, rows) is None]
+             and not t.is_floating_point() and row_dim(t, rows) is None]
     if not uncut:
         return ""
     return (f". An input of {uncut[0].numel()} integers has no example dimension, so the sub-batch passed it whole; "

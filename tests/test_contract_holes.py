@@ -3,6 +3,7 @@ statistics and errors that name the real cause. Each form that answers is checke
 Hessian; each refusal by its class and the fix its message names."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -125,7 +126,8 @@ def test_forward_that_mixes_examples_is_refused_before_any_product(cls, curvatur
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
-def test_mixing_in_any_output_leaf_is_seen_and_a_clean_structured_output_answers(as_dict):
+def test_mixing_in_any_output_leaf_the_loss_reads_is_seen_and_one_it_does_not_read_is_exact(as_dict):
+    """Only the leaves the loss reads reach the Hessian, so only they are judged."""
     torch.manual_seed(0)
     X, y = _data()
 
@@ -133,12 +135,15 @@ def test_mixing_in_any_output_leaf_is_seen_and_a_clean_structured_output_answers
         z = out["logits"] if as_dict else out[0]
         return F.cross_entropy(z, t)
 
+    def both(out, t):
+        return loss(out, t) + 0.1 * (out["other"] if as_dict else out[1]).pow(2).mean()
+
     with pytest.raises(fasthess.LossContractError, match="mixes the examples"):
-        fasthess.HessianOperator(TupleOut(True, as_dict).double(), loss, (X, y), batch_size=CHUNK).matvec(
+        fasthess.HessianOperator(TupleOut(True, as_dict).double(), both, (X, y), batch_size=CHUNK).matvec(
             torch.zeros(15, dtype=torch.float64))
-    model = TupleOut(False, as_dict).double()
-    op = fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK)
-    _check(op, dense_hessian(model, loss, X, y, batch_size=N))
+    for model in (TupleOut(False, as_dict).double(), TupleOut(True, as_dict).double()):
+        op = fasthess.HessianOperator(model, loss, (X, y), batch_size=CHUNK)
+        _check(op, dense_hessian(model, loss, X, y, batch_size=N))
 
 
 def test_batch_loss_opt_in_gives_the_ghost_batch_hessian_of_a_mixing_forward():
@@ -1494,3 +1499,79 @@ def test_a_ggn_of_a_loss_that_builds_one_hot_targets_names_the_fix():
     with pytest.raises(UnsupportedModelError, match=r"F.one_hot.*curvature='hessian'"):
         fasthess.lambda_max(model, lambda o, t: F.mse_loss(o, F.one_hot(t, 3).to(o.dtype)), (X, y),
                             batch_size=CHUNK, curvature="ggn")
+
+
+# ---- red team 11 --------------------------------------------------------------------------------------------------
+class _SeqFirstTokenTagger(nn.Module):
+    """A sequence-first LSTM tagger: (T, N) token ids → (T, N, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.rnn, self.out = nn.Embedding(7, 4), nn.LSTM(4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(self.rnn(self.e(ids))[0])
+
+
+def test_a_token_mean_over_sequence_first_outputs_without_a_count_is_refused():
+    """The joined-chunk test of the normalizer joined only leading dimensions, so it skipped (T, N, C) outputs and a
+    token mean over padded labels was certified (up to 2.2 % off)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 7, (5, 12), generator=g), torch.randint(0, 3, (12, 5), generator=g)
+    labels[4:][torch.rand(8, 5, generator=g) < 0.4] = -100  # none in the first chunk: its halves look like a mean
+    batches = [(ids[:, s:s + 4], labels[s:s + 4]) for s in range(0, 12, 4)]
+
+    def token_mean(out, y):
+        return F.cross_entropy(out.permute(1, 2, 0), y, ignore_index=-100)
+
+    with pytest.raises(fasthess.LossContractError, match="count"):
+        fasthess.lambda_max(_SeqFirstTokenTagger().double(), token_mean, batches)
+
+
+class _WithGroups(Centred):
+    """A per-example classifier whose output also carries per-group means (a list whose length follows the batch
+    size) that the loss never reads."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return {"logits": self.fc2(h), "groups": [p.mean(0) for p in h.split(4)]}
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_outputs_the_loss_does_not_read_are_not_judged(batch_size):
+    torch.manual_seed(0)
+    X, y = _data()
+    model = _WithGroups().double()
+
+    def loss(out, t):
+        return F.cross_entropy(out["logits"], t)
+
+    _check(fasthess.HessianOperator(model, loss, (X, y), batch_size=batch_size),
+           dense_hessian_of(model, lambda p: loss(functional_call(model, p, (X,)), y)))
+
+
+def test_a_loader_of_one_batch_is_one_chunk():
+    torch.manual_seed(0)
+    X, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64)
+    res = fasthess.lambda_max(Centred().double(), nn.CrossEntropyLoss(), loader)
+    assert res.contract.startswith("one chunk")
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+
+
+class _DataclassOut(Centred):
+    def forward(self, x):
+        return _Output(self.fc2(torch.tanh(self.fc1(x))))
+
+
+def test_a_dataclass_output_names_the_pytree_registration():
+    torch.manual_seed(0)
+    X, y = _data()
+    with pytest.raises(fasthess.LossContractError, match=r"_Output dataclass.*register_dataclass\(_Output\)"):
+        fasthess.lambda_max(_DataclassOut().double(), lambda o, t: F.cross_entropy(o.logits, t), (X, y),
+                            batch_size=CHUNK)
