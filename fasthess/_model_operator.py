@@ -39,7 +39,7 @@ from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess._finite import check_finite_pass
 from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
 from fasthess._modes import ModeRules
-from fasthess._unsupported import translated_errors
+from fasthess._unsupported import ONE_VALUE_PER_CHANNEL, translated_errors
 from fasthess.distributed import ShardComm, resolve_group
 from fasthess.errors import FasthessError, NonFiniteError, UnsupportedModelError
 from fasthess.linop import SymmetricOperator
@@ -379,14 +379,13 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         """Add Σ_c of ``per_chunk(chunk)``'s rows (e.g. the products C_c v_j) over this process's chunks to ``acc``
         (b, n); the chunk sums go to ``state.losses``. On the first pass (``first``), each chunk is checked first and
         counted into ``first.total``."""
-        batch_stats = self.modes.batch_statistics()
+        # BatchNorm1d's statistics over one example are undefined; BatchNorm2d/3d's run over its positions, and
+        # PyTorch's own error for a 1×1 map is named by translated_errors
+        one_value = any(isinstance(m, nn.BatchNorm1d) for m in self.modes.batch_statistics_modules())
         with self.modes.frozen_batchnorm():
             for chunk in self.data.chunks():
-                if batch_stats and chunk.batch.rows == 1:
-                    raise FasthessError(
-                        f"chunk {chunk.index} has a single example and the model has BatchNorm with batch statistics, "
-                        "which are undefined for one example; choose a batch_size that leaves no remainder of 1, or "
-                        "call model.eval()")
+                if one_value and chunk.batch.rows == 1:
+                    raise FasthessError(f"chunk {chunk.index} has a single example and {ONE_VALUE_PER_CHANNEL}")
                 if first is not None:
                     self._check_first_pass(chunk, first)
                 if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:

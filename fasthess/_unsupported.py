@@ -21,9 +21,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils import checkpoint as _checkpoint
 
-from fasthess.errors import LossContractError, UnsupportedModelError
+from fasthess.errors import FasthessError, LossContractError, UnsupportedModelError
 
-__all__ = ["CTC_FIX", "refuse_reentrant_checkpoint", "refuse_without_second_derivative", "translated_errors"]
+__all__ = ["CTC_FIX", "ONE_VALUE_PER_CHANNEL", "refuse_reentrant_checkpoint", "refuse_without_second_derivative", "translated_errors"]
 
 # autograd nodes whose backward PyTorch cannot differentiate again (nor has a forward-mode rule for)
 _NO_SECOND_DERIVATIVE_NODES = {"CtcLossBackward": "ctc_loss", "MultiMarginLossBackward": "multi_margin_loss",
@@ -81,6 +81,11 @@ def refuse_reentrant_checkpoint() -> Iterator[None]:
             "{'use_reentrant': False})), or turn checkpointing off for the curvature")
 
 
+#: why a BatchNorm in train mode cannot take a chunk of one value per channel, and the fix
+ONE_VALUE_PER_CHANNEL = ("the model has BatchNorm with batch statistics, which are undefined for one value per channel; "
+                         "choose a batch_size that leaves no remainder of 1, or call model.eval()")
+
+
 @contextlib.contextmanager
 def translated_errors() -> Iterator[None]:
     """Around a chunk's products: PyTorch's raw errors for known unsupported constructs, named with their fix."""
@@ -104,6 +109,10 @@ def translated_errors() -> Iterator[None]:
             + ("it is the fused fast path of an eval-mode nn.TransformerEncoderLayer / nn.MultiheadAttention: turn "
                "it off with torch.backends.mha.set_fastpath_enabled(False), or " if fused else "")
             + "use the Hessian with double-backward products (HessianOperator(..., hvp='double-backward'))") from exc
+    except ValueError as exc:
+        if "Expected more than 1 value per channel when training" not in str(exc):
+            raise
+        raise FasthessError(f"a chunk gives a BatchNorm one value per channel and {ONE_VALUE_PER_CHANNEL}") from exc
     except RuntimeError as exc:
         if "saved tensor hooks" in str(exc):
             raise UnsupportedModelError(

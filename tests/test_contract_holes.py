@@ -1575,3 +1575,29 @@ def test_a_dataclass_output_names_the_pytree_registration():
     with pytest.raises(fasthess.LossContractError, match=r"_Output dataclass.*register_dataclass\(_Output\)"):
         fasthess.lambda_max(_DataclassOut().double(), lambda o, t: F.cross_entropy(o.logits, t), (X, y),
                             batch_size=CHUNK)
+
+
+class _ConvBN(nn.Module):
+    """A convolution, a train-mode BatchNorm2d over its (side × side) maps, a linear head."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3 * side * side, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("side", [3, 1])
+def test_batchnorm2d_with_a_one_row_last_chunk_answers_over_its_positions(side):
+    """PyTorch computes BatchNorm2d's statistics over a map's positions, so a last chunk of one example is defined
+    (it was refused as for BatchNorm1d); on a 1×1 map it is not, and PyTorch's raw ValueError is named."""
+    torch.manual_seed(0)
+    model = _ConvBN(side).double().train()
+    X, y = torch.randn(9, 2, side, side, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ce = nn.CrossEntropyLoss()
+    if side == 1:
+        with pytest.raises(fasthess.FasthessError, match="one value per channel.*batch_size"):
+            fasthess.lambda_max(model, ce, (X, y), batch_size=4)
+        return
+    _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=4), dense_hessian(model, ce, X, y, batch_size=4))
