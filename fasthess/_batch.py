@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from fasthess._examples import ITEMS
 from fasthess.errors import FasthessError
 
 __all__ = ["Batch", "BatchSpec", "move", "rows_of", "take_rows", "tensors_of"]
@@ -76,11 +77,12 @@ def take_output_rows(tree, lo: int, hi: int, rows: int, seq_first: bool = False,
     """Rows ``lo:hi`` of every tensor leaf along its first dimension of length ``rows``, else its second (a
     sequence-first output (T, N, ...)); ``seq_first``: the second first. ``fits`` from the split check
     (:func:`fasthess._examples.output_fits`: per leaf (example dimension, rows per example), or a marker for a
-    leaf with none, which is left whole; or ``"items"``, one output per example in a sequence, which is sliced)
+    leaf with none, which is left whole; or :data:`~fasthess._examples.ITEMS`, one output per example in a
+    sequence, which is sliced)
     overrides that order. A leaf whose first two dimensions (A, B) hold the rows (:func:`_grid`) is cut along the
     first at lo/B:hi/B (``lo`` and ``hi`` multiples of B, see :func:`halfway`). Without ``fits``, a list of ``rows``
     outputs is sliced. Other leaves unchanged."""
-    if fits == "items" or fits is None and isinstance(tree, list) and len(tree) == rows:
+    if fits == ITEMS or fits is None and isinstance(tree, list) and len(tree) == rows:
         return tree[lo:hi]
     leaves, spec = pytree.tree_flatten(tree)
     fits = fits if isinstance(fits, list) and len(fits) == len(leaves) else None
@@ -105,7 +107,7 @@ def halfway(out, rows: int) -> int:
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     if any(rows in t.shape[:2] for t in leaves):
         return rows // 2
-    b = next((b for b in map(lambda t: _grid(t, rows), leaves) if b), None)
+    b = next(filter(None, (_grid(t, rows) for t in leaves)), None)
     return rows // 2 if b is None else rows // b // 2 * b
 
 

@@ -327,16 +327,15 @@ class ContractChecks:
         if self.penalty is not None:
             self._check_penalty()
         rows = batch.rows
-        split, basis = None, CONTRACT_BASES["declared" if self.data.spec.batch_loss else "one chunk"]
-        if not (self.data.spec.batch_loss or self.comm is None and self.data.one_chunk):
-            split, basis = self._check_model_splits(batch, out, read=read)
-        elif not self.data.spec.batch_loss:  # one chunk: nothing to split, but where the examples are cuts the loss
-            with checking_forward():
-                split = example_layout(lambda a, kw: self._forward(self._checking_params(self._primals()),
-                                                                   replace(batch, args=a, kwargs=kw)),
-                                       batch.args, batch.kwargs, rows, out, self._seq_first())
         if self.data.spec.batch_loss:
-            return None, basis  # declared per batch: nothing to split
+            return None, CONTRACT_BASES["declared"]  # declared per batch: nothing to split
+        if self.comm is None and self.data.one_chunk:  # nothing to split, but where the examples are cuts the loss
+            with checking_forward():
+                split = example_layout(self._forward_at(self._primals(), batch), batch.args, batch.kwargs, rows, out,
+                                       self._seq_first())
+            basis = CONTRACT_BASES["one chunk"]
+        else:
+            split, basis = self._check_model_splits(batch, out, read=read)
         if self.loss.kind == "callable" and rows < 2:
             raise LossContractError(
                 "the first chunk has a single example, so fasthess cannot check that the loss splits over examples "
@@ -367,22 +366,17 @@ class ContractChecks:
         (:data:`CONTRACT_BASES`)."""
         watch = GeneratorWatch(self.device)
         primals = self._primals()
-        batch_stats = self.modes.batch_statistics_modules()
-
-        def forward_at(params: list[torch.Tensor]) -> Callable[[tuple, dict], object]:
-            named = self._checking_params(params)
-            return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
-
+        batch_stats, seq_first = self.modes.batch_statistics_modules(), self._seq_first()
         with checking_forward():
             try:
-                accepted = [check_model_splits(forward_at(params), batch.args, batch.kwargs, batch.rows, output,
-                                               batch_stats, self.compute_dtype, where, self._seq_first(), read)
+                accepted = [check_model_splits(self._forward_at(params, batch), batch.args, batch.kwargs, batch.rows,
+                                               output, batch_stats, self.compute_dtype, where, seq_first, read)
                             for params, output in ((primals, out), (perturbed(primals), None))]  # None: at moved θ
                 basis = "unjudged" if accepted[0] is None else "ghost" if batch_stats else "checked"
                 return accepted[0], CONTRACT_BASES[basis]
             except BatchDependentModelError as exc:
-                random = watch.advanced() or self._differs_on_a_second_call(forward_at(primals), batch, out,
-                                                                             roundoff(self.compute_dtype))
+                random = watch.advanced() or self._differs_on_a_second_call(self._forward_at(primals, batch), batch,
+                                                                             out, roundoff(self.compute_dtype))
                 if random and self.allow_stochastic:
                     return None, CONTRACT_BASES["random"]  # allow_stochastic accepts a random operator
                 if random and not watch.advanced():
@@ -400,6 +394,12 @@ class ContractChecks:
         mixes.)"""
         worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows))
         return worst is not None and worst[0] > tol
+
+    def _forward_at(self, params: list[torch.Tensor], batch: Batch) -> Callable[[tuple, dict], object]:
+        """``forward(args, kwargs)``: the model on other inputs of ``batch`` (a sub-batch of it) at ``params``, as a
+        check runs it (:meth:`_checking_params`)."""
+        named = self._checking_params(params)
+        return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
 
     def _checking_params(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every parameter of the model by name for a check's forward (:func:`checking_forward`): ``params`` for the

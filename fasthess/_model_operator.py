@@ -277,8 +277,9 @@ class ModelOperator(ContractChecks, SymmetricOperator):
         if not args and takes_whole_dict(self._signature, kwargs):
             args, kwargs = (kwargs,), {}
         if self.compute_dtype != self.dtype:  # a half-precision model runs in float32, the float64 twin in float64
-            frozen = [*self.model.named_buffers(), *self.model.named_parameters()]  # parameters left out by params=
-            params = {**{n: t.detach().to(self.compute_dtype) for n, t in frozen if t.is_floating_point()},
+            others = [(n, t) for n, t in [*self.model.named_buffers(), *self.model.named_parameters()]
+                      if n not in params]  # buffers, and parameters left out by params=
+            params = {**{n: t.detach().to(self.compute_dtype) for n, t in others if t.is_floating_point()},
                       **{n: t.to(self.compute_dtype) if t.is_floating_point() else t for n, t in params.items()}}
             args, kwargs = cast_floating((args, kwargs), self.compute_dtype)
         return functional_call(self.model, params, args, kwargs, strict=False)

@@ -100,8 +100,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
     module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), the only ones judged (those
-    with no example dimension must not change with the batch at all). Returns the cut that showed no mixing (None: nothing was
-    judged), with the output leaves' example dimensions."""
+    with no example dimension must not change with the batch at all). Returns the cut that showed no mixing, with
+    the output leaves' example dimensions (None: nothing was judged)."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
         return None
@@ -159,13 +159,19 @@ def example_layout(forward: Callable[[tuple, dict], object], args: tuple, kwargs
     spread = _spread(found[0].n) if found else torch.zeros(0)
     if not len(spread):
         return None
-    index = torch.cat([spread, spread[:1].repeat(max(3 * len(spread), COPIES))])
+    index = _with_copies(spread)
     try:
         with torch.enable_grad():
             part = forward(*sub_inputs((args, kwargs), found[0], index))
     except FORWARD_ERRORS:
         return None
     return Split(found[0], output_fits(out, part, found[0].n, len(index), found[0].inner))
+
+
+def _with_copies(spread: torch.Tensor) -> torch.Tensor:
+    """The first sub-batch: the k spread examples followed by max(3k, COPIES) copies of the first (its size is never
+    the chunk's, so the output leaves' example dimensions are found on it)."""
+    return torch.cat([spread, spread[:1].repeat(max(3 * len(spread), COPIES))])
 
 
 def _spread(n: int) -> torch.Tensor:
@@ -210,8 +216,8 @@ class _SubBatches:
         rest = torch.ones(cut.n, dtype=torch.bool)
         rest[spread] = False
         rest = rest.nonzero().squeeze(1)
-        batches = [torch.cat([spread, spread[:1].repeat(max(3 * k, COPIES))]),
-                   torch.cat([spread, spread[:1].repeat(cut.n - k)]), torch.cat([rest, rest[:1].repeat(k)]),
+        batches = [_with_copies(spread), torch.cat([spread, spread[:1].repeat(cut.n - k)]),
+                   torch.cat([rest, rest[:1].repeat(k)]),
                    *spread.split(1)]
         fits, worst, failure = None, None, None
         for i, index in enumerate(batches):
