@@ -167,8 +167,8 @@ def _items_gap(out, part, index: torch.Tensor) -> tuple[float, int, bool] | None
     return worst
 
 
-def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False,
-                  read: Collection[int] | None = None, fits: Fits | str | None = None) -> tuple[float, int, bool] | None:
+def worst_row_gap(out, part, n: int, index: torch.Tensor, inner: bool = False, read: Collection[int] | None = None,
+                  fits: Fits | str | None = None) -> tuple[float, int, bool] | None:
     """max over output leaves of max|o_index − o_part| / max|o|, with the leaf's number and whether it is per
     example (None: nothing to compare); ``out`` holds ``n`` examples (``inner``: see :class:`Cut`). Only the leaves
     the loss reads (``read``, None: all) are compared, since no other reaches the Hessian; those with no example
