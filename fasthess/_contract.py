@@ -4,8 +4,9 @@ On the first chunk: the data is finite, the forward runs (no reentrant checkpoin
 has a second derivative, reads θ only through the output (a penalty only through its argument), the model's
 outputs split over the examples (:mod:`fasthess._model_split`) and the loss splits over them as a mean, a sum or
 per-example losses (:mod:`fasthess._criteria`); a first chunk of one row has its model split judged joined with
-the second chunk. On the other chunks of the first pass, a loss callable is tested
-again on the first chunk joined with each (a normalizer that depends on the batch). A refusal caused by random
+the second chunk. On the other chunks of the first pass, the model split is judged again at θ on a spread
+sub-batch of each (mixing set off by what those chunks hold), and a loss callable is tested again on the first
+chunk joined with each (a normalizer that depends on the batch). A refusal caused by random
 draws is reported as such: :class:`GeneratorWatch` is the one comparison of the default generators.
 
 What the first pass carries from chunk to chunk is a :class:`FirstPass`, passed explicitly.
@@ -153,8 +154,8 @@ class FirstPass:
 #: what the operator's equality with the Hessian of the loss on the whole data rests on, by case
 #: (:attr:`fasthess.EigResult.contract`)
 CONTRACT_BASES = {
-    "checked": "checked: the forward's outputs split over the examples of the first chunk",
-    "ghost": "checked: the forward's outputs split over the examples of the first chunk, train-mode BatchNorm "
+    "checked": "checked: the forward's outputs split over the examples of each chunk",
+    "ghost": "checked: the forward's outputs split over the examples of each chunk, train-mode BatchNorm "
              "normalizing each chunk by its own statistics (ghost batches)",
     "one chunk": "one chunk: the loss on the whole data as one batch",
     "declared": "declared: BatchSpec(batch_loss=True), each chunk's loss as given",
@@ -185,26 +186,31 @@ class ContractChecks:
     (:class:`fasthess._modes.ModeRules`)."""
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
-        """First pass, before chunk ``chunk``'s products: the contract on the first chunk, the joined-chunk test on
-        the others (a loss callable), and this chunk's part of W."""
+        """First pass, before chunk ``chunk``'s products: the contract on the first chunk; on the others, the model
+        split judged again on a spread sub-batch (when the first chunk's was judged) and the joined-chunk test (a loss
+        callable); and this chunk's part of W."""
         if not first.checked:
-            (first.kept, first.basis), first.checked = self._check_contract(chunk), True
+            (first.kept, first.basis, first.read), first.checked = self._check_contract(chunk), True
             if chunk.batch.rows < 2 and not self.data.spec.batch_loss:
                 first.lone = chunk
         else:
             if first.lone is not None:
                 lone, first.lone = first.lone, None
                 first.basis = self._check_joined_splits(lone, chunk)
+            elif first.basis in (CONTRACT_BASES["checked"], CONTRACT_BASES["ghost"]) \
+                    and nonfinite_data(chunk.batch) is None:  # NaN rows would look like mixing: the pass names them
+                self._check_model_splits(chunk.batch, None, f"chunk {chunk.index}", first.read, thorough=False)
             if first.kept is not None:
                 self._check_joined(chunk, first.kept)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
             first.total = part if first.total is None else first.total + part
 
-    def _check_contract(self, chunk: Chunk) -> tuple[tuple | None, str]:
+    def _check_contract(self, chunk: Chunk) -> tuple[tuple | None, str, list[int] | None]:
         """Once, on the first chunk: the loss reads θ only through the output, and splits over the examples; a
         refusal caused by random draws (in the forward or the loss) is reported as such. Returns (output, chunk,
-        fits) for a loss callable's joined-chunk tests, else None, and the basis (:data:`CONTRACT_BASES`)."""
+        fits) for a loss callable's joined-chunk tests, else None; the basis (:data:`CONTRACT_BASES`); and the
+        output leaves the loss reads (None: all)."""
         watch = GeneratorWatch(self.device)
         try:
             kept = self._check_chunk(chunk)
@@ -308,7 +314,7 @@ class ContractChecks:
                 "the detach, and compute the loss from the output with torch operations")
         return value, _leaves_read(value, probe, lambda o: self.loss_fn(o, batch.target))
 
-    def _check_chunk(self, chunk: Chunk) -> tuple[tuple | None, str]:
+    def _check_chunk(self, chunk: Chunk) -> tuple[tuple | None, str, list[int] | None]:
         """The first chunk's checks (see :meth:`_check_contract`)."""
         batch = chunk.batch
         bad = nonfinite_data(batch)
@@ -328,7 +334,7 @@ class ContractChecks:
             self._check_penalty()
         rows = batch.rows
         if self.data.spec.batch_loss:
-            return None, CONTRACT_BASES["declared"]  # declared per batch: nothing to split
+            return None, CONTRACT_BASES["declared"], read  # declared per batch: nothing to split
         if self.comm is None and self.data.one_chunk:  # nothing to split, but where the examples are cuts the loss
             with checking_forward():
                 split = example_layout(self._forward_at(self._primals(), batch), batch.args, batch.kwargs, rows, out,
@@ -348,30 +354,33 @@ class ContractChecks:
 
         if self.loss.kind == "callable":
             self.loss.check(self._value64, out, batch, halves)
-            return (out, chunk, fits), basis
+            return (out, chunk, fits), basis, read
 
         def value_of(o, b):
             with torch.no_grad():
                 return self.loss_fn(o, b.target)
 
         self.loss.check(value_of, out, batch, halves)
-        return None, basis
+        return None, basis, read
 
-    def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk",
-                            read: list[int] | None = None) -> tuple[Split | None, str]:
-        """The forward's output rows on ``batch`` (``where``: what it is) are those of a sub-batch of it run alone,
-        and the batch-level output leaves the loss reads (``read``, None: all) do not change with the batch
-        (:mod:`fasthess._model_split`); a forward that draws random numbers cannot be judged this way when
-        ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing was judged) and the basis
-        (:data:`CONTRACT_BASES`)."""
+    def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk", read: list[int] | None = None,
+                            thorough: bool = True) -> tuple[Split | None, str]:
+        """The forward's output rows on ``batch`` (``where``: what it is; ``out``: its output, None to run it) are
+        those of a sub-batch of it run alone, and the batch-level output leaves the loss reads (``read``, None: all)
+        do not change with the batch (:mod:`fasthess._model_split`); ``thorough``: every sub-batch at θ and at a
+        perturbed θ, else a spread sub-batch at θ. A forward that draws random numbers cannot
+        be judged this way when ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing
+        was judged) and the basis (:data:`CONTRACT_BASES`)."""
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats, seq_first = self.modes.batch_statistics_modules(), self._seq_first()
+        points = ((primals, out), (perturbed(primals), None)) if thorough else ((primals, out),)  # None: run it
         with checking_forward():
             try:
                 accepted = [check_model_splits(self._forward_at(params, batch), batch.args, batch.kwargs, batch.rows,
-                                               output, batch_stats, self.compute_dtype, where, seq_first, read)
-                            for params, output in ((primals, out), (perturbed(primals), None))]  # None: at moved θ
+                                               output, batch_stats, self.compute_dtype, where, seq_first, read,
+                                               thorough)
+                            for params, output in points]
                 basis = "unjudged" if accepted[0] is None else "ghost" if batch_stats else "checked"
                 return accepted[0], CONTRACT_BASES[basis]
             except BatchDependentModelError as exc:
@@ -391,7 +400,9 @@ class ContractChecks:
     def _differs_on_a_second_call(forward: Callable[[tuple, dict], object], batch: Batch, out, tol: float) -> bool:
         """Does a second forward of ``batch`` differ from its first output ``out`` beyond roundoff ``tol``? (After a
         refusal as mixing only: a random forward that the default generators do not show looks like one that
-        mixes.)"""
+        mixes. ``out`` None: run the first forward here.)"""
+        if out is None:
+            out = forward(batch.args, batch.kwargs)
         worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows))
         return worst is not None and worst[0] > tol
 

@@ -5,18 +5,15 @@ oᵢ = f(xᵢ; θ). A forward that mixes the examples of a batch (functional bat
 whitening, attention across the examples, in-forward mixup, mixture-of-experts routing with a capacity) gives
 oᵢ = f(x_c; θ)ᵢ on chunk c, so summing chunks would be the Hessian of a ghost-batch loss, not of the loss on the
 whole data. On the first chunk, k ≈ min(n // 2, 8) of its n examples (even when k > 1), spread over it (every
-⌊n/k⌋-th), are run in batches of their own, and every output row of such a batch is compared with the chunk's row
-of the same example, to roundoff (:meth:`_SubBatches.judge`): the k followed by max(3k, 64) copies of the first
-(the copies put most of the batch on one route, so a capacity measured against the batch's load overflows); the k
-followed by copies up to the chunk's size n (a forward that takes only some batch sizes, or mixes only at some,
-takes and mixes the chunk's); the other n − k followed by k copies (a statistic the k hold, a maximum, is missing
-there); and each of the k alone (a statistic that ties across those batches is the example's own). Any mixing
-makes an example's output depend on which other examples share its batch; the spread breaks up neighbours and a
-causal order across the examples as well as batch statistics. Only the output leaves the loss reads are judged
-(no other reaches the Hessian); those with no example dimension are compared whole (one value per batch must not
-change with the batch). All of it runs at θ and at a
-perturbed θ. A first chunk of one example shows no mixing alone; it is judged joined with the next chunk, as one
-batch (:mod:`fasthess._contract`).
+⌊n/k⌋-th), are run in batches of their own (:func:`_sub_batches`), and every output row of such a batch is compared
+with the chunk's row of the same example, to roundoff (:meth:`_SubBatches.judge`). Any mixing makes an example's
+output depend on which other examples share its batch; the spread breaks up neighbours and a causal order across
+the examples as well as batch statistics. Only the output leaves the loss reads are judged (no other reaches the
+Hessian); those with no example dimension are compared whole (one value per batch must not change with the batch).
+All of it runs at θ and at a perturbed θ. Every later chunk of the first pass is judged at θ on its k spread
+examples with copies (:func:`_spread_sub_batch`): mixing that only what those chunks hold sets off (a mode that
+ties in the first chunk, examples grouped by an id) shows there. A first chunk of one example shows no
+mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
@@ -94,14 +91,15 @@ def _replayed(recorded: Statistics) -> Iterator[None]:
 def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int,
                        out, batchnorms: Sequence[nn.Module], dtype: torch.dtype,
                        where: str = "the first chunk", seq_first: bool = False,
-                       read: Collection[int] | None = None) -> Split | None:
+                       read: Collection[int] | None = None, thorough: bool = True) -> Split | None:
     """Refuse a forward whose output rows on a chunk of ``rows`` examples differ from those of a spread sub-batch
     run alone beyond roundoff (module docstring). ``forward(args, kwargs)`` runs the model; ``out`` is
     its output on the chunk, or None to run it here; ``batchnorms`` are the BatchNorm modules that normalize with
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
     module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), the only ones judged (those
-    with no example dimension must not change with the batch at all). Returns the cut that showed no mixing, with
-    the output leaves' example dimensions (None: nothing was judged)."""
+    with no example dimension must not change with the batch at all); ``thorough``: every sub-batch of
+    :meth:`_SubBatches.judge`, else the spread sub-batch alone (:func:`_spread_sub_batch`). Returns the cut that showed
+    no mixing, with the output leaves' example dimensions (None: nothing was judged)."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
         return None
@@ -109,11 +107,17 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     with torch.enable_grad():  # as in the products: a forward may branch on the grad mode
         recorded: Statistics = {}
         if batchnorms or out is None:  # the chunk's own statistics, for the sub-batch
-            out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
+            try:
+                out, recorded = _recorded_forward(forward, args, kwargs, batchnorms)
+            except FORWARD_ERRORS:
+                if thorough:
+                    raise
+                return None  # a later chunk the forward fails on: its products run it and name the failure
         run = _SubBatches(forward, (args, kwargs), out, recorded, read)
         verdicts = []
         for cut in found:
-            verdict, fits = run.judge(cut, _uncut_hint(args, kwargs, rows), where)
+            batches = _sub_batches(cut.n) if thorough else _spread_sub_batch(cut.n)
+            verdict, fits = run.judge(cut, batches, _uncut_hint(args, kwargs, rows) if thorough else "", where)
             if verdict is None:
                 return None
             if verdict[0] <= tol:
@@ -182,6 +186,33 @@ def _spread(n: int) -> torch.Tensor:
     return torch.arange(0, n, n // k)[:k] if k else torch.zeros(0, dtype=torch.long)
 
 
+def _sub_batches(n: int) -> list[torch.Tensor]:
+    """The sub-batches that judge the first chunk (n examples, k of them spread): the k followed by max(3k, COPIES)
+    copies of the first (copies overflow a capacity); the same followed by copies up to n (a forward that takes
+    only some batch sizes, or mixes only at some, takes the chunk's); the other n − k examples followed by k copies
+    of the first of them (a batch statistic that the spread examples hold, a maximum or a mode, is missing there);
+    and each spread example alone (a statistic that ties across those batches, such as the longest length in a
+    batch trimmed to it, is the example's own). Empty when n < 2."""
+    spread = _spread(n)
+    k = len(spread)
+    if k < 1:
+        return []
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[spread] = False
+    rest = rest.nonzero().squeeze(1)
+    return [_with_copies(spread), torch.cat([spread, spread[:1].repeat(n - k)]), torch.cat([rest, rest[:1].repeat(k)]),
+            *spread.split(1)]
+
+
+def _spread_sub_batch(n: int) -> list[torch.Tensor]:
+    """The sub-batch that judges every later chunk of the first pass: the k spread examples followed by
+    max(3k, COPIES) copies of the first (the first of :func:`_sub_batches`), one forward of k + max(3k, 64) rows
+    beside the chunk's own. Mixing set off by what a later chunk holds (a mode, examples grouped by an id) shows in
+    the spread's rows."""
+    spread = _spread(n)
+    return [_with_copies(spread)] if len(spread) else []
+
+
 #: what a forward raises on a batch it does not take (a size it cannot view, rows that are not examples)
 FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError, AssertionError)
 
@@ -198,27 +229,14 @@ class _SubBatches:
         with _replayed(self.recorded):
             return self.forward(*sub_inputs(self.inputs, cut, index))
 
-    def judge(self, cut: Cut, hint: str,
+    def judge(self, cut: Cut, batches: list[torch.Tensor], hint: str,
               where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
-        """The worst (gap, output leaf, per example, index) over sub-batches of the chunk run alone, and the output
-        leaves' fits. The sub-batches: k spread examples followed by max(3k, COPIES) copies of the first (copies
-        overflow a capacity); the same followed by copies up to the chunk's own size n (a forward that takes only
-        some batch sizes, or mixes only at some, takes the chunk's); the other n − k examples followed by k copies
-        of the first of them (a batch statistic that the spread examples hold, a maximum or a mode, is missing
-        there); and each spread example alone (a statistic that ties across those batches, such as the longest
-        length in a batch trimmed to it, is the example's own). Each output leaf's fit is found on the first
-        sub-batch, whose size is not n. A worst of None: nothing to judge; when none runs, a failure with flat
-        indices passed whole (``hint``) is refused, since it most likely comes from cutting their offsets."""
-        spread = _spread(cut.n)
-        k = len(spread)
-        if k < 1:
+        """The worst (gap, output leaf, per example, index) over the sub-batches ``batches`` (example indices) of the
+        chunk run alone, and the output leaves' fits, found on the first sub-batch, whose size is not the chunk's.
+        A worst of None: nothing to judge; when none runs, a failure with flat indices passed whole (``hint``) is
+        refused, since it most likely comes from cutting their offsets."""
+        if not batches:
             return None, None
-        rest = torch.ones(cut.n, dtype=torch.bool)
-        rest[spread] = False
-        rest = rest.nonzero().squeeze(1)
-        batches = [_with_copies(spread), torch.cat([spread, spread[:1].repeat(cut.n - k)]),
-                   torch.cat([rest, rest[:1].repeat(k)]),
-                   *spread.split(1)]
         fits, worst, failure = None, None, None
         for i, index in enumerate(batches):
             try:

@@ -72,7 +72,7 @@ class SharpnessRecord(Mapping):
     products whose rounding the floor models; or such products checked against float64 products of the Ritz vectors."""
     contract: str | None = None
     """What the operator's being the Hessian of the loss on the whole data rests on (:attr:`fasthess.EigResult.contract`):
-    the forward's split over the examples checked on the first chunk, one chunk, ``batch_loss=True`` declared, or an
+    the forward's split over the examples checked on each chunk, one chunk, ``batch_loss=True`` declared, or an
     assumption where the split could not be checked."""
     subset_hvps: int = 0
     """Products of the exploring subset solve (``explore="subsample"``), each over a fraction of the data."""

@@ -39,8 +39,8 @@ class EigResult:
     lower precision checked against float64 products of the Ritz vectors, the measured shift added to the bound; or,
     for an operator without float64 products and tol ≥ 10⁻⁴ only, the floor ω (:mod:`fasthess._certificate`).
     ``contract`` says, for a model operator, what its being the Hessian of the loss on the whole data rests on:
-    the forward's split over the examples checked on the first chunk (with train-mode BatchNorm as ghost
-    batches), the data being one chunk, ``BatchSpec(batch_loss=True)`` declared, or an assumption where the split
+    the forward's split over the examples checked on each chunk of the first pass (with train-mode BatchNorm as
+    ghost batches), the data being one chunk, ``BatchSpec(batch_loss=True)`` declared, or an assumption where the split
     could not be checked (docs/guides/loss_contract.md); None for other operators.
     ``ritz_vectors`` (n, k + 1), or a few more columns when the (k+1)-th is tied with the next ones, are the most
     wanted Ritz vectors, converged or not: the warm start ``v0`` of a later solve on a nearby operator.

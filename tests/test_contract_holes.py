@@ -1350,7 +1350,7 @@ def test_one_sequence_per_chunk_with_flat_token_targets_is_not_cut_along_time():
 
 
 @pytest.mark.parametrize("case, basis", [
-    ("checked", "checked: the forward's outputs split over the examples of the first chunk"),
+    ("checked", "checked: the forward's outputs split over the examples of each chunk"),
     ("batchnorm", "train-mode BatchNorm normalizing each chunk by its own statistics (ghost batches)"),
     ("one chunk", "one chunk: the loss on the whole data as one batch"),
     ("declared", "declared: BatchSpec(batch_loss=True)"),
@@ -1601,3 +1601,73 @@ def test_batchnorm2d_with_a_one_row_last_chunk_answers_over_its_positions(side):
             fasthess.lambda_max(model, ce, (X, y), batch_size=4)
         return
     _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=4), dense_hessian(model, ce, X, y, batch_size=4))
+
+
+class GroupMean(nn.Module):
+    """A set model: examples that share a group id in a batch are pooled together (multi-instance learning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, group):
+        same = (group[:, None] == group[None, :]).to(x.dtype)
+        return self.fc(same @ x / same.sum(1, keepdim=True))
+
+
+class MajorityDomain(nn.Module):
+    """Conditions every example on the batch's most common domain (a discrete batch statistic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.domain = nn.Linear(4, 3), nn.Embedding(3, 3)
+
+    def forward(self, x, domain):
+        return self.fc(x) + self.domain(domain.mode().values.expand(len(x)))
+
+
+@pytest.mark.parametrize("cls", [GroupMean, MajorityDomain])
+def test_mixing_that_only_later_chunks_set_off_is_refused_on_the_first_pass(cls):
+    """The first chunk holds one example per group (one domain), so it shows no mixing at θ or at a moved θ; the
+    third chunk pools examples (its majority domain is not every example's own): certified and false when only
+    the first chunk was judged (the Hessian of the chunks' sum, whose λ_max is 8 % and 17 % away from that of the
+    whole data as one batch)."""
+    torch.manual_seed(0)
+    X, y = _data()
+    ids = torch.arange(N) if cls is GroupMean else torch.zeros(N, dtype=torch.long)
+    ids[20:30] = torch.tensor([2, 1, 1, 2, 1, 1, 1, 2, 1, 2]) + (100 if cls is GroupMean else 0)
+    if cls is GroupMean:
+        ids[30:33] = torch.tensor([101, 102, 101])  # groups that straddle chunks 2 and 3
+    model = cls().double()
+    batches = [((X[s:s + CHUNK], ids[s:s + CHUNK]), y[s:s + CHUNK]) for s in range(0, N, CHUNK)]
+    with pytest.raises(BatchDependentModelError, match=r"mixes the examples.*on chunk 2 \(10 examples\)"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), batches)
+    tracker = fasthess.SharpnessTracker(nn.CrossEntropyLoss(), batches)
+    with pytest.raises(BatchDependentModelError, match="on chunk 2"):
+        tracker.update(model)
+
+
+def test_later_chunks_of_a_per_example_model_with_ragged_widths_and_a_last_short_chunk_pass():
+    """The later-chunk judgement runs on chunks of other sizes and widths (each padded to its own longest) and
+    leaves a per-example model exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(0, -1)).double()
+    seqs = [torch.randint(1, 7, (int(torch.randint(2, 5, ())),)) for _ in range(11)]
+
+    class TokenMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.fc = nn.Embedding(7, 3), nn.Linear(3, 2)
+
+        def forward(self, ids):
+            mask = (ids != 0).to(torch.float64)[..., None]
+            return self.fc((self.e(ids) * mask).sum(1) / mask.sum(1))
+
+    model = TokenMean().double()
+    y = torch.randint(0, 2, (11,))
+    batches = [(nn.utils.rnn.pad_sequence(seqs[s:s + 4], batch_first=True), y[s:s + 4]) for s in range(0, 11, 4)]
+    op = fasthess.HessianOperator(model, nn.CrossEntropyLoss(reduction="sum"), batches)
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    H = dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, (x,)), t) for x, t in batches))
+    _check(op, H)
+    assert "each chunk" in fasthess.lambda_max(model, ce, batches).contract
