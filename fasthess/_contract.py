@@ -165,6 +165,18 @@ CONTRACT_BASES = {
 }
 
 
+def _reading(accepted: list[Split | None]) -> str:
+    """The basis's qualifier when the inputs hold examples along either of two dimensions and the outputs split
+    along one only (a sequence-first model: (T, N) or (N, T) inputs look alike): the answer rests on that
+    reading."""
+    split = next((s for s in accepted if s is not None and s.mixing is not None), None)
+    if split is None:
+        return ""
+    return (f", reading the examples along the inputs' dimension {split.cut.axis}; along dimension "
+            f"{split.mixing.axis} the outputs mix, so if the examples are there (check batch_first), the answer is "
+            "the Hessian of the chunks' sum, not of the whole data")
+
+
 #: the relative size of the second point at which the forward's split is judged
 PERTURBATION = 0.1
 
@@ -197,8 +209,8 @@ class ContractChecks:
             if first.lone is not None:
                 lone, first.lone = first.lone, None
                 first.basis = self._check_joined_splits(lone, chunk)
-            elif first.basis in (CONTRACT_BASES["checked"], CONTRACT_BASES["ghost"]) \
-                    and nonfinite_data(chunk.batch) is None:  # NaN rows would look like mixing: the pass names them
+            elif first.basis.startswith("checked") and nonfinite_data(chunk.batch) is None:
+                # (non-finite rows would look like mixing: the pass's own check names them)
                 self._check_model_splits(chunk.batch, None, f"chunk {chunk.index}", first.read, thorough=False)
             if first.kept is not None:
                 self._check_joined(chunk, first.kept)
@@ -382,7 +394,7 @@ class ContractChecks:
                                                thorough)
                             for params, output in points]
                 basis = "unjudged" if accepted[0] is None else "ghost" if batch_stats else "checked"
-                return accepted[0], CONTRACT_BASES[basis]
+                return accepted[0], CONTRACT_BASES[basis] + _reading(accepted)
             except BatchDependentModelError as exc:
                 random = watch.advanced() or self._differs_on_a_second_call(self._forward_at(primals, batch), batch,
                                                                              out, roundoff(self.compute_dtype))

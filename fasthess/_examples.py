@@ -42,11 +42,14 @@ def row_dim(t, rows: int, order: tuple[int, int] = (0, 1)) -> int | None:
 
 @dataclass(frozen=True)
 class Split:
-    """What the split check found for a forward that does not mix: the cut of the inputs into examples, and each
-    output leaf's example dimension and rows per example (``fits``, None where none was found)."""
+    """What the split check found for a forward that does not mix: the cut of the inputs into examples, each output
+    leaf's example dimension and rows per example (``fits``, None where none was found), and a cut tried first
+    along which the outputs mix (``mixing``: the inputs hold examples along either dimension, and only one reading
+    is per-example), else None."""
 
     cut: Cut
     fits: Fits | str | None
+    mixing: Cut | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,11 @@ class Cut:
     n: int
     dims: tuple[int | None, ...]
     inner: bool
+
+    @property
+    def axis(self) -> int:
+        """The inputs' dimension that holds the examples (that of the first input cut)."""
+        return next(d for d in self.dims if d is not None)
 
 
 def cuts(inputs, rows: int, seq_first: bool) -> list[Cut]:

@@ -121,7 +121,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
             if verdict is None:
                 return None
             if verdict[0] <= tol:
-                return Split(cut, fits)
+                return Split(cut, fits, verdicts[0][0] if verdicts else None)
             verdicts.append((cut, verdict))
         cut, (gap, leaf, per_example, index) = verdicts[0]
         shared = run.shared(cut, index, tol) if per_example else ""

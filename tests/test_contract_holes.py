@@ -1671,3 +1671,37 @@ def test_later_chunks_of_a_per_example_model_with_ragged_widths_and_a_last_short
     H = dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, (x,)), t) for x, t in batches))
     _check(op, H)
     assert "each chunk" in fasthess.lambda_max(model, ce, batches).contract
+
+
+class _AttendAcrossTheBatch(nn.Module):
+    """Sequence-first inputs (T, N, 4) whose examples attend to each other at every time step (a batch_first=False
+    attention handed x.transpose(0, 1)); logits flattened to (T·N, 3) against targets (T·N,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.out = nn.MultiheadAttention(4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)  # (N, T, 4): the examples as the attention's sequence, the time steps as its batch
+        h = self.attn(h, h, h, need_weights=False)[0].transpose(0, 1)
+        return self.out(h).reshape(-1, 3)
+
+
+def test_inputs_read_along_one_dimension_of_two_name_that_reading_in_the_result():
+    """(T, N) inputs against T·N targets: cut along N the outputs mix, cut along T they split. Both readings fit the
+    shapes, so the answer (exact for the T reading) says which one it rests on and that the other mixes."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    T, n, B = 3, 12, 4
+    X = torch.randn(T, n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (T, n), generator=g)
+    data = [(X[:, s:s + B], y[:, s:s + B].reshape(-1)) for s in range(0, n, B)]
+    model, ce = _AttendAcrossTheBatch().double(), nn.CrossEntropyLoss()
+    res = fasthess.lambda_max(model, ce, data)
+    assert "reading the examples along the inputs' dimension 0; along dimension 1 the outputs mix" in res.contract
+    assert "check batch_first" in res.contract
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
+        H = dense_hessian_of(model, lambda p: sum(ce(functional_call(model, p, (x,)), t) for x, t in data) / len(data))
+    _check(fasthess.HessianOperator(model, ce, data), H)
+    assert res.all_converged
+    assert abs(float(res.eigenvalues[0]) - float(torch.linalg.eigvalsh(H)[-1])) <= float(res.error_bounds[0])
