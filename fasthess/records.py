@@ -59,7 +59,8 @@ class SharpnessRecord(Mapping):
     steps_since: int | None = None
     """Steps since the previous record (None for the first, or without steps)."""
     certificate: str | None = None
-    """How ``error_bound`` was obtained for θ₁: ``"residual"``, ``"gap"`` or ``"exhausted"`` (:class:`fasthess.EigResult`)."""
+    """How ``error_bound`` was obtained for θ₁: ``"residual"``, ``"gap"`` or ``"exhausted"``
+    (:class:`fasthess.EigResult`)."""
     certificates: tuple[str, ...] = ()
     """The same for each of the k values."""
     basis: str | None = None
@@ -71,9 +72,9 @@ class SharpnessRecord(Mapping):
     """What the bound assumes about rounding (:attr:`fasthess.EigResult.precision`): float64 products; lower-precision
     products whose rounding the floor models; or such products checked against float64 products of the Ritz vectors."""
     contract: str | None = None
-    """What the operator's being the Hessian of the loss on the whole data rests on (:attr:`fasthess.EigResult.contract`):
-    the forward's split over the examples checked on each chunk, one chunk, ``batch_loss=True`` declared, or an
-    assumption where the split could not be checked."""
+    """What the operator's being the Hessian of the loss on the whole data rests on
+    (:attr:`fasthess.EigResult.contract`): the forward's split over the examples checked on each chunk, one chunk,
+    ``batch_loss=True`` declared, or an assumption where the split could not be checked."""
     subset_hvps: int = 0
     """Products of the exploring subset solve (``explore="subsample"``), each over a fraction of the data."""
     hvp_equivalents: float | None = None
@@ -81,8 +82,8 @@ class SharpnessRecord(Mapping):
     lr: float | None = None
     """Learning rate the threshold was computed for."""
     threshold: float | None = None
-    """The optimizer's stability threshold on λ_max(H) (e.g. 2/η for SGD; :func:`fasthess.threshold.stability_threshold`),
-    None when the optimizer has none on H."""
+    """The optimizer's stability threshold on λ_max(H) (e.g. 2/η for SGD;
+    :func:`fasthess.threshold.stability_threshold`), None when the optimizer has none on H."""
     threshold_rule: str | None = None
     """The threshold's formula in words (for a preconditioned optimizer, its threshold on λ_max(P⁻¹H))."""
     gradient_fraction: float | None = None
