@@ -27,7 +27,7 @@ from fasthess._batch import (Batch, cast_floating, halfway, join_rows, nonfinite
 from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_buffers
 from fasthess._data import Chunk
 from fasthess._examples import ITEMS, Split, roundoff, worst_row_gap
-from fasthess._model_split import check_model_splits, example_layout
+from fasthess._model_split import FORWARD_ERRORS, check_model_splits, example_layout
 from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
@@ -206,14 +206,16 @@ class ContractChecks:
             if chunk.batch.rows < 2 and not self.data.spec.batch_loss:
                 first.lone = chunk
         else:
+            judge = first.lone is None and first.basis.startswith("checked")
             if first.lone is not None:
                 lone, first.lone = first.lone, None
                 first.basis = self._check_joined_splits(lone, chunk)
-            elif first.basis.startswith("checked") and nonfinite_data(chunk.batch) is None:
+            out = self._later_output(chunk) if judge or first.kept is not None else None
+            if out is not None and judge and nonfinite_data(chunk.batch) is None:
                 # (non-finite rows would look like mixing: the pass's own check names them)
-                self._check_model_splits(chunk.batch, None, f"chunk {chunk.index}", first.read, thorough=False)
-            if first.kept is not None:
-                self._check_joined(chunk, first.kept)
+                self._check_model_splits(chunk.batch, out, f"chunk {chunk.index}", first.read, thorough=False)
+            if out is not None and first.kept is not None:
+                self._check_joined(chunk, first.kept, out)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
             first.total = part if first.total is None else first.total + part
@@ -232,12 +234,24 @@ class ContractChecks:
         self._refuse_random(watch, None)
         return kept
 
-    def _refuse_random(self, watch: GeneratorWatch, cause: Exception | None) -> None:
+    def _refuse_random(self, watch: GeneratorWatch, cause: Exception | None, where: str = "the first chunk") -> None:
         if self.allow_stochastic or not watch.advanced():
             return
         raise StochasticModelError(
-            random_draws("the model's forward or the loss drew random numbers on the first chunk",
+            random_draws(f"the model's forward or the loss drew random numbers on {where}",
                          self.model.training)) from cause
+
+    def _later_output(self, chunk: Chunk):
+        """The output on a later chunk of the first pass, for its checks (:meth:`_check_first_pass`), as a check runs
+        the forward; None when the forward fails on it (its products run it again and name the failure)."""
+        watch = GeneratorWatch(self.device)
+        with checking_forward():
+            try:
+                out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
+            except FORWARD_ERRORS:
+                return None
+        self._refuse_random(watch, None, f"chunk {chunk.index}")
+        return out
 
     def _first_output(self, batch: Batch, buffers: dict[str, torch.Tensor] | None = None,
                       params: list[torch.Tensor] | None = None):
@@ -462,18 +476,16 @@ class ContractChecks:
             except (RuntimeError, TypeError):
                 return self.loss_fn(out, batch.target)
 
-    def _check_joined(self, chunk: Chunk, kept: tuple) -> None:
+    def _check_joined(self, chunk: Chunk, kept: tuple, out) -> None:
         """First pass, callable loss: the first chunk and this one, joined, must split as the first chunk did.
 
         The first chunk's halves can agree with a count-weighted mean by accident (a class-weighted or masked mean
         whose first chunk holds one class, or no masked rows); two different chunks rarely do. Chunks of different
         widths (each batch padded to its own longest sequence) are padded to the longer (:func:`join_rows`); the
-        test runs only if that padding leaves each chunk's own loss unchanged, i.e. the loss ignores it. Costs one
-        forward of each chunk on the first pass."""
+        test runs only if that padding leaves each chunk's own loss unchanged, i.e. the loss ignores it. ``out``:
+        the chunk's output (:meth:`_later_output`)."""
         out0, first, fits = kept
         watch = GeneratorWatch(self.device)
-        with checking_forward():
-            out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
         b0, b1 = first.batch, chunk.batch
         rows = b0.rows + b1.rows
         if fits == ITEMS:  # one output per example in a sequence

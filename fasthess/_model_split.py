@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 from fasthess._examples import Cut, Fits, Split, cuts, output_fits, roundoff, row_dim, sub_inputs, worst_row_gap
 from fasthess.errors import BatchDependentModelError
 
-__all__ = ["check_model_splits", "example_layout"]
+__all__ = ["FORWARD_ERRORS", "check_model_splits", "example_layout"]
 
 SUBSET = 8  # examples in the sub-batch: enough to differ from the chunk, cheap next to a pass
 COPIES = 64  # at least this many copies of one example: above the capacity floors MoE layers set (DeepSpeed: 4)
