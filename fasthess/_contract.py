@@ -32,7 +32,7 @@ from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_se
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
 
-__all__ = ["CONTRACT_BASES", "ContractChecks", "FirstPass", "GeneratorWatch", "random_draws"]
+__all__ = ["CONTRACT_BASES", "ContractChecks", "FirstPass", "GeneratorWatch", "later_chunk_failure", "random_draws"]
 
 
 class GeneratorWatch:
@@ -145,6 +145,8 @@ class FirstPass:
     found by the split check, or None), and this process's part of W so far."""
 
     checked: bool = False
+    index: int = -1  # the first chunk's index and examples
+    rows: int = 0
     kept: tuple | None = None
     basis: str | None = None  # what the operator's equality with the whole-data Hessian rests on (CONTRACT_BASES)
     total: torch.Tensor | None = None
@@ -163,6 +165,18 @@ CONTRACT_BASES = {
     "unjudged": "assumed: nothing showed where the examples are in the inputs, or the forward ran on no sub-batch, "
                 "so its split over the examples was not checked",
 }
+
+
+def later_chunk_failure(chunk: Chunk, first_rows: int, exc: Exception) -> FasthessError:
+    """The error for a forward (or its products) that ran on the first chunk and fails on a later one: the chunk,
+    its size against the first's, and what failed."""
+    rows = chunk.batch.rows
+    size = (f"; it has {rows} examples and the first had {first_rows}: a forward that takes only some batch sizes "
+            "(a view or reshape to a fixed batch size, x.view(64, -1)) fails on a shorter last chunk. Make it take "
+            "any batch size (x.view(len(x), -1)), or choose batch_size so that every chunk has the same size"
+            if rows != first_rows else "; check that chunk's data (an index out of range, a shape that differs)")
+    return FasthessError(f"the model's forward or its products failed on chunk {chunk.index} after running on the "
+                         f"first ({type(exc).__name__}: {str(exc)[:200]}){size}")
 
 
 def _reading(accepted: list[Split | None]) -> str:
@@ -203,6 +217,7 @@ class ContractChecks:
         callable); and this chunk's part of W."""
         if not first.checked:
             (first.kept, first.basis, first.read), first.checked = self._check_contract(chunk), True
+            first.index, first.rows = chunk.index, chunk.batch.rows
             if chunk.batch.rows < 2 and not self.data.spec.batch_loss:
                 first.lone = chunk
         else:
@@ -210,11 +225,11 @@ class ContractChecks:
             if first.lone is not None:
                 lone, first.lone = first.lone, None
                 first.basis = self._check_joined_splits(lone, chunk)
-            out = self._later_output(chunk) if judge or first.kept is not None else None
-            if out is not None and judge and nonfinite_data(chunk.batch) is None:
+            out = self._later_output(chunk, first.rows) if judge or first.kept is not None else None
+            if judge and nonfinite_data(chunk.batch) is None:
                 # (non-finite rows would look like mixing: the pass's own check names them)
                 self._check_model_splits(chunk.batch, out, f"chunk {chunk.index}", first.read, thorough=False)
-            if out is not None and first.kept is not None:
+            if first.kept is not None:
                 self._check_joined(chunk, first.kept, out)
         if not self.loss.sums:
             part = self.loss.normalizer(chunk.batch).to(self.device)
@@ -241,15 +256,17 @@ class ContractChecks:
             random_draws(f"the model's forward or the loss drew random numbers on {where}",
                          self.model.training)) from cause
 
-    def _later_output(self, chunk: Chunk):
+    def _later_output(self, chunk: Chunk, first_rows: int):
         """The output on a later chunk of the first pass, for its checks (:meth:`_check_first_pass`), as a check runs
-        the forward; None when the forward fails on it (its products run it again and name the failure)."""
+        the forward; a failure is named as the products would name it (:func:`later_chunk_failure`)."""
         watch = GeneratorWatch(self.device)
         with checking_forward():
             try:
                 out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
-            except FORWARD_ERRORS:
-                return None
+            except FasthessError:
+                raise
+            except FORWARD_ERRORS as exc:
+                raise later_chunk_failure(chunk, first_rows, exc) from exc
         self._refuse_random(watch, None, f"chunk {chunk.index}")
         return out
 

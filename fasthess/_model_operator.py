@@ -33,11 +33,12 @@ from torch.func import functional_call
 from fasthess import ops
 from fasthess._batch import BatchSpec, cast_floating, takes_whole_dict
 from fasthess._buffers import KeptBuffers
-from fasthess._contract import ContractChecks, FirstPass, scalar_value
+from fasthess._contract import ContractChecks, FirstPass, later_chunk_failure, scalar_value
 from fasthess._criteria import contract_of
 from fasthess._data import Chunk, ChunkedData, is_batched_iterable
 from fasthess._finite import check_finite_pass
 from fasthess._graph_cache import GraphCache, gradient_graph, graph_products
+from fasthess._model_split import FORWARD_ERRORS
 from fasthess._modes import ModeRules
 from fasthess._unsupported import ONE_VALUE_PER_CHANNEL, translated_errors
 from fasthess.distributed import ShardComm, resolve_group
@@ -391,8 +392,15 @@ class ModelOperator(ContractChecks, SymmetricOperator):
                     self._check_first_pass(chunk, first)
                 if self.loss.kind == "callable" and self.loss.mode == "mean" and float(chunk.batch.count) == 0:
                     continue  # nothing to average in this chunk (e.g. every token ignored): it contributes 0
-                with self.modes.product_scope(chunk.index), translated_errors():
-                    products, loss = per_chunk(chunk)
+                try:
+                    with self.modes.product_scope(chunk.index), translated_errors():
+                        products, loss = per_chunk(chunk)
+                except FasthessError:
+                    raise
+                except FORWARD_ERRORS as exc:
+                    if first is None or chunk.index == first.index:
+                        raise  # a later pass, or the first chunk, whose checks ran the forward and name a failure
+                    raise later_chunk_failure(chunk, first.rows, exc) from exc
                 ops.accumulate(acc, [p if p.dtype in (torch.float32, torch.float64) else p.float()
                                      for p in products])
                 state.losses.append(loss.detach().to(torch.float64))

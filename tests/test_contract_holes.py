@@ -1705,3 +1705,31 @@ def test_inputs_read_along_one_dimension_of_two_name_that_reading_in_the_result(
     _check(fasthess.HessianOperator(model, ce, data), H)
     assert res.all_converged
     assert abs(float(res.eigenvalues[0]) - float(torch.linalg.eigvalsh(H)[-1])) <= float(res.error_bounds[0])
+
+
+class _FixedBatchView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.view(CHUNK, 4))  # written for one batch size
+
+
+@pytest.mark.parametrize("callable_loss", [False, True])
+def test_a_forward_that_fails_on_a_later_chunk_is_named_with_the_chunk_and_the_fix(callable_loss):
+    """A view to a fixed batch size runs on the first chunk and fails on the shorter last one: PyTorch's raw
+    RuntimeError came from the products (or from the joined-chunk test of a loss callable)."""
+    X, y = _data(n=25)
+    ce = nn.CrossEntropyLoss()
+    loss = (lambda o, t: ce(o, t)) if callable_loss else ce
+    with pytest.raises(fasthess.FasthessError, match=r"failed on chunk 2 .*5 examples and the first had 10.*len\(x\)"):
+        fasthess.lambda_max(_FixedBatchView().double(), loss, (X, y), batch_size=CHUNK)
+
+
+def test_a_later_chunk_whose_data_the_forward_rejects_is_named():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    ids, y = torch.randint(0, 5, (30, 2)), torch.randint(0, 2, (30,))
+    ids[25, 1] = 7  # out of the vocabulary, in chunk 2
+    with pytest.raises(fasthess.FasthessError, match=r"failed on chunk 2 .*IndexError.*check that chunk's data"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (ids, y), batch_size=CHUNK)
