@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -151,6 +151,16 @@ class FirstPass:
     basis: str | None = None  # what the operator's equality with the whole-data Hessian rests on (CONTRACT_BASES)
     total: torch.Tensor | None = None
     lone: Chunk | None = None  # a first chunk of one row: its forward's split is judged joined with the next chunk
+    unjudged: list[int] = field(default_factory=list)  # later chunks of two or more rows whose split nothing showed
+
+    @property
+    def contract(self) -> str | None:
+        """The basis, with the later chunks whose split could not be judged named."""
+        if not self.unjudged or self.basis is None:
+            return self.basis
+        listed = ", ".join(map(str, self.unjudged[:5])) + (", ..." if len(self.unjudged) > 5 else "")
+        return (f"{self.basis}; except chunks {listed}, where the forward ran on no sub-batch, so their split was "
+                "assumed")
 
 
 #: what the operator's equality with the Hessian of the loss on the whole data rests on, by case
@@ -226,9 +236,12 @@ class ContractChecks:
                 lone, first.lone = first.lone, None
                 first.basis = self._check_joined_splits(lone, chunk)
             out = self._later_output(chunk, first.rows) if judge or first.kept is not None else None
-            if judge and nonfinite_data(chunk.batch) is None:
+            if judge and nonfinite_data(chunk.batch) is None and chunk.batch.rows > 1:
                 # (non-finite rows would look like mixing: the pass's own check names them)
-                self._check_model_splits(chunk.batch, out, f"chunk {chunk.index}", first.read, thorough=False)
+                split, _ = self._check_model_splits(chunk.batch, out, f"chunk {chunk.index}", first.read,
+                                                    thorough=False)
+                if split is None:
+                    first.unjudged.append(chunk.index)
             if first.kept is not None:
                 self._check_joined(chunk, first.kept, out)
         if not self.loss.sums:

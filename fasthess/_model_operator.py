@@ -358,7 +358,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
             self._accumulate(acc, state, per_chunk, first)
             if first is not None:
                 self._set_normalizer(None if first.total is None else float(first.total))
-                self.contract = first.basis
+                self.contract = first.contract
         else:  # one all-reduce of acc (b, n) per pass, entered by every rank even when its part fails
             def local() -> tuple[torch.Tensor, torch.Tensor | None]:
                 self._accumulate(acc, state, per_chunk, first)
@@ -366,7 +366,7 @@ class ModelOperator(ContractChecks, SymmetricOperator):
             self.comm.run_pass(acc, local, lambda: self.data.num_examples)
             if first is not None:
                 self._set_normalizer(self.comm.normalizer)
-                self.contract = first.basis
+                self.contract = first.contract
 
     def _set_normalizer(self, total: float | None) -> None:
         if self.loss.sums:

@@ -117,7 +117,8 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         verdicts = []
         for cut in found:
             batches = _sub_batches(cut.n) if thorough else _spread_sub_batch(cut.n)
-            verdict, fits = run.judge(cut, batches, _uncut_hint(args, kwargs, rows) if thorough else "", where)
+            verdict, fits = run.judge(cut, batches, _uncut_hint(args, kwargs, rows) if thorough else "", where,
+                                      every=thorough)
             if verdict is None:
                 return None
             if verdict[0] <= tol:
@@ -205,12 +206,13 @@ def _sub_batches(n: int) -> list[torch.Tensor]:
 
 
 def _spread_sub_batch(n: int) -> list[torch.Tensor]:
-    """The sub-batch that judges every later chunk of the first pass: the k spread examples followed by
-    max(3k, COPIES) copies of the first (the first of :func:`_sub_batches`), one forward of k + max(3k, 64) rows
-    beside the chunk's own. Mixing set off by what a later chunk holds (a mode, examples grouped by an id) shows in
-    the spread's rows."""
+    """The sub-batches that judge every later chunk of the first pass, the first that runs only: the k spread
+    examples followed by max(3k, COPIES) copies of the first (the first of :func:`_sub_batches`), one forward of
+    k + max(3k, 64) rows beside the chunk's own; else, for a forward that takes only some batch sizes, the same
+    followed by copies up to n. Mixing set off by what a later chunk holds (a mode, examples grouped by an id)
+    shows in the spread's rows."""
     spread = _spread(n)
-    return [_with_copies(spread)] if len(spread) else []
+    return [_with_copies(spread), torch.cat([spread, spread[:1].repeat(n - len(spread))])] if len(spread) else []
 
 
 #: what a forward raises on a batch it does not take (a size it cannot view, rows that are not examples)
@@ -229,10 +231,11 @@ class _SubBatches:
         with _replayed(self.recorded):
             return self.forward(*sub_inputs(self.inputs, cut, index))
 
-    def judge(self, cut: Cut, batches: list[torch.Tensor], hint: str,
-              where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
+    def judge(self, cut: Cut, batches: list[torch.Tensor], hint: str, where: str,
+              every: bool = True) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
         """The worst (gap, output leaf, per example, index) over the sub-batches ``batches`` (example indices) of the
-        chunk run alone, and the output leaves' fits, found on the first sub-batch, whose size is not the chunk's.
+        chunk run alone (``every``; else up to the first that gives one), and the output leaves' fits, found on the
+        first sub-batch, whose size is not the chunk's.
         A worst of None: nothing to judge; when none runs, a failure with flat indices passed whole (``hint``) is
         refused, since it most likely comes from cutting their offsets."""
         if not batches:
@@ -249,6 +252,8 @@ class _SubBatches:
             gap = worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read, fits)
             if gap is not None and (worst is None or not gap[0] <= worst[0]):
                 worst = (*gap, index)
+            if worst is not None and not every:
+                break
         if worst is None and failure is not None and hint:
             raise BatchDependentModelError(
                 f"fasthess cannot check that the model's outputs split over the examples: its forward failed on a "

@@ -1733,3 +1733,37 @@ def test_a_later_chunk_whose_data_the_forward_rejects_is_named():
     ids[25, 1] = 7  # out of the vocabulary, in chunk 2
     with pytest.raises(fasthess.FasthessError, match=r"failed on chunk 2 .*IndexError.*check that chunk's data"):
         fasthess.lambda_max(model, nn.CrossEntropyLoss(), (ids, y), batch_size=CHUNK)
+
+
+def test_a_forward_for_one_batch_size_is_judged_on_every_chunk_at_that_size():
+    """The spread sub-batch with copies fails on such a forward; copies up to the chunk's size run, so every chunk is
+    judged and the claim says "each chunk" without exceptions."""
+    X, y = _data()
+    model, ce = _FixedBatchView().double(), nn.CrossEntropyLoss()
+    res = fasthess.lambda_max(model, ce, (X, y), batch_size=CHUNK)
+    assert res.contract == "checked: the forward's outputs split over the examples of each chunk"
+    _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, CHUNK))
+
+
+class _DistinctRows(nn.Module):
+    """Refuses a batch that holds one example twice (a set model that asserts its inputs are a set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if len(torch.unique(x, dim=0)) < len(x):
+            raise ValueError("duplicate examples in a batch")
+        return self.fc(x)
+
+
+def test_a_later_chunk_whose_split_nothing_showed_is_named_in_the_claim():
+    """Every sub-batch of a later chunk repeats an example, so none runs there (the first chunk is judged on its
+    examples run alone): the claim names those chunks as assumed."""
+    X, y = _data(n=30)
+    model, ce = _DistinctRows().double(), nn.CrossEntropyLoss()
+    res = fasthess.lambda_max(model, ce, (X, y), batch_size=CHUNK)
+    assert res.contract.endswith("except chunks 1, 2, where the forward ran on no sub-batch, so their split was "
+                                 "assumed")
+    _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, CHUNK))
