@@ -28,7 +28,7 @@ from fasthess._buffers import buffer_versions, refuse_stateful_forward, written_
 from fasthess._data import Chunk
 from fasthess._examples import ITEMS, Split, roundoff, worst_row_gap
 from fasthess._model_split import FORWARD_ERRORS, check_model_splits, example_layout
-from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative
+from fasthess._unsupported import refuse_reentrant_checkpoint, refuse_without_second_derivative, translated_errors
 from fasthess.errors import (BatchDependentModelError, FasthessError, LossContractError, NonFiniteError,
                              StatefulModelError, StochasticModelError, UnsupportedModelError)
 
@@ -275,7 +275,8 @@ class ContractChecks:
         watch = GeneratorWatch(self.device)
         with checking_forward():
             try:
-                out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
+                with translated_errors():  # PyTorch's errors it knows come out named, as from the products
+                    out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
             except FasthessError:
                 raise
             except FORWARD_ERRORS as exc:

@@ -196,7 +196,7 @@ def test_an_interrupted_pass_drops_its_graphs():
     op = fasthess.HessianOperator(model, loss, batches, hvp="double-backward")
     v = torch.randn(op.num_params, dtype=torch.float64)
     with op.fixed_weights():
-        with pytest.raises(RuntimeError):
+        with pytest.raises(fasthess.FasthessError, match="failed on chunk 3"):
             op.matvec(v)
         assert op.graph_bytes == 0
         batches[:] = [(2 * X[i:i + 5], y[i:i + 5]) for i in range(0, 25, 5)]  # the data is fixed and rebuilt
