@@ -4,8 +4,10 @@ Run::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. .venv/bin/python benchmarks/contract_cost.py --reps 3
 
-The model checks are the split check (:meth:`fasthess._contract.ContractChecks._check_model_splits`, at θ and at a
-perturbed θ) and the stateful-forward check (:func:`fasthess._buffers.refuse_stateful_forward`). Each is timed
+The model checks are the split checks (:meth:`fasthess._contract.ContractChecks._check_model_splits`: on the first
+chunk at θ and at a perturbed θ, on each later chunk at θ, with the later chunk's own forward,
+:meth:`~fasthess._contract.ContractChecks._later_output`) and the stateful-forward check
+(:func:`fasthess._buffers.refuse_stateful_forward`). Each is timed
 inside one :func:`fasthess.lambda_max` with process time, and reported as a share of the rest of the solve: both
 parts run in the same process at the same moment, so a loaded machine slows them alike and the share stays put
 (a side-by-side timing of solves with the checks on and off differs by less than its run-to-run noise).
@@ -40,7 +42,8 @@ def main() -> None:
     parser.add_argument("--problem", action="append", help="default: mlp_digits and cnn_cifar")
     args = parser.parse_args()
     spent = [0.0]
-    _contract.ContractChecks._check_model_splits = _timed(_contract.ContractChecks._check_model_splits, spent)
+    for name in ("_check_model_splits", "_later_output"):
+        setattr(_contract.ContractChecks, name, _timed(getattr(_contract.ContractChecks, name), spent))
     _contract.refuse_stateful_forward = _timed(_contract.refuse_stateful_forward, spent)
     for name in args.problem or ["mlp_digits", "cnn_cifar"]:
         p = make(name)
