@@ -422,16 +422,16 @@ class ContractChecks:
 
     def _check_model_splits(self, batch: Batch, out, where: str = "the first chunk", read: list[int] | None = None,
                             thorough: bool = True) -> tuple[Split | None, str]:
-        """The forward's output rows on ``batch`` (``where``: what it is; ``out``: its output, None to run it) are
-        those of a sub-batch of it run alone, and the batch-level output leaves the loss reads (``read``, None: all)
-        do not change with the batch (:mod:`fasthess._model_split`); ``thorough``: every sub-batch at θ and at a
-        perturbed θ, else a spread sub-batch at θ. A forward that draws random numbers cannot
-        be judged this way when ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing
-        was judged) and the basis (:data:`CONTRACT_BASES`)."""
+        """The forward's output rows on ``batch`` (``where``: what it is; ``out``: its output) are those of a
+        sub-batch of it run alone, and the batch-level output leaves the loss reads (``read``, None: all) do not
+        change with the batch (:mod:`fasthess._model_split`); ``thorough``: every sub-batch at θ and at a perturbed
+        θ, else a spread sub-batch at θ. A forward that draws random numbers cannot be judged this way when
+        ``allow_stochastic`` accepts it. Returns what the check found at θ (None: nothing was judged) and the basis
+        (:data:`CONTRACT_BASES`)."""
         watch = GeneratorWatch(self.device)
         primals = self._primals()
         batch_stats, seq_first = self.modes.batch_statistics_modules(), self._seq_first()
-        points = ((primals, out), (perturbed(primals), None)) if thorough else ((primals, out),)  # None: run it
+        points = ((primals, out), (perturbed(primals), None)) if thorough else ((primals, out),)  # None: run there
         with checking_forward():
             try:
                 accepted = [check_model_splits(self._forward_at(params, batch), batch.args, batch.kwargs, batch.rows,
@@ -457,9 +457,7 @@ class ContractChecks:
     def _differs_on_a_second_call(forward: Callable[[tuple, dict], object], batch: Batch, out, tol: float) -> bool:
         """Does a second forward of ``batch`` differ from its first output ``out`` beyond roundoff ``tol``? (After a
         refusal as mixing only: a random forward that the default generators do not show looks like one that
-        mixes. ``out`` None: run the first forward here.)"""
-        if out is None:
-            out = forward(batch.args, batch.kwargs)
+        mixes.)"""
         worst = worst_row_gap(out, forward(batch.args, batch.kwargs), batch.rows, torch.arange(batch.rows))
         return worst is not None and worst[0] > tol
 
