@@ -234,7 +234,7 @@ class ContractChecks:
             judge = first.lone is None and first.basis.startswith("checked")
             if first.lone is not None:
                 lone, first.lone = first.lone, None
-                first.basis = self._check_joined_splits(lone, chunk)
+                first.basis = self._check_joined_splits(lone, chunk, first.read)
             out = self._later_output(chunk, first.rows) if judge or first.kept is not None else None
             if judge and nonfinite_data(chunk.batch) is None and chunk.batch.rows > 1:
                 # (non-finite rows would look like mixing: the pass's own check names them)
@@ -478,24 +478,30 @@ class ContractChecks:
         return any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and not m.batch_first
                    for m in self.model.modules())
 
-    def _check_joined_splits(self, lone: Chunk, chunk: Chunk) -> str:
-        """First pass, after a first chunk of one row (which alone shows no mixing): the forward's split is judged
-        on that row and chunk ``chunk`` joined as one batch. Skipped when their inputs cannot be joined without
-        padding (padding changes what the model sees, so a difference would not prove mixing): one row overall,
-        or ragged inputs, leave nothing to judge. Returns the basis (:data:`CONTRACT_BASES`)."""
+    def _check_joined_splits(self, lone: Chunk, chunk: Chunk, read: list[int] | None) -> str:
+        """First pass, after a first chunk of one row (which alone shows no mixing): the forward's split is judged,
+        as on a first chunk, on that row and chunk ``chunk`` joined as one batch; when their inputs cannot be
+        joined without padding (padding changes what the model sees, so a difference would not prove mixing) or
+        the forward does not take the joined batch, on chunk ``chunk`` alone. ``read``: the output leaves the loss
+        reads. Returns the basis (:data:`CONTRACT_BASES`)."""
         a, b = lone.batch, chunk.batch
         rows = a.rows + b.rows
         joined = join_rows((a.args, a.kwargs), (b.args, b.kwargs), a.rows, b.rows)
-        if joined is None or [t.shape[1:] for t in tensors_of(take_rows(joined, 0, a.rows, rows))] != \
+        if joined is not None and [t.shape[1:] for t in tensors_of(take_rows(joined, 0, a.rows, rows))] == \
                 [t.shape[1:] for t in tensors_of((a.args, a.kwargs))]:
+            batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
+            with checking_forward():
+                try:
+                    out = detached(self._forward(self._checking_params(self._primals()), batch))
+                except FasthessError:
+                    raise
+                except FORWARD_ERRORS:  # not an input this model takes
+                    out = None
+            if out is not None:
+                return self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined", read)[1]
+        if b.rows < 2:
             return CONTRACT_BASES["unjudged"]
-        batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
-        with checking_forward():
-            try:
-                out = detached(self._forward(self._checking_params(self._primals()), batch))
-            except (RuntimeError, ValueError, IndexError, TypeError):  # not an input this model takes
-                return CONTRACT_BASES["unjudged"]
-        return self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined")[1]
+        return self._check_model_splits(b, self._later_output(chunk, a.rows), f"chunk {chunk.index}", read)[1]
 
     def _value64(self, out, batch):
         """The loss of a callable in float64 where it allows it, so that split tests are sharp."""

@@ -11,9 +11,10 @@ output depend on which other examples share its batch; the spread breaks up neig
 the examples as well as batch statistics. Only the output leaves the loss reads are judged (no other reaches the
 Hessian); those with no example dimension are compared whole (one value per batch must not change with the batch).
 All of it runs at θ and at a perturbed θ. Every later chunk of the first pass is judged at θ on its k spread
-examples with copies (:func:`_spread_sub_batch`): mixing that only what those chunks hold sets off (a mode that
-ties in the first chunk, examples grouped by an id) shows there. A first chunk of one example shows no
-mixing alone; it is judged joined with the next chunk, as one batch (:mod:`fasthess._contract`).
+examples with copies, on k examples between them and on one of those alone (:func:`_later_sub_batches`): mixing
+that only what those chunks hold sets off (a mode that ties in the first chunk, examples grouped by an id) shows
+there. A first chunk of one example shows no mixing alone; it is judged joined with the next chunk, as one batch
+(:mod:`fasthess._contract`).
 
 BatchNorm modules that normalize with batch statistics are the documented exception (ghost batches): during the
 sub-batch's forward each normalizes with the statistics it computed on the whole chunk (recorded in a forward of
@@ -98,7 +99,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
     batch statistics; ``where`` names the chunk in the refusal; ``seq_first``: the model has a sequence-first
     module (see :func:`cuts`); ``read``: the output leaves the loss reads (None: all), the only ones judged (those
     with no example dimension must not change with the batch at all); ``thorough``: every sub-batch of
-    :meth:`_SubBatches.judge`, else the spread sub-batch alone (:func:`_spread_sub_batch`). Returns the cut that showed
+    :meth:`_SubBatches.judge`, else those of :func:`_later_sub_batches`. Returns the cut that showed
     no mixing, with the output leaves' example dimensions (None: nothing was judged)."""
     found = cuts((args, kwargs), rows, seq_first)
     if not found:
@@ -116,9 +117,13 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         run = _SubBatches(forward, (args, kwargs), out, recorded, read)
         verdicts = []
         for cut in found:
-            batches = _sub_batches(cut.n) if thorough else _spread_sub_batch(cut.n)
-            verdict, fits = run.judge(cut, batches, _uncut_hint(args, kwargs, rows) if thorough else "", where,
-                                      every=thorough)
+            if thorough:
+                verdict, fits = run.judge(cut, _sub_batches(cut.n), _uncut_hint(args, kwargs, rows), where)
+            else:
+                batches, fallback = _later_sub_batches(cut.n)
+                verdict, fits = run.judge(cut, batches, "", where)
+                if verdict is None and fallback:
+                    verdict, fits = run.judge(cut, fallback, "", where)
             if verdict is None:
                 return None
             if verdict[0] <= tol:
@@ -205,18 +210,24 @@ def _sub_batches(n: int) -> list[torch.Tensor]:
             *spread.split(1)]
 
 
-def _spread_sub_batch(n: int) -> list[torch.Tensor]:
-    """The sub-batches that judge every later chunk of the first pass, the first that runs only: the k spread
-    examples followed by max(3k, COPIES) copies of the first (the first of :func:`_sub_batches`), one forward of
-    k + max(3k, 64) rows beside the chunk's own; else, for a forward that takes only some batch sizes, the same
-    followed by copies up to n. Mixing set off by what a later chunk holds (a mode, examples grouped by an id)
-    shows in the spread's rows."""
+def _later_sub_batches(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The sub-batches that judge every later chunk of the first pass, and the fallback run when none of them runs.
+    The k spread examples followed by max(3k, COPIES) copies of the first (the first of :func:`_sub_batches`); k
+    examples between them, which leave out both ends of the chunk (sorted data holds a batch maximum or the longest
+    length there); and the last of those alone (a statistic that ties across the chunk's examples is its own):
+    forwards of k + max(3k, 64), k and 1 rows beside the chunk's own. The fallback, for a forward that takes only
+    some batch sizes: the spread followed by copies up to n. Mixing set off by what a later chunk holds (a mode,
+    examples grouped by an id, a maximum) shows in those rows."""
     spread = _spread(n)
-    return [_with_copies(spread), torch.cat([spread, spread[:1].repeat(n - len(spread))])] if len(spread) else []
+    if not len(spread):
+        return [], []
+    between = torch.clamp(spread + max(n // len(spread) // 2, 1), max=n - 1).unique()
+    return [_with_copies(spread), between, between[-1:]], [torch.cat([spread, spread[:1].repeat(n - len(spread))])]
 
 
 #: what a forward raises on a batch it does not take (a size it cannot view, rows that are not examples)
-FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError, AssertionError)
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError, AssertionError,
+                  ArithmeticError)
 
 
 class _SubBatches:
@@ -231,11 +242,10 @@ class _SubBatches:
         with _replayed(self.recorded):
             return self.forward(*sub_inputs(self.inputs, cut, index))
 
-    def judge(self, cut: Cut, batches: list[torch.Tensor], hint: str, where: str,
-              every: bool = True) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
+    def judge(self, cut: Cut, batches: list[torch.Tensor], hint: str,
+              where: str) -> tuple[tuple[float, int, bool, torch.Tensor] | None, Fits | str | None]:
         """The worst (gap, output leaf, per example, index) over the sub-batches ``batches`` (example indices) of the
-        chunk run alone (``every``; else up to the first that gives one), and the output leaves' fits, found on the
-        first sub-batch, whose size is not the chunk's.
+        chunk run alone, and the output leaves' fits, found on the first sub-batch, whose size is not the chunk's.
         A worst of None: nothing to judge; when none runs, a failure with flat indices passed whole (``hint``) is
         refused, since it most likely comes from cutting their offsets."""
         if not batches:
@@ -252,8 +262,6 @@ class _SubBatches:
             gap = worst_row_gap(self.out, part, cut.n, index, cut.inner, self.read, fits)
             if gap is not None and (worst is None or not gap[0] <= worst[0]):
                 worst = (*gap, index)
-            if worst is not None and not every:
-                break
         if worst is None and failure is not None and hint:
             raise BatchDependentModelError(
                 f"fasthess cannot check that the model's outputs split over the examples: its forward failed on a "
