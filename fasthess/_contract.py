@@ -566,7 +566,13 @@ class ContractChecks:
         with torch.enable_grad():
             leaves = {n: p.detach().to(self.compute_dtype).requires_grad_(True)
                       for n, p in zip(self.names, self._params)}
-            value = scalar_value(self.penalty(leaves), penalty=True)
+            try:
+                value = scalar_value(self.penalty(leaves), penalty=True)
+            except (TypeError, AttributeError) as exc:
+                raise FasthessError(
+                    f"the penalty failed ({type(exc).__name__}: {str(exc)[:200]}); it is called with a dict of the "
+                    "differentiated parameters by name, e.g. penalty=lambda params: 1e-4 * sum(p.pow(2).sum() for p "
+                    "in params.values())") from exc
         reached = self._reads_parameters(value)
         if reached or not value.requires_grad:
             what = f"reads the model's parameters {reached[:3]}" if reached else "does not depend on its argument"

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from fasthess._examples import Cut, Fits, Split, cuts, output_fits, roundoff, row_dim, sub_inputs, worst_row_gap
-from fasthess.errors import BatchDependentModelError
+from fasthess.errors import BatchDependentModelError, NonFiniteError
 
 __all__ = ["FORWARD_ERRORS", "check_model_splits", "example_layout"]
 
@@ -130,6 +130,10 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
                 return Split(cut, fits, verdicts[0][0] if verdicts else None)
             verdicts.append((cut, verdict))
         cut, (gap, leaf, per_example, index) = verdicts[0]
+        if gap != gap:  # NaN: the outputs themselves are not numbers, which is no evidence of mixing
+            raise NonFiniteError(
+                f"the model's output tensor {leaf} on {where} holds NaN although the data is finite (a log or square "
+                "root of a negative number, 0/0 in the forward); the Hessian is undefined there: fix the forward")
         shared = run.shared(cut, index, tol) if per_example else ""
     layout = ""
     if seq_first and not any(c.inner for c, _ in verdicts):
@@ -157,7 +161,7 @@ def check_model_splits(forward: Callable[[tuple, dict], object], args: tuple, kw
         "mean the ghost-batch Hessian (the average over the training batches of each batch's loss), pass "
         "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches "
         "(batch_size=<the training batch size>, or a DataLoader of them): the result is then that ghost-batch "
-        f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}{layout}")
+        f"loss's Hessian{_uncut_hint(args, kwargs, rows)}{shared}{layout}{_subclass_hint(batchnorms)}")
 
 
 def example_layout(forward: Callable[[tuple, dict], object], args: tuple, kwargs: dict, rows: int, out,
@@ -288,6 +292,18 @@ class _SubBatches:
                         "or attribute of the model instead of an input, or use a batch size other than its number "
                         "of rows (one chunk cannot tell a shared table from per-example data)")
         return ""
+
+
+def _subclass_hint(batchnorms: Sequence[nn.Module]) -> str:
+    """For a BatchNorm subclass with a forward of its own: the sub-batch replays only PyTorch's normalization, so
+    the rest of that forward is missing from it, and the opt-in that gives its ghost-batch Hessian."""
+    own = [type(m).__name__ for m in batchnorms if type(m).forward is not nn.modules.batchnorm._BatchNorm.forward]
+    if not own:
+        return ""
+    return (f". The model has a BatchNorm subclass with a forward of its own ({own[0]}): the check replays only "
+            "PyTorch's normalization with the chunk's statistics, not the rest of that forward, so it may be the "
+            "cause; if that forward only adds per-example operations, its ghost-batch Hessian is "
+            "batch=fasthess.BatchSpec(batch_loss=True) with chunks equal to the training batches")
 
 
 def _uncut_hint(args: tuple, kwargs: dict, rows: int) -> str:

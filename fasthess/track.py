@@ -37,6 +37,7 @@ are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -96,6 +97,19 @@ def sharpness_mode(model: torch.nn.Module, mode: str = "train", disable_dropout:
     finally:
         for m, f in flags:
             m.training = f
+
+
+def _params_of(params, model: torch.nn.Module):
+    """The parameter list of an update: ``params`` itself, or a callable's list, called with ``model`` when it takes
+    a positional argument (``lambda model: list(model.head.parameters())``), else with none."""
+    if not callable(params):
+        return params
+    try:
+        takes = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                    for p in inspect.signature(params).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as documented before
+        takes = False
+    return params(model) if takes else params()
 
 
 def _materialize(params):
@@ -224,7 +238,8 @@ class SharpnessTracker:
         mode, disable_dropout: see :func:`sharpness_mode`.
         warm_start: start each solve from the previous top k + 1 Ritz vectors (opt-in: on the CPU it costs about
             what a cold solve costs and keeps a measured false-record class; module docstring).
-        params: the parameters to differentiate (a list, or a callable returning one); a generator such as
+        params: the parameters to differentiate (a list, or a callable returning one, called with the model
+            being updated when it takes an argument, else with none); a generator such as
             ``model.parameters()`` is materialized once, here.
         lr: default learning rate, for the threshold when no optimizer is passed to ``update`` (2/lr).
         distributed, process_group: passed to :class:`fasthess.HessianOperator`: each process of the group
@@ -333,7 +348,7 @@ class SharpnessTracker:
 
         kw = {}
         if self.params is not None:
-            kw["params"] = self.params() if callable(self.params) else self.params
+            kw["params"] = _params_of(self.params, model)
         op = fasthess.HessianOperator(model, self.loss_fn, self.data, batch_size=self.batch_size,
                                       allow_stochastic=self.allow_stochastic, distributed=self.distributed,
                                       process_group=self.process_group, **self.operator_kwargs, **kw)

@@ -1745,28 +1745,16 @@ def test_a_forward_for_one_batch_size_is_judged_on_every_chunk_at_that_size():
     _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, CHUNK))
 
 
-class _DistinctRows(nn.Module):
-    """Refuses a batch that holds one example twice (a set model that asserts its inputs are a set)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        if len(torch.unique(x, dim=0)) < len(x):
-            raise ValueError("duplicate examples in a batch")
-        return self.fc(x)
-
-
-def test_a_later_chunk_whose_split_nothing_showed_is_named_in_the_claim():
-    """Every sub-batch of a later chunk repeats an example, so none runs there (the first chunk is judged on its
-    examples run alone): the claim names those chunks as assumed."""
+def test_a_later_chunk_whose_split_nothing_showed_is_named_in_the_claim(monkeypatch):
+    """Later chunks on which no sub-batch can be run (here: none is formed) leave their split assumed, and the claim
+    names them."""
+    from fasthess import _model_split
+    monkeypatch.setattr(_model_split, "_later_sub_batches", lambda n: ([], []))
     X, y = _data(n=30)
-    model, ce = _DistinctRows().double(), nn.CrossEntropyLoss()
+    model, ce = nn.Linear(4, 3).double(), nn.CrossEntropyLoss()
     res = fasthess.lambda_max(model, ce, (X, y), batch_size=CHUNK)
     assert res.contract.endswith("except chunks 1, 2, where the forward ran on no sub-batch, so their split was "
                                  "assumed")
-    _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, CHUNK))
 
 
 class _MaxNormScaled(nn.Module):
@@ -1857,3 +1845,44 @@ def test_an_arithmetic_error_on_a_sub_batch_is_a_batch_the_forward_does_not_take
     X, y = _data(n=39)
     model, ce = Workspace().double(), nn.CrossEntropyLoss()
     _check(fasthess.HessianOperator(model, ce, (X, y), batch_size=CHUNK), dense_hessian(model, ce, X, y, CHUNK))
+
+
+def test_nan_outputs_on_finite_data_are_named_not_blamed_on_mixing():
+    class LogOfNegative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.log(self.fc(x))  # NaN wherever an output is negative
+
+    X, y = _data()
+    with pytest.raises(fasthess.NonFiniteError, match="holds NaN although the data is finite"):
+        fasthess.lambda_max(LogOfNegative().double(), nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
+
+
+def test_a_penalty_that_treats_its_dict_as_a_list_is_told_it_gets_a_dict():
+    X, y = _data()
+    with pytest.raises(fasthess.FasthessError, match=r"penalty failed.*dict of the differentiated.*values\(\)"):
+        fasthess.lambda_max(nn.Linear(4, 3).double(), nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK,
+                            penalty=lambda params: sum((p ** 2).sum() for p in params))
+
+
+def test_a_tracker_params_callable_may_take_the_model():
+    X, y = _data()
+    model, ce = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), nn.CrossEntropyLoss()
+    tracker = fasthess.SharpnessTracker(ce, (X, y), batch_size=CHUNK, params=lambda m: list(m[2].parameters()))
+    rec = tracker.update(model)
+    H = dense_hessian(model, ce, X, y, CHUNK, params=list(model[2].parameters()))
+    assert abs(rec.lambda_max - float(torch.linalg.eigvalsh(H)[-1])) <= rec.error_bound
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_named_in_the_refusal():
+    class ScaledBN(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    X, y = _data()
+    model = nn.Sequential(nn.Linear(4, 6), ScaledBN(6), nn.Linear(6, 3)).double().train()
+    with pytest.raises(BatchDependentModelError, match=r"BatchNorm subclass with a forward of its own \(ScaledBN\)"):
+        fasthess.lambda_max(model, nn.CrossEntropyLoss(), (X, y), batch_size=CHUNK)
