@@ -1,13 +1,14 @@
 """The loss contract, checked on the first pass of a model operator.
 
 On the first chunk: the data is finite, the forward runs (no reentrant checkpointing), the loss takes the output,
-has a second derivative, reads θ only through the output (a penalty only through its argument), the model's
-outputs split over the examples (:mod:`fasthess._model_split`) and the loss splits over them as a mean, a sum or
-per-example losses (:mod:`fasthess._criteria`); a first chunk of one row has its model split judged joined with
-the second chunk. On the other chunks of the first pass, the model split is judged again at θ on a spread
-sub-batch of each (mixing set off by what those chunks hold), and a loss callable is tested again on the first
-chunk joined with each (a normalizer that depends on the batch). A refusal caused by random
-draws is reported as such: :class:`GeneratorWatch` is the one comparison of the default generators.
+has a second derivative, reads θ only through the output (a penalty only through its argument), the model's outputs
+split over the examples (:mod:`fasthess._model_split`) and the loss splits over them as a mean, a sum or
+per-example losses (:mod:`fasthess._criteria`); a first chunk of one row has its model split judged joined with the
+second chunk (or on the second alone when the two cannot be joined). On the other chunks of the first pass, the
+model split is judged again at θ on a few sub-batches of each (mixing set off by what those chunks hold), and a
+loss callable is tested again on the first chunk joined with each (a normalizer that depends on the batch). A
+refusal caused by random draws is reported as such: :class:`GeneratorWatch` is the one comparison of the default
+generators.
 
 What the first pass carries from chunk to chunk is a :class:`FirstPass`, passed explicitly.
 """
@@ -223,8 +224,8 @@ class ContractChecks:
 
     def _check_first_pass(self, chunk: Chunk, first: FirstPass) -> None:
         """First pass, before chunk ``chunk``'s products: the contract on the first chunk; on the others, the model
-        split judged again on a spread sub-batch (when the first chunk's was judged) and the joined-chunk test (a loss
-        callable); and this chunk's part of W."""
+        split judged again at θ on a few sub-batches (when the first chunk's was judged; :mod:`fasthess._model_split`)
+        and the joined-chunk test (a loss callable); and this chunk's part of W."""
         if not first.checked:
             (first.kept, first.basis, first.read), first.checked = self._check_contract(chunk), True
             first.index, first.rows = chunk.index, chunk.batch.rows
