@@ -274,14 +274,13 @@ class ContractChecks:
         """The output on a later chunk of the first pass, for its checks (:meth:`_check_first_pass`), as a check runs
         the forward; a failure is named as the products would name it (:func:`later_chunk_failure`)."""
         watch = GeneratorWatch(self.device)
-        with checking_forward():
-            try:
-                with translated_errors():  # PyTorch's errors it knows come out named, as from the products
-                    out = detached(self._forward(self._checking_params(self._primals()), chunk.batch))
-            except FasthessError:
-                raise
-            except FORWARD_ERRORS as exc:
-                raise later_chunk_failure(chunk, first_rows, exc) from exc
+        try:
+            with translated_errors():  # PyTorch's errors it knows come out named, as from the products
+                out = self._checking_output(chunk.batch)
+        except FasthessError:
+            raise
+        except FORWARD_ERRORS as exc:
+            raise later_chunk_failure(chunk, first_rows, exc) from exc
         self._refuse_random(watch, None, f"chunk {chunk.index}")
         return out
 
@@ -468,6 +467,11 @@ class ContractChecks:
         named = self._checking_params(params)
         return lambda args, kwargs: self._forward(named, replace(batch, args=args, kwargs=kwargs))
 
+    def _checking_output(self, batch: Batch):
+        """The model's output on ``batch`` at θ as a check runs the forward (:func:`checking_forward`), detached."""
+        with checking_forward():
+            return detached(self._forward(self._checking_params(self._primals()), batch))
+
     def _checking_params(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every parameter of the model by name for a check's forward (:func:`checking_forward`): ``params`` for the
         differentiated ones, the others detached, so that grad mode builds no graph to any of them."""
@@ -491,13 +495,12 @@ class ContractChecks:
         if joined is not None and [t.shape[1:] for t in tensors_of(take_rows(joined, 0, a.rows, rows))] == \
                 [t.shape[1:] for t in tensors_of((a.args, a.kwargs))]:
             batch = replace(a, args=joined[0], kwargs=joined[1], target=None, weight=None, rows=rows)
-            with checking_forward():
-                try:
-                    out = detached(self._forward(self._checking_params(self._primals()), batch))
-                except FasthessError:
-                    raise
-                except FORWARD_ERRORS:  # not an input this model takes
-                    out = None
+            try:
+                out = self._checking_output(batch)
+            except FasthessError:
+                raise
+            except FORWARD_ERRORS:  # not an input this model takes
+                out = None
             if out is not None:
                 return self._check_model_splits(batch, out, f"chunks 0 and {chunk.index} joined", read)[1]
         if b.rows < 2:

@@ -188,6 +188,12 @@ def _with_copies(spread: torch.Tensor) -> torch.Tensor:
     return torch.cat([spread, spread[:1].repeat(max(3 * len(spread), COPIES))])
 
 
+def _to_size(spread: torch.Tensor, n: int) -> torch.Tensor:
+    """The spread examples followed by copies of the first up to the chunk's size n (a forward that takes only some
+    batch sizes takes the chunk's)."""
+    return torch.cat([spread, spread[:1].repeat(n - len(spread))])
+
+
 def _spread(n: int) -> torch.Tensor:
     """k = min(n // 2, SUBSET) examples (even when k > 1, for models that pair up their examples), every
     ⌊n/k⌋-th."""
@@ -210,8 +216,7 @@ def _sub_batches(n: int) -> list[torch.Tensor]:
     rest = torch.ones(n, dtype=torch.bool)
     rest[spread] = False
     rest = rest.nonzero().squeeze(1)
-    return [_with_copies(spread), torch.cat([spread, spread[:1].repeat(n - k)]), torch.cat([rest, rest[:1].repeat(k)]),
-            *spread.split(1)]
+    return [_with_copies(spread), _to_size(spread, n), torch.cat([rest, rest[:1].repeat(k)]), *spread.split(1)]
 
 
 def _later_sub_batches(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -226,7 +231,7 @@ def _later_sub_batches(n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if not len(spread):
         return [], []
     between = torch.clamp(spread + max(n // len(spread) // 2, 1), max=n - 1).unique()
-    return [_with_copies(spread), between, between[-1:]], [torch.cat([spread, spread[:1].repeat(n - len(spread))])]
+    return [_with_copies(spread), between, between[-1:]], [_to_size(spread, n)]
 
 
 #: what a forward raises on a batch it does not take (a size it cannot view, rows that are not examples)
